@@ -1,0 +1,32 @@
+# One entry point per job.  Every target installs what it needs first (scripts/setup.sh is
+# idempotent), so `make demo` and `make test` work on a fresh Debian bookworm machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test unit integration lint bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@$(VENV)/bin/interceptor demo
+
+lint: setup
+	$(VENV)/bin/ruff check interceptor tests
+	$(VENV)/bin/ruff format --check interceptor tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	clang-format --dry-run --Werror bpf/*.c bpf/lib/*.h 2>/dev/null || [ -z "$$(ls bpf/*.c 2>/dev/null)" ]
+
+unit: setup
+	$(PY) -m pytest tests/unit -q
+
+# The full suite: lint, types, unit, integration (root) and e2e tiers.
+test: lint
+	$(PY) -m pytest tests -q
+
+bench: setup
+	$(PY) -m tests.bench.serve_vs_dnsmasq
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

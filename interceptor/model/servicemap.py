@@ -1,0 +1,350 @@
+"""The service map: an in-memory model that takes Kubernetes objects one event at a time and
+keeps a table of precomputed wire answers consistent after every event.
+
+Records come from *owners* (a Service with its EndpointSlices, a Namespace, a Pod, the zone
+apex, the mesh).  On an event only the affected owner is recomputed, its records diffed
+against what it contributed before, and only the names that changed get their answers
+rebuilt.  Record sets are reference-counted, so two owners may contribute the same record
+(a PTR for an IP present in two EndpointSlices) and the record lives until both are gone.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from interceptor.dns import wire
+from interceptor.dns.message import Answer
+from interceptor.model import records
+from interceptor.model.objects import (
+    EndpointSlice,
+    Key,
+    KubeObject,
+    Namespace,
+    Pod,
+    Service,
+    ServiceEntry,
+)
+from interceptor.model.records import Contribution, MeshHost, Record
+from interceptor.settings import PodRecords, ZoneSettings
+
+Owner = tuple[str, ...]
+APEX: Owner = ("apex",)
+MESH: Owner = ("mesh",)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What one event did, for logs and metrics."""
+
+    names_changed: int
+
+
+class ServiceMap:
+    """Kubernetes objects in, DNS answers out.
+
+    Readers (the resolver) use :attr:`answers`, :meth:`exists`, :meth:`cname`,
+    :meth:`records_of`, :meth:`mesh_wildcard` and :meth:`namespace_exists`.  Every method
+    leaves those views consistent before it returns.
+    """
+
+    def __init__(self, zone: ZoneSettings) -> None:
+        self.settings = zone
+        self.zone = zone.cluster_domain.strip(".").lower()
+        self.zone_wire = wire.encode_name(self.zone)
+        self.ttl = zone.ttl
+        self.objects: dict[Key, KubeObject] = {}
+        self._slices_by_service: dict[tuple[str, str], set[str]] = {}
+        self._contrib: dict[Owner, Contribution] = {}
+        self._rrs: dict[str, dict[int, Counter[bytes]]] = {}
+        self._exist: Counter[str] = Counter()
+        self._ns_refs: Counter[str] = Counter()
+        self._keys_of: dict[str, list[bytes]] = {}
+        self.answers: dict[bytes, Answer] = {}
+        """(lowercased qname wire + qtype) -> precomputed answer: the hot-path table."""
+        self._mesh: dict[str, MeshHost] = {}
+        self._mesh_wild: dict[str, MeshHost] = {}
+        soa = wire.rr(self.zone_wire, wire.SOA, self.ttl, records.soa_rdata(self.zone, self.ttl))
+        self.nxdomain = Answer(wire.NXDOMAIN, True, 0, 1, 0, soa)
+        self.nodata = Answer(wire.NOERROR, True, 0, 1, 0, soa)
+        self.mesh_nodata = Answer(wire.NOERROR, True, 0, 0, 0, b"")
+        self._set_owner(APEX, records.apex_records(self.zone, self.ttl, None))
+
+    # ----------------------------------------------------------------- events
+
+    def upsert(self, obj: KubeObject) -> Change:
+        """Add or replace one object (a watch ADDED or MODIFIED event)."""
+        old = self.objects.get(obj.key)
+        if old == obj:
+            return Change(0)
+        self.objects[obj.key] = obj
+        return self._changed(obj, old)
+
+    def delete(self, key: Key) -> Change:
+        """Remove one object (a watch DELETED event); unknown keys are a no-op."""
+        old = self.objects.pop(key, None)
+        if old is None:
+            return Change(0)
+        return self._changed(None, old)
+
+    def replace(self, objects: Iterable[KubeObject], kinds: Iterable[str] | None = None) -> int:
+        """Make the map hold exactly ``objects`` (of ``kinds``, default all) by applying the
+        difference: unchanged objects are not touched, so answers never flap during a relist.
+        Returns the number of objects added, changed or removed."""
+        wanted = {o.key: o for o in objects}
+        scope = set(kinds) if kinds is not None else None
+        n = 0
+        for key in [k for k in self.objects if scope is None or k[0] in scope]:
+            if key not in wanted:
+                self.delete(key)
+                n += 1
+        for obj in wanted.values():
+            if self.objects.get(obj.key) != obj:
+                self.upsert(obj)
+                n += 1
+        return n
+
+    def _changed(self, new: KubeObject | None, old: KubeObject | None) -> Change:
+        obj = new if new is not None else old
+        assert obj is not None
+        if isinstance(obj, Namespace):
+            return self._set_owner(("ns", obj.name), None if new is None else
+                                   records.namespace_names(obj.name, self.zone))
+        if isinstance(obj, Service):
+            self._ns_ref(obj.namespace, +1 if old is None else 0, -1 if new is None else 0)
+            change = self._recompute_service(obj.namespace, obj.name)
+            if f"{obj.namespace}/{obj.name}" == self.settings.dns_service:
+                svc = new if isinstance(new, Service) else None
+                change = Change(change.names_changed + self._set_owner(
+                    APEX, records.apex_records(self.zone, self.ttl, svc)).names_changed)
+            return change
+        if isinstance(obj, EndpointSlice):
+            old_svc = old.service if isinstance(old, EndpointSlice) else None
+            new_svc = new.service if isinstance(new, EndpointSlice) else None
+            total = 0
+            for svc_name, present in ((old_svc, False), (new_svc, True)):
+                if svc_name is None:
+                    continue
+                members = self._slices_by_service.setdefault((obj.namespace, svc_name), set())
+                if present:
+                    members.add(obj.name)
+                else:
+                    members.discard(obj.name)
+                if not members:
+                    del self._slices_by_service[(obj.namespace, svc_name)]
+            for svc_name in {old_svc, new_svc} - {None}:
+                assert svc_name is not None
+                total += self._recompute_service(obj.namespace, svc_name).names_changed
+            return Change(total)
+        if isinstance(obj, Pod):
+            self._ns_ref(obj.namespace, +1 if old is None else 0, -1 if new is None else 0)
+            verified = self.settings.pod_records is PodRecords.VERIFIED
+            return self._set_owner(("pod", obj.namespace, obj.name), None if new is None else
+                                   records.pod_records(obj, self.zone, verified))
+        assert isinstance(obj, ServiceEntry)
+        return self._recompute_mesh()
+
+    def _ns_ref(self, namespace: str, add: int, remove: int) -> None:
+        self._ns_refs[namespace] += add + remove
+        if self._ns_refs[namespace] <= 0:
+            del self._ns_refs[namespace]
+
+    def _recompute_service(self, namespace: str, name: str) -> Change:
+        svc = self.objects.get(("Service", namespace, name))
+        owner = ("svc", namespace, name)
+        if not isinstance(svc, Service):
+            return self._set_owner(owner, None)
+        slices = [s for n in sorted(self._slices_by_service.get((namespace, name), ()))
+                  if isinstance(s := self.objects.get(("EndpointSlice", namespace, n)),
+                                EndpointSlice)]
+        return self._set_owner(owner, records.service_records(svc, slices, self.zone))
+
+    def _recompute_mesh(self) -> Change:
+        entries = [o for o in self.objects.values() if isinstance(o, ServiceEntry)]
+        hosts = records.mesh_hosts(entries, self.settings.ipv6)
+        self._mesh_wild = {h[2:]: m for h, m in hosts.items() if h.startswith("*.")}
+        self._mesh = {h: m for h, m in hosts.items() if not h.startswith("*")}
+        out = Contribution()
+        for host, m in self._mesh.items():
+            for ip in m.v4 + m.v6:
+                out.address(host, ip)
+        return self._set_owner(MESH, out)
+
+    # ------------------------------------------------------ record bookkeeping
+
+    def _set_owner(self, owner: Owner, new: Contribution | None) -> Change:
+        old = self._contrib.pop(owner, None) or Contribution()
+        if new is not None and (new.records or new.names):
+            self._contrib[owner] = new
+        else:
+            new = Contribution()
+        dirty: set[str] = set()
+        for rec in old.records - new.records:
+            self._unref_record(rec)
+            dirty.add(rec.name)
+        for rec in new.records - old.records:
+            self._ref_record(rec)
+            dirty.add(rec.name)
+        for name in old.names - new.names:
+            self._unref_name(name)
+        for name in new.names - old.names:
+            self._ref_name(name)
+        # An SRV or NS answer carries its targets' addresses in the additional section:
+        # rebuild it when a target changed.
+        for rec in new.records:
+            if rec.rtype in (wire.SRV, wire.NS) and _target(rec) in dirty:
+                dirty.add(rec.name)
+        for name in dirty:
+            self._compile(name)
+        return Change(len(dirty))
+
+    def _in_zone(self, name: str) -> bool:
+        return name == self.zone or name.endswith("." + self.zone)
+
+    def _ancestors(self, name: str) -> Iterable[str]:
+        """The name and its ancestors up to the apex: all exist once the name does (RFC 8020).
+        Names outside the zone (mesh hosts, reverse names) claim no ancestors."""
+        yield name
+        if not self._in_zone(name):
+            return
+        while name != self.zone:
+            name = name.partition(".")[2]
+            yield name
+
+    def _ref_name(self, name: str) -> None:
+        for n in self._ancestors(name):
+            self._exist[n] += 1
+
+    def _unref_name(self, name: str) -> None:
+        for n in self._ancestors(name):
+            self._exist[n] -= 1
+            if self._exist[n] <= 0:
+                del self._exist[n]
+
+    def _ref_record(self, rec: Record) -> None:
+        types = self._rrs.setdefault(rec.name, {})
+        rdatas = types.setdefault(rec.rtype, Counter())
+        if rdatas[rec.rdata] == 0:
+            self._ref_name(rec.name)
+        rdatas[rec.rdata] += 1
+
+    def _unref_record(self, rec: Record) -> None:
+        types = self._rrs[rec.name]
+        rdatas = types[rec.rtype]
+        rdatas[rec.rdata] -= 1
+        if rdatas[rec.rdata] <= 0:
+            del rdatas[rec.rdata]
+            self._unref_name(rec.name)
+            if not rdatas:
+                del types[rec.rtype]
+                if not types:
+                    del self._rrs[rec.name]
+
+    # ------------------------------------------------------------ compilation
+
+    def _compile(self, name: str) -> None:
+        """Rebuild every precomputed answer of one name."""
+        for key in self._keys_of.pop(name, ()):
+            self.answers.pop(key, None)
+        types = self._rrs.get(name)
+        if not types:
+            return
+        owner = wire.encode_name(name)
+        keys: list[bytes] = []
+
+        def put(qtype: int, answer: Answer) -> None:
+            key = owner + struct.pack("!H", qtype)
+            self.answers[key] = answer
+            keys.append(key)
+
+        in_zone = self._in_zone(name)
+        if wire.CNAME in types:
+            # Only the CNAME question is answered from the table; other types chase the
+            # target (the resolver does that, as the target may live upstream).
+            put(wire.CNAME, self._positive(name, [wire.CNAME]))
+        else:
+            for rtype in types:
+                put(rtype, self._positive(name, [rtype]))
+            has_address = wire.A in types or wire.AAAA in types
+            for family in (wire.A, wire.AAAA):
+                if has_address and family not in types:
+                    put(family, self.nodata if in_zone else self.mesh_nodata)
+            if in_zone:
+                put(wire.ANY, self._positive(name, sorted(types)))
+        self._keys_of[name] = keys
+
+    def _positive(self, name: str, rtypes: list[int]) -> Answer:
+        body = bytearray()
+        additional: list[bytes] = []
+        an = 0
+        for rtype in rtypes:
+            for rdata in sorted(self._rrs[name][rtype]):
+                body += wire.rr(wire.QNAME_POINTER, rtype, self.ttl, rdata)
+                an += 1
+                if rtype in (wire.SRV, wire.NS):
+                    target = _target(Record(name, rtype, rdata))
+                    additional.extend(self.address_rrs(target))
+        seen: set[bytes] = set()
+        extra = [rr for rr in additional if not (rr in seen or seen.add(rr))]
+        return Answer(wire.NOERROR, True, an, 0, len(extra), bytes(body) + b"".join(extra))
+
+    def address_rrs(self, name: str, rtypes: tuple[int, ...] = (wire.A, wire.AAAA)) -> list[bytes]:
+        """The records of ``name`` of the given types, encoded with their full owner name."""
+        types = self._rrs.get(name, {})
+        owner = wire.encode_name(name)
+        return [wire.rr(owner, t, self.ttl, rdata)
+                for t in rtypes for rdata in sorted(types.get(t, ()))]
+
+    # ----------------------------------------------------------------- views
+
+    def in_zone(self, name: str) -> bool:
+        return self._in_zone(name)
+
+    def exists(self, name: str) -> bool:
+        """The name has records, or records below it (an empty non-terminal)."""
+        return name in self._exist
+
+    def cname(self, name: str) -> str | None:
+        """The target of an ExternalName service at ``name``."""
+        types = self._rrs.get(name)
+        if not types or wire.CNAME not in types:
+            return None
+        rdata = next(iter(types[wire.CNAME]))
+        target, _ = wire.decode_name_plain(rdata, 0)
+        return target
+
+    def has_records(self, name: str, rtype: int) -> bool:
+        return bool(self._rrs.get(name, {}).get(rtype))
+
+    def namespace_exists(self, namespace: str) -> bool:
+        return ("Namespace", "", namespace) in self.objects or namespace in self._ns_refs
+
+    def mesh_wildcard(self, name: str) -> MeshHost | None:
+        """The most specific wildcard ServiceEntry host matching ``name``, if any."""
+        labels = name.split(".")
+        for i in range(1, len(labels)):
+            hit = self._mesh_wild.get(".".join(labels[i:]))
+            if hit is not None:
+                return hit
+        return None
+
+    def mesh_host(self, name: str) -> MeshHost | None:
+        return self._mesh.get(name)
+
+    def stats(self) -> dict[str, int]:
+        kinds = Counter(k[0] for k in self.objects)
+        return {
+            "namespaces": kinds["Namespace"], "services": kinds["Service"],
+            "endpointslices": kinds["EndpointSlice"], "pods": kinds["Pod"],
+            "serviceentries": kinds["ServiceEntry"], "names": len(self._rrs),
+            "answers": len(self.answers), "mesh_hosts": len(self._mesh) + len(self._mesh_wild),
+        }
+
+
+def _target(rec: Record) -> str:
+    """The target name of an SRV or NS record."""
+    offset = 6 if rec.rtype == wire.SRV else 0
+    name, _ = wire.decode_name_plain(rec.rdata, offset)
+    return name

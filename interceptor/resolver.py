@@ -1,0 +1,215 @@
+"""The decision for one query: authoritative answer, mesh VIP, search-path junk, or forward.
+
+The resolver never touches sockets.  :meth:`Resolver.fast` is the hot path (table hit, bytes
+in, bytes out); :meth:`Resolver.resolve` is the careful path for everything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Sequence
+from enum import Enum
+
+import dnslib
+
+from interceptor.dns import wire
+from interceptor.dns.message import (
+    HEADER,
+    Answer,
+    Malformed,
+    Query,
+    assemble,
+    badvers_response,
+    error_response,
+    fast_response,
+    opt_record,
+    parse_query,
+    udp_limit,
+)
+from interceptor.logutil import RateLimitedLog
+from interceptor.model.records import MeshHost
+from interceptor.model.servicemap import ServiceMap
+from interceptor.settings import Endpoint, PodRecords, Settings
+from interceptor.upstream import Forwarder, UpstreamFailed, build_query
+
+log = logging.getLogger(__name__)
+_rl = RateLimitedLog(log)
+
+MAX_CNAME_CHAIN = 8
+
+
+class Source(str, Enum):
+    """Where an answer came from (for metrics and the ``query`` explanation)."""
+
+    AUTHORITATIVE = "authoritative"
+    MESH = "mesh"
+    UPSTREAM = "upstream"
+    LOCAL_ERROR = "error"
+
+
+class Resolver:
+    def __init__(self, smap: ServiceMap, forwarder: Forwarder, settings: Settings,
+                 upstreams: Sequence[Endpoint]) -> None:
+        self.smap = smap
+        self.forwarder = forwarder
+        self.settings = settings
+        self.upstreams = tuple(upstreams)
+        self.max_udp = settings.server.max_udp_size
+
+    def fast(self, data: bytes) -> bytes | None:
+        """Hot path for UDP: a precomputed answer, or None to take the careful path."""
+        return fast_response(data, self.smap.answers, self.max_udp)
+
+    async def resolve(self, data: bytes, tcp: bool,
+                      upstreams: Sequence[Endpoint] | None = None) -> bytes | None:
+        """The response to one message, or None when it must not be answered at all."""
+        try:
+            query = parse_query(data)
+        except Malformed as exc:
+            if exc.rcode is None:
+                _rl.warning("drop", "dropped a message: %s", exc.reason)
+                return None
+            _rl.warning(f"rcode-{exc.rcode}", "answered rcode %d: %s", exc.rcode, exc.reason)
+            return error_response(data, exc.rcode, max_udp=self.max_udp)
+        limit = None if tcp else udp_limit(query.edns, self.max_udp)
+        if query.edns is not None and query.edns.version != 0:
+            return badvers_response(query, self.max_udp)
+        if query.qclass != wire.CLASS_IN or query.qtype in (wire.AXFR, wire.IXFR):
+            # Zone transfers of a cluster zone would hand out every service in one go.
+            return error_response(data, wire.REFUSED, query, self.max_udp)
+        answer = self.lookup(query)
+        if answer is not None:
+            return assemble(query, answer, self.max_udp, limit)
+        target = self.smap.cname(query.qname)
+        if target is not None:
+            return await self._chase(query, target, limit)
+        return await self._forward(query, limit, upstreams or self.upstreams)
+
+    def lookup(self, query: Query) -> Answer | None:
+        """The local answer for a query, or None if it is not ours (or needs a CNAME chase)."""
+        smap = self.smap
+        hit = smap.answers.get(query.key)
+        if hit is not None:
+            return hit
+        name = query.qname
+        if smap.in_zone(name):
+            if smap.cname(name) is not None:
+                return None
+            pod = self._pod_record(name, query.qtype)
+            if pod is not None:
+                return pod
+            # Every name under the cluster domain is ours: search-path junk such as
+            # "example.com.default.svc.cluster.local" ends here, never upstream.
+            return smap.nodata if smap.exists(name) else smap.nxdomain
+        wild = smap.mesh_wildcard(name)
+        if wild is not None and query.qtype in (wire.A, wire.AAAA):
+            return _mesh_answer(wild, query.qtype, smap.ttl, smap.mesh_nodata)
+        return None
+
+    def _pod_record(self, name: str, qtype: int) -> Answer | None:
+        """``a-b-c-d.<ns>.pod.<zone>`` in insecure mode: synthesized from the name itself."""
+        smap = self.smap
+        if self.settings.zone.pod_records is not PodRecords.INSECURE:
+            return None
+        suffix = ".pod." + smap.zone
+        if not name.endswith(suffix):
+            return None
+        labels = name[: -len(suffix)].split(".")
+        if len(labels) != 2 or not smap.namespace_exists(labels[1]):
+            return None
+        ip = wire.undash_ip(labels[0])
+        if ip is None:
+            return None
+        rtype, rdata = wire.rdata_address(ip)
+        if qtype not in (rtype, wire.ANY):
+            return smap.nodata
+        return Answer(wire.NOERROR, True, 1, 0, 0,
+                      wire.rr(wire.QNAME_POINTER, rtype, smap.ttl, rdata))
+
+    async def _chase(self, query: Query, target: str, limit: int | None) -> bytes | None:
+        """ExternalName: the CNAME first, then the target's records (spec section 2.5).
+
+        In-cluster targets come from the map; others from upstream.  The final rcode is the
+        target's (RFC 6604: NXDOMAIN with a CNAME chain describes the last name).
+        """
+        smap = self.smap
+        chain = [wire.rr(wire.QNAME_POINTER, wire.CNAME, smap.ttl, wire.encode_name(target))]
+        owner = target
+        rcode = wire.NOERROR
+        tail: list[bytes] = []
+        authority: list[bytes] = []
+        for _ in range(MAX_CNAME_CHAIN):
+            nxt = smap.cname(owner)
+            if nxt is None:
+                break
+            chain.append(wire.rr(wire.encode_name(owner), wire.CNAME, smap.ttl,
+                                 wire.encode_name(nxt)))
+            owner = nxt
+        else:
+            return error_response(query.data, wire.SERVFAIL, query, self.max_udp)
+        if smap.in_zone(owner):
+            tail = smap.address_rrs(owner, (query.qtype,))
+            if not tail:
+                rcode = wire.NOERROR if smap.exists(owner) else wire.NXDOMAIN
+                authority = [smap.nodata.body]
+        else:
+            mesh = smap.mesh_host(owner)
+            if mesh is not None and query.qtype in (wire.A, wire.AAAA):
+                ips = mesh.v4 if query.qtype == wire.A else mesh.v6
+                tail = [wire.rr(wire.encode_name(owner), query.qtype, smap.ttl,
+                                wire.rdata_address(ip)[1]) for ip in ips]
+            else:
+                try:
+                    reply = await self.forwarder.forward(
+                        build_query(owner, query.qtype), self.upstreams)
+                except UpstreamFailed:
+                    return error_response(query.data, wire.SERVFAIL, query, self.max_udp)
+                tail, authority, rcode = _sections(reply)
+        body = b"".join(chain) + b"".join(tail) + b"".join(authority)
+        answer = Answer(rcode, True, len(chain) + len(tail), len(authority), 0, body)
+        return assemble(query, answer, self.max_udp, limit)
+
+    async def _forward(self, query: Query, limit: int | None,
+                       upstreams: Sequence[Endpoint]) -> bytes | None:
+        try:
+            reply = await self.forwarder.forward(query.data, upstreams)
+        except UpstreamFailed:
+            return error_response(query.data, wire.SERVFAIL, query, self.max_udp)
+        if limit is not None and len(reply) > limit:
+            return _truncate(reply, query, self.max_udp)
+        return reply
+
+
+def _mesh_answer(host: MeshHost, qtype: int, ttl: int, nodata: Answer) -> Answer:
+    ips = host.v4 if qtype == wire.A else host.v6
+    if not ips:
+        return nodata
+    body = b"".join(wire.rr(wire.QNAME_POINTER, qtype, ttl, wire.rdata_address(ip)[1])
+                    for ip in ips)
+    return Answer(wire.NOERROR, True, len(ips), 0, 0, body)
+
+
+def _sections(reply: bytes) -> tuple[list[bytes], list[bytes], int]:
+    """Answer and authority records of an upstream reply, re-encoded standalone (dnslib:
+    correctness over speed here, as the reply's names may use compression)."""
+    try:
+        msg = dnslib.DNSRecord.parse(reply)
+    except (dnslib.DNSError, ValueError, IndexError, struct.error):
+        return [], [], wire.SERVFAIL
+    return ([_pack_rr(r) for r in msg.rr], [_pack_rr(r) for r in msg.auth],
+            msg.header.rcode)
+
+
+def _pack_rr(record: dnslib.RR) -> bytes:
+    buf = dnslib.DNSBuffer()
+    record.pack(buf)
+    return bytes(buf.data)
+
+
+def _truncate(reply: bytes, query: Query, max_udp: int) -> bytes:
+    """An upstream reply too big for the client: header and question only, TC set."""
+    _, flags, *_ = HEADER.unpack_from(reply)
+    opt = opt_record(max_udp, query.edns.do) if query.edns is not None else b""
+    header = HEADER.pack(query.id, flags | 0x0200, 1, 0, 0, 1 if opt else 0)
+    return header + query.data[12 : query.question_end] + opt

@@ -1,0 +1,209 @@
+"""asyncio UDP and TCP listeners.  Socket plumbing only: every decision is the resolver's.
+
+UDP does not use asyncio's datagram transport: a reader callback drains the socket in a
+loop (up to a batch) so that one epoll wake-up serves many queries under load, and hot
+answers are sent inline without creating a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+
+from interceptor.logutil import RateLimitedLog
+from interceptor.resolver import Resolver
+from interceptor.settings import Endpoint, ServerSettings
+
+log = logging.getLogger(__name__)
+_rl = RateLimitedLog(log)
+
+UDP_BATCH = 64
+UDP_RCVBUF = 4 << 20
+
+
+def bind_socket(ep: Endpoint, kind: int) -> socket.socket:
+    family = socket.AF_INET6 if ep.family_v6 else socket.AF_INET
+    sock = socket.socket(family, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if kind == socket.SOCK_DGRAM:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((ep.host, ep.port))
+    sock.setblocking(False)
+    return sock
+
+
+class UdpServer:
+    def __init__(self, resolver: Resolver, sock: socket.socket) -> None:
+        self.resolver = resolver
+        self.sock = sock
+        self.pending: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        sock = self.sock
+        fast = self.resolver.fast
+        for _ in range(UDP_BATCH):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. ICMP errors surfacing on the socket
+                _rl.warning("udp-recv", "UDP receive error: %s", exc)
+                return
+            reply = fast(data)
+            if reply is not None:
+                self._send(reply, addr)
+                continue
+            task = asyncio.ensure_future(self._slow(data, addr))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
+
+    async def _slow(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            reply = await self.resolver.resolve(data, tcp=False)
+        except Exception:  # a bug must cost one query, never the server
+            log.exception("internal error answering a UDP query")
+            return
+        if reply is not None:
+            self._send(reply, addr)
+
+    def _send(self, reply: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.sock.sendto(reply, addr)
+        except (BlockingIOError, InterruptedError):
+            _rl.warning("udp-send-full", "UDP send buffer full: reply dropped")
+        except OSError as exc:
+            _rl.warning("udp-send", "UDP send to %s failed: %s", addr[0], exc)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        for task in list(self.pending):
+            task.cancel()
+        self.sock.close()
+
+
+class TcpServer:
+    """RFC 7766: two-byte length framing, several (pipelined) queries per connection,
+    answered as they complete, with idle timeout and a connection limit."""
+
+    def __init__(self, resolver: Resolver, sock: socket.socket, settings: ServerSettings) -> None:
+        self.resolver = resolver
+        self.sock = sock
+        self.settings = settings
+        self.connections: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, sock=self.sock, backlog=1024)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self.connections) >= self.settings.tcp_max_connections:
+            _rl.warning("tcp-limit", "TCP connection limit (%d) reached: closing new connection",
+                        self.settings.tcp_max_connections)
+            writer.close()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
+        try:
+            await self._serve(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("internal error on a TCP connection")
+        finally:
+            self.connections.discard(task)
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        inflight = asyncio.Semaphore(self.settings.tcp_max_inflight)
+        tasks: set[asyncio.Task[None]] = set()
+        lock = asyncio.Lock()
+
+        async def answer(data: bytes) -> None:
+            try:
+                reply = await self.resolver.resolve(data, tcp=True)
+                if reply is not None:
+                    async with lock:
+                        writer.write(struct.pack("!H", len(reply)) + reply)
+                        await writer.drain()
+            except (ConnectionError, RuntimeError):
+                pass
+            except Exception:
+                log.exception("internal error answering a TCP query")
+            finally:
+                inflight.release()
+
+        try:
+            while True:
+                head = await asyncio.wait_for(reader.readexactly(2),
+                                              self.settings.tcp_idle_timeout)
+                (size,) = struct.unpack("!H", head)
+                data = await asyncio.wait_for(reader.readexactly(size),
+                                              self.settings.tcp_idle_timeout)
+                await inflight.acquire()
+                task = asyncio.ensure_future(answer(data))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        except asyncio.IncompleteReadError:
+            # The client closed (or half-closed) its side: finish what it asked first.
+            if tasks:
+                await asyncio.wait(tasks, timeout=self.settings.tcp_idle_timeout)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.connections):
+            task.cancel()
+        if self.connections:
+            await asyncio.wait(list(self.connections), timeout=1)
+
+
+class DnsServer:
+    """UDP and TCP on the same address."""
+
+    def __init__(self, resolver: Resolver, settings: ServerSettings) -> None:
+        self.resolver = resolver
+        self.settings = settings
+        self.udp: UdpServer | None = None
+        self.tcp: TcpServer | None = None
+
+    async def start(self) -> None:
+        ep = self.settings.listen
+        udp_sock = bind_socket(ep, socket.SOCK_DGRAM)
+        try:
+            tcp_sock = bind_socket(Endpoint(ep.host, udp_sock.getsockname()[1]),
+                                   socket.SOCK_STREAM)
+        except OSError:
+            udp_sock.close()
+            raise
+        self.udp = UdpServer(self.resolver, udp_sock)
+        self.udp.start()
+        self.tcp = TcpServer(self.resolver, tcp_sock, self.settings)
+        await self.tcp.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.udp is not None
+        host, port = self.udp.sock.getsockname()[:2]
+        return host, port
+
+    async def close(self) -> None:
+        if self.udp is not None:
+            self.udp.close()
+        if self.tcp is not None:
+            await self.tcp.close()

@@ -1,0 +1,129 @@
+"""Forwarding to upstream servers: UDP first, TCP when the answer is truncated.
+
+Every attempt uses a fresh random transaction ID and a fresh socket (so a fresh random source
+port from the kernel), and a reply is only accepted when it comes from the server asked (the
+socket is connected), carries our ID, is a response, and repeats our question (RFC 5452
+section 9.1).  Anything else is ignored and the attempt keeps waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import struct
+from collections.abc import Sequence
+
+from interceptor.dns.wire import encode_name
+from interceptor.logutil import RateLimitedLog
+from interceptor.settings import Endpoint, UpstreamSettings
+
+log = logging.getLogger(__name__)
+_rl = RateLimitedLog(log)
+
+
+class UpstreamFailed(Exception):
+    """No upstream gave a usable answer in time."""
+
+
+def _question_end(msg: bytes) -> int:
+    i = 12
+    while msg[i]:
+        if msg[i] > 63:
+            raise ValueError("compressed question")
+        i += msg[i] + 1
+    return i + 5
+
+
+def _matches(reply: bytes, query: bytes) -> bool:
+    """Same ID, QR set, and the same question (names compared case-insensitively)."""
+    if len(reply) < 12 or reply[:2] != query[:2] or not reply[2] & 0x80:
+        return False
+    try:
+        end = _question_end(query)
+    except (ValueError, IndexError):
+        return False
+    if reply[4:6] != b"\x00\x01":
+        # A FORMERR/NOTIMP may legitimately carry no question.
+        return reply[4:6] == b"\x00\x00" and reply[3] & 0x0F in (1, 4)
+    return reply[12:end].lower() == query[12:end].lower()
+
+
+class _UdpExchange(asyncio.DatagramProtocol):
+    def __init__(self, query: bytes) -> None:
+        self.query = query
+        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        if not self.done.done() and _matches(data, self.query):
+            self.done.set_result(data)
+        elif not self.done.done():
+            _rl.warning("upstream-mismatch", "ignored a reply that does not match its query "
+                        "(wrong ID or question): possible spoofing")
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
+class Forwarder:
+    """Sends a client's query to upstream servers and returns the reply for that client."""
+
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self.settings = settings
+
+    async def forward(self, query: bytes, servers: Sequence[Endpoint]) -> bytes:
+        """The upstream reply to ``query`` (client's ID restored).  Raises UpstreamFailed."""
+        if not servers:
+            raise UpstreamFailed("no upstream servers configured")
+        client_id = query[:2]
+        last: Exception | None = None
+        for attempt in range(self.settings.attempts):
+            server = servers[attempt % len(servers)]
+            msg = secrets.token_bytes(2) + query[2:]
+            try:
+                reply = await self._udp(msg, server)
+                if reply[2] & 0x02:  # TC: ask again over TCP (RFC 7766 section 5)
+                    msg = secrets.token_bytes(2) + query[2:]
+                    reply = await self._tcp(msg, server)
+                return client_id + reply[2:]
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+                last = exc
+                _rl.warning(f"upstream-{server}", "upstream %s failed: %s", server,
+                            exc or type(exc).__name__)
+        raise UpstreamFailed(str(last))
+
+    async def _udp(self, msg: bytes, server: Endpoint) -> bytes:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if server.family_v6 else socket.AF_INET
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: _UdpExchange(msg), remote_addr=(server.host, server.port), family=family)
+        try:
+            transport.sendto(msg)
+            return await asyncio.wait_for(proto.done, self.settings.timeout)
+        finally:
+            transport.close()
+
+    async def _tcp(self, msg: bytes, server: Endpoint) -> bytes:
+        async def exchange() -> bytes:
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            try:
+                writer.write(struct.pack("!H", len(msg)) + msg)
+                await writer.drain()
+                while True:
+                    (size,) = struct.unpack("!H", await reader.readexactly(2))
+                    reply = await reader.readexactly(size)
+                    if _matches(reply, msg):
+                        return reply
+            finally:
+                writer.close()
+
+        return await asyncio.wait_for(exchange(), self.settings.timeout)
+
+
+def build_query(name: str, qtype: int, udp_size: int = 1232) -> bytes:
+    """A recursive query for (name, IN, qtype) with EDNS, for the resolver's own lookups."""
+    header = struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 1)
+    opt = b"\x00\x00\x29" + struct.pack("!HBBHH", udp_size, 0, 0, 0, 0)
+    return header + encode_name(name) + struct.pack("!HH", qtype, 1) + opt
