@@ -31,16 +31,28 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     source = FileSource(settings.source or example_cluster(), smap)
     source.load()
     stats = smap.stats()
-    log.info("service map loaded from %s: %d services, %d endpoint slices, %d pods, "
-             "%d mesh hosts, %d precomputed answers", source.path, stats["services"],
-             stats["endpointslices"], stats["pods"], stats["mesh_hosts"], stats["answers"])
+    log.info(
+        "service map loaded from %s: %d services, %d endpoint slices, %d pods, "
+        "%d mesh hosts, %d precomputed answers",
+        source.path,
+        stats["services"],
+        stats["endpointslices"],
+        stats["pods"],
+        stats["mesh_hosts"],
+        stats["answers"],
+    )
     upstreams = settings.upstream.servers or resolv_conf_nameservers()
     resolver = Resolver(smap, Forwarder(settings.upstream), settings, upstreams)
     server = DnsServer(resolver, settings.server)
     await server.start()
     host, port = server.address
-    log.info("serving DNS on %s port %d (UDP and TCP) for zone %s; forwarding other names "
-             "to %s", host, port, smap.zone, ", ".join(map(str, upstreams)) or "nowhere")
+    log.info(
+        "serving DNS on %s port %d (UDP and TCP) for zone %s; forwarding other names to %s",
+        host,
+        port,
+        smap.zone,
+        ", ".join(map(str, upstreams)) or "nowhere",
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

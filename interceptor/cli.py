@@ -31,8 +31,14 @@ EPILOG = """examples:
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"ts": round(record.created, 3), "level": record.levelname.lower(),
-                           "logger": record.name, "msg": record.getMessage()})
+        return json.dumps(
+            {
+                "ts": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
+        )
 
 
 def _setup_logging(level: str, fmt: str) -> None:
@@ -62,40 +68,88 @@ def _positive_int(text: str) -> int:
 
 
 def _add_zone_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", type=Path, metavar="FILE",
-                   help="YAML file of Kubernetes objects (default: the bundled example cluster)")
-    p.add_argument("--cluster-domain", default="cluster.local", metavar="D",
-                   help="the cluster domain (default: %(default)s)")
-    p.add_argument("--ttl", type=_positive_int, default=30, metavar="N",
-                   help="TTL of authoritative answers in seconds (default: %(default)s)")
-    p.add_argument("--pod-records", choices=[m.value for m in PodRecords], default="insecure",
-                   help="answering of a-b-c-d.<ns>.pod.<zone> names (default: %(default)s)")
-    p.add_argument("--ipv6", action="store_true",
-                   help="allocate IPv6 mesh VIPs from 2001:2::/48 (default: AAAA is NODATA)")
-    p.add_argument("--upstream", type=_endpoint, action="append", default=[],
-                   metavar="ADDR:PORT",
-                   help="forward other names here (repeatable; default: /etc/resolv.conf)")
-    p.add_argument("--upstream-timeout", type=float, default=2.0, metavar="SECONDS",
-                   help="timeout of one upstream attempt (default: %(default)s)")
-    p.add_argument("--max-udp-size", type=_positive_int, default=1232, metavar="BYTES",
-                   help="cap on EDNS UDP response size (default: %(default)s)")
+    p.add_argument(
+        "--source",
+        type=Path,
+        metavar="FILE",
+        help="YAML file of Kubernetes objects (default: the bundled example cluster)",
+    )
+    p.add_argument(
+        "--cluster-domain",
+        default="cluster.local",
+        metavar="D",
+        help="the cluster domain (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ttl",
+        type=_positive_int,
+        default=30,
+        metavar="N",
+        help="TTL of authoritative answers in seconds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--pod-records",
+        choices=[m.value for m in PodRecords],
+        default="insecure",
+        help="answering of a-b-c-d.<ns>.pod.<zone> names (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="allocate IPv6 mesh VIPs from 2001:2::/48 (default: AAAA is NODATA)",
+    )
+    p.add_argument(
+        "--upstream",
+        type=_endpoint,
+        action="append",
+        default=[],
+        metavar="ADDR:PORT",
+        help="forward other names here (repeatable; default: /etc/resolv.conf)",
+    )
+    p.add_argument(
+        "--upstream-timeout",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="timeout of one upstream attempt (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-udp-size",
+        type=_positive_int,
+        default=1232,
+        metavar="BYTES",
+        help="cap on EDNS UDP response size (default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="interceptor", description="Transparent DNS for Kubernetes nodes.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="interceptor",
+        description="Transparent DNS for Kubernetes nodes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="answer DNS on an address, from a YAML service source",
-                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve = sub.add_parser(
+        "serve",
+        help="answer DNS on an address, from a YAML service source",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_zone_flags(serve)
-    serve.add_argument("--listen", type=_endpoint, default=Endpoint("127.0.0.1", 53),
-                       metavar="ADDR:PORT", help="UDP and TCP listen address (default: %(default)s)")
+    serve.add_argument(
+        "--listen",
+        type=_endpoint,
+        default=Endpoint("127.0.0.1", 53),
+        metavar="ADDR:PORT",
+        help="UDP and TCP listen address (default: %(default)s)",
+    )
 
     sub.add_parser("demo", help="run the guided demo (root: builds network namespaces)")
     return parser
@@ -107,8 +161,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if not 512 <= args.max_udp_size <= 65535:
         raise ConfigError("--max-udp-size must be between 512 and 65535")
     return Settings(
-        zone=ZoneSettings(cluster_domain=args.cluster_domain.strip(".").lower(), ttl=args.ttl,
-                          pod_records=PodRecords(args.pod_records), ipv6=args.ipv6),
+        zone=ZoneSettings(
+            cluster_domain=args.cluster_domain.strip(".").lower(),
+            ttl=args.ttl,
+            pod_records=PodRecords(args.pod_records),
+            ipv6=args.ipv6,
+        ),
         server=ServerSettings(listen=args.listen, max_udp_size=args.max_udp_size),
         upstream=UpstreamSettings(servers=tuple(args.upstream), timeout=args.upstream_timeout),
         source=args.source,
@@ -129,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from interceptor.demo import run_demo
 
-            return run_demo()
+            return int(run_demo())
         parser.print_help()
         return 2
     except InterceptorError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Sequence
-from enum import Enum
+from enum import StrEnum
 
 import dnslib
 
@@ -39,7 +39,7 @@ _rl = RateLimitedLog(log)
 MAX_CNAME_CHAIN = 8
 
 
-class Source(str, Enum):
+class Source(StrEnum):
     """Where an answer came from (for metrics and the ``query`` explanation)."""
 
     AUTHORITATIVE = "authoritative"
@@ -49,8 +49,13 @@ class Source(str, Enum):
 
 
 class Resolver:
-    def __init__(self, smap: ServiceMap, forwarder: Forwarder, settings: Settings,
-                 upstreams: Sequence[Endpoint]) -> None:
+    def __init__(
+        self,
+        smap: ServiceMap,
+        forwarder: Forwarder,
+        settings: Settings,
+        upstreams: Sequence[Endpoint],
+    ) -> None:
         self.smap = smap
         self.forwarder = forwarder
         self.settings = settings
@@ -61,8 +66,9 @@ class Resolver:
         """Hot path for UDP: a precomputed answer, or None to take the careful path."""
         return fast_response(data, self.smap.answers, self.max_udp)
 
-    async def resolve(self, data: bytes, tcp: bool,
-                      upstreams: Sequence[Endpoint] | None = None) -> bytes | None:
+    async def resolve(
+        self, data: bytes, tcp: bool, upstreams: Sequence[Endpoint] | None = None
+    ) -> bytes | None:
         """The response to one message, or None when it must not be answered at all."""
         try:
             query = parse_query(data)
@@ -124,8 +130,9 @@ class Resolver:
         rtype, rdata = wire.rdata_address(ip)
         if qtype not in (rtype, wire.ANY):
             return smap.nodata
-        return Answer(wire.NOERROR, True, 1, 0, 0,
-                      wire.rr(wire.QNAME_POINTER, rtype, smap.ttl, rdata))
+        return Answer(
+            wire.NOERROR, True, 1, 0, 0, wire.rr(wire.QNAME_POINTER, rtype, smap.ttl, rdata)
+        )
 
     async def _chase(self, query: Query, target: str, limit: int | None) -> bytes | None:
         """ExternalName: the CNAME first, then the target's records (spec section 2.5).
@@ -143,8 +150,9 @@ class Resolver:
             nxt = smap.cname(owner)
             if nxt is None:
                 break
-            chain.append(wire.rr(wire.encode_name(owner), wire.CNAME, smap.ttl,
-                                 wire.encode_name(nxt)))
+            chain.append(
+                wire.rr(wire.encode_name(owner), wire.CNAME, smap.ttl, wire.encode_name(nxt))
+            )
             owner = nxt
         else:
             return error_response(query.data, wire.SERVFAIL, query, self.max_udp)
@@ -157,12 +165,17 @@ class Resolver:
             mesh = smap.mesh_host(owner)
             if mesh is not None and query.qtype in (wire.A, wire.AAAA):
                 ips = mesh.v4 if query.qtype == wire.A else mesh.v6
-                tail = [wire.rr(wire.encode_name(owner), query.qtype, smap.ttl,
-                                wire.rdata_address(ip)[1]) for ip in ips]
+                tail = [
+                    wire.rr(
+                        wire.encode_name(owner), query.qtype, smap.ttl, wire.rdata_address(ip)[1]
+                    )
+                    for ip in ips
+                ]
             else:
                 try:
                     reply = await self.forwarder.forward(
-                        build_query(owner, query.qtype), self.upstreams)
+                        build_query(owner, query.qtype), self.upstreams
+                    )
                 except UpstreamFailed:
                     return error_response(query.data, wire.SERVFAIL, query, self.max_udp)
                 tail, authority, rcode = _sections(reply)
@@ -170,8 +183,9 @@ class Resolver:
         answer = Answer(rcode, True, len(chain) + len(tail), len(authority), 0, body)
         return assemble(query, answer, self.max_udp, limit)
 
-    async def _forward(self, query: Query, limit: int | None,
-                       upstreams: Sequence[Endpoint]) -> bytes | None:
+    async def _forward(
+        self, query: Query, limit: int | None, upstreams: Sequence[Endpoint]
+    ) -> bytes | None:
         try:
             reply = await self.forwarder.forward(query.data, upstreams)
         except UpstreamFailed:
@@ -185,8 +199,9 @@ def _mesh_answer(host: MeshHost, qtype: int, ttl: int, nodata: Answer) -> Answer
     ips = host.v4 if qtype == wire.A else host.v6
     if not ips:
         return nodata
-    body = b"".join(wire.rr(wire.QNAME_POINTER, qtype, ttl, wire.rdata_address(ip)[1])
-                    for ip in ips)
+    body = b"".join(
+        wire.rr(wire.QNAME_POINTER, qtype, ttl, wire.rdata_address(ip)[1]) for ip in ips
+    )
     return Answer(wire.NOERROR, True, len(ips), 0, 0, body)
 
 
@@ -197,8 +212,7 @@ def _sections(reply: bytes) -> tuple[list[bytes], list[bytes], int]:
         msg = dnslib.DNSRecord.parse(reply)
     except (dnslib.DNSError, ValueError, IndexError, struct.error):
         return [], [], wire.SERVFAIL
-    return ([_pack_rr(r) for r in msg.rr], [_pack_rr(r) for r in msg.auth],
-            msg.header.rcode)
+    return ([_pack_rr(r) for r in msg.rr], [_pack_rr(r) for r in msg.auth], msg.header.rcode)
 
 
 def _pack_rr(record: dnslib.RR) -> bytes:

@@ -107,8 +107,11 @@ class TcpServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self.connections) >= self.settings.tcp_max_connections:
-            _rl.warning("tcp-limit", "TCP connection limit (%d) reached: closing new connection",
-                        self.settings.tcp_max_connections)
+            _rl.warning(
+                "tcp-limit",
+                "TCP connection limit (%d) reached: closing new connection",
+                self.settings.tcp_max_connections,
+            )
             writer.close()
             return
         task = asyncio.current_task()
@@ -147,11 +150,11 @@ class TcpServer:
 
         try:
             while True:
-                head = await asyncio.wait_for(reader.readexactly(2),
-                                              self.settings.tcp_idle_timeout)
+                head = await asyncio.wait_for(reader.readexactly(2), self.settings.tcp_idle_timeout)
                 (size,) = struct.unpack("!H", head)
-                data = await asyncio.wait_for(reader.readexactly(size),
-                                              self.settings.tcp_idle_timeout)
+                data = await asyncio.wait_for(
+                    reader.readexactly(size), self.settings.tcp_idle_timeout
+                )
                 await inflight.acquire()
                 task = asyncio.ensure_future(answer(data))
                 tasks.add(task)
@@ -186,8 +189,7 @@ class DnsServer:
         ep = self.settings.listen
         udp_sock = bind_socket(ep, socket.SOCK_DGRAM)
         try:
-            tcp_sock = bind_socket(Endpoint(ep.host, udp_sock.getsockname()[1]),
-                                   socket.SOCK_STREAM)
+            tcp_sock = bind_socket(Endpoint(ep.host, udp_sock.getsockname()[1]), socket.SOCK_STREAM)
         except OSError:
             udp_sock.close()
             raise

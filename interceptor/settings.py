@@ -1,16 +1,16 @@
-"""One settings object, built once from flags (and later environment and file), passed explicitly."""
+"""One settings object, built once from flags (later also environment and file), passed on."""
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from interceptor.errors import ConfigError
 
 
-class PodRecords(str, Enum):
+class PodRecords(StrEnum):
     """How ``a-b-c-d.<ns>.pod.<zone>`` names are answered (CoreDNS's ``pods`` option)."""
 
     DISABLED = "disabled"

@@ -59,8 +59,11 @@ class _UdpExchange(asyncio.DatagramProtocol):
         if not self.done.done() and _matches(data, self.query):
             self.done.set_result(data)
         elif not self.done.done():
-            _rl.warning("upstream-mismatch", "ignored a reply that does not match its query "
-                        "(wrong ID or question): possible spoofing")
+            _rl.warning(
+                "upstream-mismatch",
+                "ignored a reply that does not match its query "
+                "(wrong ID or question): possible spoofing",
+            )
 
     def error_received(self, exc: Exception) -> None:
         if not self.done.done():
@@ -90,15 +93,20 @@ class Forwarder:
                 return client_id + reply[2:]
             except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
                 last = exc
-                _rl.warning(f"upstream-{server}", "upstream %s failed: %s", server,
-                            exc or type(exc).__name__)
+                _rl.warning(
+                    f"upstream-{server}",
+                    "upstream %s failed: %s",
+                    server,
+                    exc or type(exc).__name__,
+                )
         raise UpstreamFailed(str(last))
 
     async def _udp(self, msg: bytes, server: Endpoint) -> bytes:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if server.family_v6 else socket.AF_INET
         transport, proto = await loop.create_datagram_endpoint(
-            lambda: _UdpExchange(msg), remote_addr=(server.host, server.port), family=family)
+            lambda: _UdpExchange(msg), remote_addr=(server.host, server.port), family=family
+        )
         try:
             transport.sendto(msg)
             return await asyncio.wait_for(proto.done, self.settings.timeout)

@@ -41,11 +41,22 @@ class Answer:
     time.  The header bytes that do not depend on the query are precomputed too.
     """
 
-    __slots__ = ("rcode", "authoritative", "an", "ns", "ar", "body", "flag_hi", "flag_lo",
-                 "counts_plain", "counts_edns")
+    __slots__ = (
+        "rcode",
+        "authoritative",
+        "an",
+        "ns",
+        "ar",
+        "body",
+        "flag_hi",
+        "flag_lo",
+        "counts_plain",
+        "counts_edns",
+    )
 
-    def __init__(self, rcode: int, authoritative: bool, an: int, ns: int, ar: int,
-                 body: bytes) -> None:
+    def __init__(
+        self, rcode: int, authoritative: bool, an: int, ns: int, ar: int, body: bytes
+    ) -> None:
         self.rcode = rcode
         self.authoritative = authoritative
         self.an = an
@@ -61,14 +72,17 @@ class Answer:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Answer) and (
             (self.rcode, self.authoritative, self.an, self.ns, self.ar, self.body)
-            == (other.rcode, other.authoritative, other.an, other.ns, other.ar, other.body))
+            == (other.rcode, other.authoritative, other.an, other.ns, other.ar, other.body)
+        )
 
     def __hash__(self) -> int:
         return hash((self.rcode, self.body))
 
     def __repr__(self) -> str:
-        return (f"Answer(rcode={self.rcode}, aa={self.authoritative}, an={self.an}, "
-                f"ns={self.ns}, ar={self.ar}, {len(self.body)} bytes)")
+        return (
+            f"Answer(rcode={self.rcode}, aa={self.authoritative}, an={self.an}, "
+            f"ns={self.ns}, ar={self.ar}, {len(self.body)} bytes)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +172,9 @@ def _parse_additional(data: bytes, offset: int, count: int) -> Edns | None:
         if rtype == OPT:
             if edns is not None:
                 raise Malformed("more than one OPT record (RFC 6891 6.1.1)", FORMERR)
-            edns = Edns(udp_size=max(rclass, 512), version=(ttl >> 16) & 0xFF,
-                        do=bool(ttl & DO_BIT))
+            edns = Edns(
+                udp_size=max(rclass, 512), version=(ttl >> 16) & 0xFF, do=bool(ttl & DO_BIT)
+            )
     if offset != len(data):
         raise Malformed("trailing bytes after the additional section", FORMERR)
     return edns
@@ -182,8 +197,9 @@ def opt_record(udp_size: int, do: bool, ext_rcode: int = 0) -> bytes:
     return OPT_HEAD + struct.pack("!HBBHH", udp_size, ext_rcode, 0, DO_BIT if do else 0, 0)
 
 
-def response_flags(query_flags: int, rcode: int, authoritative: bool,
-                   truncated: bool = False) -> int:
+def response_flags(
+    query_flags: int, rcode: int, authoritative: bool, truncated: bool = False
+) -> int:
     """QR set, opcode 0, RD and CD copied (RFC 1035 4.1.1, RFC 6840 5.9), RA set."""
     flags = QR | RA | (query_flags & (RD | CD)) | (rcode & 0xF)
     if authoritative:
@@ -214,8 +230,9 @@ def assemble(query: Query, answer: Answer, max_udp: int, limit: int | None) -> b
     return header + question + answer.body + opt
 
 
-def error_response(data: bytes, rcode: int, query: Query | None = None,
-                   max_udp: int = 1232) -> bytes | None:
+def error_response(
+    data: bytes, rcode: int, query: Query | None = None, max_udp: int = 1232
+) -> bytes | None:
     """A bodyless response with ``rcode``; with the question when the query parsed.
 
     Returns None when there is not even a header to answer.
@@ -294,11 +311,29 @@ def fast_response(data: bytes, table: dict[bytes, Answer], max_udp: int) -> byte
     body = answer.body
     if qend + len(body) + len(opt) > limit:
         return None
-    return (data[:2] + bytes((answer.flag_hi | (data[2] & 0x01), answer.flag_lo | (data[3] & 0x10)))
-            + head + data[12:qend] + body + opt)
+    return (
+        data[:2]
+        + bytes((answer.flag_hi | (data[2] & 0x01), answer.flag_lo | (data[3] & 0x10)))
+        + head
+        + data[12:qend]
+        + body
+        + opt
+    )
 
 
 __all__ = [
-    "Answer", "Edns", "fast_response", "Malformed", "Query", "assemble", "badvers_response", "error_response",
-    "parse_query", "opt_record", "response_flags", "udp_limit", "CLASS_IN", "NOERROR",
+    "Answer",
+    "Edns",
+    "fast_response",
+    "Malformed",
+    "Query",
+    "assemble",
+    "badvers_response",
+    "error_response",
+    "parse_query",
+    "opt_record",
+    "response_flags",
+    "udp_limit",
+    "CLASS_IN",
+    "NOERROR",
 ]

@@ -97,10 +97,14 @@ def rdata_txt(*strings: str) -> bytes:
     return bytes(out)
 
 
-def rdata_soa(mname: str, rname: str, serial: int, refresh: int, retry: int, expire: int,
-              minimum: int) -> bytes:
-    return (encode_name(mname) + encode_name(rname)
-            + struct.pack("!IIIII", serial, refresh, retry, expire, minimum))
+def rdata_soa(
+    mname: str, rname: str, serial: int, refresh: int, retry: int, expire: int, minimum: int
+) -> bytes:
+    return (
+        encode_name(mname)
+        + encode_name(rname)
+        + struct.pack("!IIIII", serial, refresh, retry, expire, minimum)
+    )
 
 
 def reverse_name(ip: str) -> str:

@@ -7,9 +7,9 @@ Parsing a malformed object raises :class:`ObjectError` naming the object and the
 from __future__ import annotations
 
 import ipaddress
-from datetime import datetime, timezone
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 from interceptor.errors import ObjectError
@@ -117,8 +117,11 @@ API_VERSIONS: dict[str, tuple[str, ...]] = {
     "Service": ("v1",),
     "EndpointSlice": ("discovery.k8s.io/v1",),
     "Pod": ("v1",),
-    "ServiceEntry": ("networking.istio.io/v1", "networking.istio.io/v1beta1",
-                     "networking.istio.io/v1alpha3"),
+    "ServiceEntry": (
+        "networking.istio.io/v1",
+        "networking.istio.io/v1beta1",
+        "networking.istio.io/v1alpha3",
+    ),
 }
 
 
@@ -131,8 +134,14 @@ class _Reader:
     def fail(self, path: str, problem: str) -> ObjectError:
         return ObjectError(self.what, path, problem)
 
-    def get(self, obj: Mapping[str, Any], path: str, kind: type, default: Any = None,
-            required: bool = False) -> Any:
+    def get(
+        self,
+        obj: Mapping[str, Any],
+        path: str,
+        kind: type,
+        default: Any = None,
+        required: bool = False,
+    ) -> Any:
         cur: Any = obj
         walked: list[str] = []
         for part in path.split("."):
@@ -184,19 +193,26 @@ def _timestamp(value: object) -> str:
     """RFC 3339 in UTC with a ``Z``, whether YAML gave a string or a datetime."""
     if isinstance(value, datetime):
         if value.tzinfo is not None:
-            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+            value = value.astimezone(UTC).replace(tzinfo=None)
         return value.strftime("%Y-%m-%dT%H:%M:%SZ")
     return str(value)
 
 
 def _kind(value: object) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer",
-            bool: "a boolean", float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        int: "an integer",
+        bool: "a boolean",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
 
 
 def _kind_name(kind: type) -> str:
     return {str: "a string", int: "an integer", list: "a list", bool: "a boolean"}.get(
-        kind, "a mapping")
+        kind, "a mapping"
+    )
 
 
 def describe(obj: Mapping[str, Any]) -> str:
@@ -240,8 +256,9 @@ def _ports(r: _Reader, obj: Mapping[str, Any], path: str) -> tuple[ServicePort, 
         if not 0 <= number <= 65535:
             raise r.fail(f"{p}.port", f"{number} is out of range")
         protocol = r.get(item, "protocol", str, default="TCP")
-        ports.append(ServicePort(r.get(item, "name", str, default="").lower(),
-                                 protocol.lower(), number))
+        ports.append(
+            ServicePort(r.get(item, "name", str, default="").lower(), protocol.lower(), number)
+        )
     return tuple(ports)
 
 
@@ -266,12 +283,12 @@ def _service(r: _Reader, obj: Mapping[str, Any], namespace: str, name: str) -> S
         publish = True
     if not cluster_ips and external is None:
         headless = True
-    return Service(namespace, name, cluster_ips, headless, external,
-                   _ports(r, obj, "spec.ports"), publish)
+    return Service(
+        namespace, name, cluster_ips, headless, external, _ports(r, obj, "spec.ports"), publish
+    )
 
 
-def _endpoint_slice(r: _Reader, obj: Mapping[str, Any], namespace: str,
-                    name: str) -> EndpointSlice:
+def _endpoint_slice(r: _Reader, obj: Mapping[str, Any], namespace: str, name: str) -> EndpointSlice:
     address_type = r.get(obj, "addressType", str, required=True)
     labels = r.get(obj, "metadata.labels", Mapping, default={})
     service = labels.get(SERVICE_NAME_LABEL)
@@ -286,8 +303,13 @@ def _endpoint_slice(r: _Reader, obj: Mapping[str, Any], namespace: str,
         ready = r.get(item, "conditions.ready", bool, default=True)
         hostname = r.get(item, "hostname", str, default=None)
         endpoints.append(EndpointAddress(addresses, ready, hostname.lower() if hostname else None))
-    return EndpointSlice(namespace, name, str(service) if service else None, tuple(endpoints),
-                         _ports(r, obj, "ports") if obj.get("ports") else ())
+    return EndpointSlice(
+        namespace,
+        name,
+        str(service) if service else None,
+        tuple(endpoints),
+        _ports(r, obj, "ports") if obj.get("ports") else (),
+    )
 
 
 def _pod(r: _Reader, obj: Mapping[str, Any], namespace: str, name: str) -> Pod:
@@ -295,14 +317,18 @@ def _pod(r: _Reader, obj: Mapping[str, Any], namespace: str, name: str) -> Pod:
     single = r.get(obj, "status.podIP", str, default="")
     if not ips and single:
         ips = [single]
-    return Pod(namespace, name, tuple(r.ip(ip, "status.podIPs") for ip in ips),
-               r.get(obj, "spec.nodeName", str, default=None),
-               r.get(obj, "spec.hostNetwork", bool, default=False),
-               r.mapping(obj, "metadata.labels"), r.mapping(obj, "metadata.annotations"))
+    return Pod(
+        namespace,
+        name,
+        tuple(r.ip(ip, "status.podIPs") for ip in ips),
+        r.get(obj, "spec.nodeName", str, default=None),
+        r.get(obj, "spec.hostNetwork", bool, default=False),
+        r.mapping(obj, "metadata.labels"),
+        r.mapping(obj, "metadata.annotations"),
+    )
 
 
-def _service_entry(r: _Reader, obj: Mapping[str, Any], namespace: str,
-                   name: str) -> ServiceEntry:
+def _service_entry(r: _Reader, obj: Mapping[str, Any], namespace: str, name: str) -> ServiceEntry:
     hosts = tuple(h.rstrip(".").lower() for h in r.strings(obj, "spec.hosts"))
     if not hosts:
         raise r.fail("spec.hosts", "is required and must not be empty")
@@ -321,8 +347,10 @@ def _service_entry(r: _Reader, obj: Mapping[str, Any], namespace: str,
     status = []
     for p, item in r.items(obj, "status.addresses"):
         value = r.get(item, "value", str, required=True)
-        status.append((r.get(item, "host", str, default="").rstrip(".").lower(),
-                       r.ip(value, f"{p}.value")))
+        status.append(
+            (r.get(item, "host", str, default="").rstrip(".").lower(), r.ip(value, f"{p}.value"))
+        )
     created = _timestamp(r.get(obj, "metadata.creationTimestamp", object, default=""))
-    return ServiceEntry(namespace, name, hosts, tuple(addresses), resolution, tuple(status),
-                        created)
+    return ServiceEntry(
+        namespace, name, hosts, tuple(addresses), resolution, tuple(status), created
+    )

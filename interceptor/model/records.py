@@ -54,8 +54,9 @@ def service_records(svc: Service, slices: Iterable[EndpointSlice], zone: str) ->
             out.add(wire.reverse_name(ip), wire.PTR, wire.encode_name(base))
         named = [p for p in svc.ports if p.name]
         for p in named:
-            out.add(f"_{p.name}._{p.protocol}.{base}", wire.SRV,
-                    wire.rdata_srv(0, 100, p.port, base))
+            out.add(
+                f"_{p.name}._{p.protocol}.{base}", wire.SRV, wire.rdata_srv(0, 100, p.port, base)
+            )
         # CoreDNS also answers SRV at the service name itself, one per port.
         for p in svc.ports:
             out.add(base, wire.SRV, wire.rdata_srv(0, 100, p.port, base))

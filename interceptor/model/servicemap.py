@@ -110,15 +110,21 @@ class ServiceMap:
         obj = new if new is not None else old
         assert obj is not None
         if isinstance(obj, Namespace):
-            return self._set_owner(("ns", obj.name), None if new is None else
-                                   records.namespace_names(obj.name, self.zone))
+            return self._set_owner(
+                ("ns", obj.name),
+                None if new is None else records.namespace_names(obj.name, self.zone),
+            )
         if isinstance(obj, Service):
             self._ns_ref(obj.namespace, +1 if old is None else 0, -1 if new is None else 0)
             change = self._recompute_service(obj.namespace, obj.name)
             if f"{obj.namespace}/{obj.name}" == self.settings.dns_service:
                 svc = new if isinstance(new, Service) else None
-                change = Change(change.names_changed + self._set_owner(
-                    APEX, records.apex_records(self.zone, self.ttl, svc)).names_changed)
+                change = Change(
+                    change.names_changed
+                    + self._set_owner(
+                        APEX, records.apex_records(self.zone, self.ttl, svc)
+                    ).names_changed
+                )
             return change
         if isinstance(obj, EndpointSlice):
             old_svc = old.service if isinstance(old, EndpointSlice) else None
@@ -141,8 +147,10 @@ class ServiceMap:
         if isinstance(obj, Pod):
             self._ns_ref(obj.namespace, +1 if old is None else 0, -1 if new is None else 0)
             verified = self.settings.pod_records is PodRecords.VERIFIED
-            return self._set_owner(("pod", obj.namespace, obj.name), None if new is None else
-                                   records.pod_records(obj, self.zone, verified))
+            return self._set_owner(
+                ("pod", obj.namespace, obj.name),
+                None if new is None else records.pod_records(obj, self.zone, verified),
+            )
         assert isinstance(obj, ServiceEntry)
         return self._recompute_mesh()
 
@@ -156,9 +164,11 @@ class ServiceMap:
         owner = ("svc", namespace, name)
         if not isinstance(svc, Service):
             return self._set_owner(owner, None)
-        slices = [s for n in sorted(self._slices_by_service.get((namespace, name), ()))
-                  if isinstance(s := self.objects.get(("EndpointSlice", namespace, n)),
-                                EndpointSlice)]
+        slices = [
+            s
+            for n in sorted(self._slices_by_service.get((namespace, name), ()))
+            if isinstance(s := self.objects.get(("EndpointSlice", namespace, n)), EndpointSlice)
+        ]
         return self._set_owner(owner, records.service_records(svc, slices, self.zone))
 
     def _recompute_mesh(self) -> Change:
@@ -286,16 +296,16 @@ class ServiceMap:
                 if rtype in (wire.SRV, wire.NS):
                     target = _target(Record(name, rtype, rdata))
                     additional.extend(self.address_rrs(target))
-        seen: set[bytes] = set()
-        extra = [rr for rr in additional if not (rr in seen or seen.add(rr))]
+        extra = list(dict.fromkeys(additional))  # dedupe, keep order
         return Answer(wire.NOERROR, True, an, 0, len(extra), bytes(body) + b"".join(extra))
 
     def address_rrs(self, name: str, rtypes: tuple[int, ...] = (wire.A, wire.AAAA)) -> list[bytes]:
         """The records of ``name`` of the given types, encoded with their full owner name."""
         types = self._rrs.get(name, {})
         owner = wire.encode_name(name)
-        return [wire.rr(owner, t, self.ttl, rdata)
-                for t in rtypes for rdata in sorted(types.get(t, ()))]
+        return [
+            wire.rr(owner, t, self.ttl, rdata) for t in rtypes for rdata in sorted(types.get(t, ()))
+        ]
 
     # ----------------------------------------------------------------- views
 
@@ -336,10 +346,14 @@ class ServiceMap:
     def stats(self) -> dict[str, int]:
         kinds = Counter(k[0] for k in self.objects)
         return {
-            "namespaces": kinds["Namespace"], "services": kinds["Service"],
-            "endpointslices": kinds["EndpointSlice"], "pods": kinds["Pod"],
-            "serviceentries": kinds["ServiceEntry"], "names": len(self._rrs),
-            "answers": len(self.answers), "mesh_hosts": len(self._mesh) + len(self._mesh_wild),
+            "namespaces": kinds["Namespace"],
+            "services": kinds["Service"],
+            "endpointslices": kinds["EndpointSlice"],
+            "pods": kinds["Pod"],
+            "serviceentries": kinds["ServiceEntry"],
+            "names": len(self._rrs),
+            "answers": len(self.answers),
+            "mesh_hosts": len(self._mesh) + len(self._mesh_wild),
         }
 
 

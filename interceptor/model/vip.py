@@ -36,8 +36,9 @@ class Claim:
     host: str
 
 
-def _candidates(host: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network,
-                tries: int) -> Iterable[str]:
+def _candidates(
+    host: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network, tries: int
+) -> Iterable[str]:
     # Skip the network's first and last address (240.240.0.0, 240.240.255.255), which some
     # stacks treat as network/broadcast addresses.
     usable = net.num_addresses - 2
@@ -48,8 +49,9 @@ def _candidates(host: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network,
         yield ipaddress.ip_address(base + offset).compressed
 
 
-def allocate(claims: Iterable[Claim],
-             net: ipaddress.IPv4Network | ipaddress.IPv6Network = V4_NET) -> dict[str, str]:
+def allocate(
+    claims: Iterable[Claim], net: ipaddress.IPv4Network | ipaddress.IPv6Network = V4_NET
+) -> dict[str, str]:
     """host -> VIP for every distinct host of ``claims``.  Pure and order-independent."""
     best: dict[str, Claim] = {}
     for c in claims:
@@ -73,8 +75,9 @@ def allocate(claims: Iterable[Claim],
     return result
 
 
-def _linear_free(host: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network,
-                 taken: set[str]) -> str:
+def _linear_free(
+    host: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network, taken: set[str]
+) -> str:
     first = next(iter(_candidates(host, net, 1)))
     base = int(net.network_address)
     usable = net.num_addresses - 2

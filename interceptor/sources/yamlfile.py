@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from interceptor.errors import ObjectError, SourceError
-from interceptor.model.objects import KINDS, KubeObject, describe, parse
+from interceptor.model.objects import KINDS, KubeObject, parse
 from interceptor.model.servicemap import ServiceMap
 
 log = logging.getLogger(__name__)
