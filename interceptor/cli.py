@@ -151,6 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="UDP and TCP listen address (default: %(default)s)",
     )
 
+    serve.add_argument(
+        "--tcp-idle-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="close idle TCP connections after this long (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--tcp-max-connections",
+        type=_positive_int,
+        default=1024,
+        metavar="N",
+        help="concurrent TCP connections (default: %(default)s)",
+    )
+
     sub.add_parser("demo", help="run the guided demo (root: builds network namespaces)")
     return parser
 
@@ -167,7 +182,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
             pod_records=PodRecords(args.pod_records),
             ipv6=args.ipv6,
         ),
-        server=ServerSettings(listen=args.listen, max_udp_size=args.max_udp_size),
+        server=ServerSettings(
+            listen=args.listen,
+            max_udp_size=args.max_udp_size,
+            tcp_idle_timeout=args.tcp_idle_timeout,
+            tcp_max_connections=args.tcp_max_connections,
+        ),
         upstream=UpstreamSettings(servers=tuple(args.upstream), timeout=args.upstream_timeout),
         source=args.source,
     )

@@ -1,0 +1,503 @@
+"""Benchmark: ``interceptor serve`` against dnsmasq on the same names, plus answer-table memory.
+
+Why dnsmasq: it is a small, single-threaded C server that answers local names from an
+in-memory table, which is exactly what the interceptor's hot path does (one dict lookup and a
+byte concatenation in :func:`interceptor.dns.message.fast_response`).  The ratio of the two
+QPS figures therefore says how much the Python implementation costs against a mature C one,
+on the same machine, in the same run, with the same client and the same queries.
+
+Why memory too: every name's answers are precomputed, so memory grows with the cluster.  The
+second table shows what a ServiceMap costs per Service at 10k and 100k Services, measured in a
+fresh subprocess per size so one size's garbage cannot flatter or spoil the next.
+
+Run from the repository root: ``.venv/bin/python -m tests.bench.serve_vs_dnsmasq``
+(``make bench``).  All traffic goes to 127.0.0.1; dnsmasq has no upstream at all and the
+interceptor's upstream is an unused loopback port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import yaml
+
+from tests.bench.common import (
+    LOOPBACK,
+    BenchError,
+    PerfParams,
+    PerfResult,
+    dnsperf_command,
+    free_port,
+    require_tool,
+    run_dnsperf,
+    service_ip,
+    service_manifest,
+    stop_process,
+    table,
+    wait_until_answers,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMESPACE = "bench"
+ZONE = "cluster.local"
+DNSMASQ = "/usr/sbin/dnsmasq"
+
+# Defaults found by sweeping -c/-T/-q on the 2-core benchmark machine: both servers are
+# single-threaded, so one dnsperf thread is enough to saturate either, and a second thread
+# only steals the other core from the server.  See the module's --help for the sweep knobs.
+DEFAULT_CLIENTS = 1
+DEFAULT_THREADS = 1
+DEFAULT_OUTSTANDING = 100
+
+MEMORY_SIZES = (10_000, 100_000)
+
+
+def fqdn(index: int) -> str:
+    """The DNS name of service ``index``."""
+    return f"svc-{index}.{NAMESPACE}.svc.{ZONE}"
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The files both servers and dnsperf read, generated from one list of names so the two
+    servers are guaranteed to serve identical data."""
+
+    services_yaml: Path
+    dnsmasq_conf: Path
+    queries: Path
+    names: int
+
+
+def write_inputs(workdir: Path, names: int) -> Inputs:
+    """Write the Service list (interceptor), the host-record conf (dnsmasq) and the dnsperf
+    query file (A queries for every name, once each; dnsperf loops over the file)."""
+    services = workdir / "services.yaml"
+    services.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "List",
+                "items": [service_manifest(i, NAMESPACE) for i in range(names)],
+            },
+            sort_keys=False,
+        )
+    )
+    conf = workdir / "dnsmasq.conf"
+    conf.write_text("".join(f"host-record={fqdn(i)},{service_ip(i)}\n" for i in range(names)))
+    queries = workdir / "queries.txt"
+    queries.write_text("".join(f"{fqdn(i)} A\n" for i in range(names)))
+    return Inputs(services, conf, queries, names)
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+def interceptor_command(inputs: Inputs, port: int, upstream_port: int) -> list[str]:
+    """``interceptor serve`` from this venv.  The upstream is a loopback port nobody listens
+    on: every benchmark name is in the zone, and anything that slipped through must not
+    leave the machine."""
+    exe = Path(sys.executable).with_name("interceptor")
+    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "interceptor"]
+    return [
+        *base,
+        "serve",
+        "--source",
+        str(inputs.services_yaml),
+        "--listen",
+        f"{LOOPBACK}:{port}",
+        "--upstream",
+        f"{LOOPBACK}:{upstream_port}",
+    ]
+
+
+def dnsmasq_command(dnsmasq: str, inputs: Inputs, port: int) -> list[str]:
+    """dnsmasq answering only its host-records: no resolv.conf, no /etc/hosts, no --server,
+    so it has no upstream to forward to.  ``-C`` replaces /etc/dnsmasq.conf, an empty
+    ``--pid-file=`` keeps it from writing /run/dnsmasq.pid, and ``--log-facility=-`` puts its
+    (startup-only; no --log-queries) log into our log file instead of syslog."""
+    return [
+        dnsmasq,
+        "--no-resolv",
+        "--no-hosts",
+        f"--port={port}",
+        f"--listen-address={LOOPBACK}",
+        "--bind-interfaces",
+        "--keep-in-foreground",
+        "--cache-size=10000",
+        "--pid-file=",
+        "--log-facility=-",
+        "-C",
+        str(inputs.dnsmasq_conf),
+    ]
+
+
+@dataclass
+class Running:
+    """A started server: its process (for teardown by PID) and where it listens."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    command: list[str]
+    startup_s: float
+
+
+def start_server(
+    name: str, build: Callable[[int], list[str]], log: Path, inputs: Inputs, attempts: int = 3
+) -> Running:
+    """Start a server on a free loopback port and wait until it answers the first and the
+    last name correctly (so its data is fully loaded).
+
+    Retried because a "free" port can be taken between probing and binding.  The process gets
+    its own session so a Ctrl-C reaches only this script, whose ``finally`` then stops the
+    servers in order instead of racing their own signal handling.
+    """
+    last: BenchError | None = None
+    for _ in range(attempts):
+        port = free_port()
+        cmd = build(port)
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            t = wait_until_answers(proc, port, fqdn(0), service_ip(0), name, log)
+            last_i = inputs.names - 1
+            wait_until_answers(proc, port, fqdn(last_i), service_ip(last_i), name, log)
+            return Running(name, proc, port, cmd, t)
+        except BenchError as exc:
+            stop_process(proc)
+            last = exc
+    assert last is not None
+    raise last
+
+
+@contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into an exception for the duration, so a killed benchmark (a CI timeout)
+    still runs its ``finally`` blocks and leaves no server behind."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def progress(msg: str) -> None:
+    """Progress goes to stderr so ``--json`` output on stdout stays parseable."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    """Generate inputs, start both servers, run dnsperf against each in turn, stop both."""
+    dnsperf = require_tool("dnsperf")
+    dnsmasq = require_tool("dnsmasq", DNSMASQ)
+    require_tool("dig")
+    params = PerfParams(args.duration, args.clients, args.threads, args.outstanding)
+    servers: list[Running] = []
+    results: list[PerfResult] = []
+    with tempfile.TemporaryDirectory(prefix="bench-dns-") as tmp:
+        workdir = Path(tmp)
+        inputs = write_inputs(workdir, args.names)
+        try:
+            upstream_port = free_port()
+            servers.append(
+                start_server(
+                    "interceptor",
+                    lambda p: interceptor_command(inputs, p, upstream_port),
+                    workdir / "interceptor.log",
+                    inputs,
+                )
+            )
+            servers.append(
+                start_server(
+                    "dnsmasq",
+                    lambda p: dnsmasq_command(dnsmasq, inputs, p),
+                    workdir / "dnsmasq.log",
+                    inputs,
+                )
+            )
+            for srv in servers:
+                progress(
+                    f"{srv.name}: pid {srv.proc.pid}, port {srv.port}, "
+                    f"answering after {srv.startup_s:.2f}s; running dnsperf for {args.duration}s"
+                )
+                cmd = dnsperf_command(dnsperf, srv.port, inputs.queries, params)
+                results.append(run_dnsperf(srv.name, cmd, args.duration))
+        finally:
+            for srv in servers:
+                stop_process(srv.proc)
+    return {
+        "names": args.names,
+        "params": asdict(params),
+        "servers": {s.name: {"command": shlex.join(s.command)} for s in servers},
+        "results": [r.as_dict() for r in results],
+        "ratio_qps": ratio(results, "qps"),
+        "ratio_latency": ratio(results, "avg_latency_ms"),
+    }
+
+
+def ratio(results: list[PerfResult], field: str) -> float | None:
+    """interceptor / dnsmasq for one metric (None if either is missing or zero)."""
+    by = {r.server: float(getattr(r, field)) for r in results}
+    a, b = by.get("interceptor"), by.get("dnsmasq")
+    return round(a / b, 3) if a is not None and b else None
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def vm_rss_bytes() -> int:
+    """Resident set size from /proc/self/status: what the kernel actually charges the
+    process, including allocator slack that tracemalloc cannot see."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise BenchError("no VmRSS in /proc/self/status")
+
+
+def memory_child(count: int) -> dict[str, Any]:
+    """Build a ServiceMap of ``count`` Services and measure it (runs in its own process).
+
+    Two builds: the first with tracemalloc off, for an RSS delta not inflated by
+    tracemalloc's own bookkeeping; the second under tracemalloc, for the Python-level bytes
+    retained (current) and the transient high-water mark (peak).  Each manifest dict is
+    dropped right after parsing, so only what the map keeps is counted, as in the server.
+    """
+    import gc
+    import tracemalloc
+
+    from interceptor.model.objects import parse
+    from interceptor.model.servicemap import ServiceMap
+    from interceptor.settings import ZoneSettings
+
+    def build() -> tuple[ServiceMap, float]:
+        start = time.perf_counter()
+        smap = ServiceMap(ZoneSettings(cluster_domain=ZONE))
+        for i in range(count):
+            smap.upsert(parse(service_manifest(i, NAMESPACE)))
+        return smap, time.perf_counter() - start
+
+    # Warm up lazily-created module state (caches, interned strings) outside both windows.
+    warm = ServiceMap(ZoneSettings(cluster_domain=ZONE))
+    warm.upsert(parse(service_manifest(0, "warmup")))
+    del warm
+    gc.collect()
+
+    rss_before = vm_rss_bytes()
+    smap, build_s = build()
+    gc.collect()
+    rss_delta = vm_rss_bytes() - rss_before
+    answers = len(smap.answers)
+    stats = smap.stats()
+    del smap
+    gc.collect()
+
+    tracemalloc.start()
+    base, _ = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    smap, _ = build()
+    gc.collect()
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(smap.answers) == answers
+    return {
+        "services": count,
+        "answers": answers,
+        "names": stats["names"],
+        "build_s": round(build_s, 3),
+        "tracemalloc_current": current - base,
+        "tracemalloc_peak": peak - base,
+        "rss_delta": rss_delta,
+        "bytes_per_service_traced": round((current - base) / count),
+        "bytes_per_service_rss": round(rss_delta / count),
+    }
+
+
+def run_memory(sizes: tuple[int, ...]) -> list[dict[str, Any]]:
+    """One subprocess per size: each starts from a clean heap, and the parent's own memory
+    (YAML, dnsperf results) is no part of the measurement."""
+    out = []
+    for n in sizes:
+        progress(f"memory: building a ServiceMap of {n} services in a subprocess")
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.bench.serve_vs_dnsmasq", "--memory-child", str(n)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise BenchError(f"memory run for {n} services failed:\n{proc.stderr[-2000:]}")
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def render(throughput: dict[str, Any] | None, memory: list[dict[str, Any]]) -> str:
+    """The human-readable report: parameters, commands, and the two tables."""
+    lines: list[str] = []
+    if throughput is not None:
+        p = throughput["params"]
+        lines += [
+            f"DNS throughput: {throughput['names']} service names, 100% A queries over UDP, "
+            f"all on {LOOPBACK}",
+            f"dnsperf parameters: -l {p['duration']} -c {p['clients']} -T {p['threads']} "
+            f"-q {p['outstanding']} -t {p['timeout']:g}",
+            "",
+        ]
+        for name, srv in throughput["servers"].items():
+            lines.append(f"{name} command: {srv['command']}")
+        for r in throughput["results"]:
+            lines.append(f"dnsperf ({r['server']}): {r['command']}")
+        lines.append("")
+        rows = [
+            [
+                r["server"],
+                f"{r['qps']:,.0f}",
+                f"{r['avg_latency_ms']:.3f} ms",
+                f"{r['max_latency_ms']:.3f} ms",
+                f"{r['queries_completed']:,}",
+                f"{r['queries_lost']:,}",
+                f"NOERROR {r['noerror']:,}" + ("" if r["other_rcodes"] == "-" else "; ")
+                + ("" if r["other_rcodes"] == "-" else r["other_rcodes"]),
+            ]
+            for r in throughput["results"]
+        ]
+        lines.append(
+            table(
+                ["server", "QPS", "avg latency", "max latency", "completed", "lost", "rcodes"],
+                rows,
+            )
+        )
+        q, lat = throughput["ratio_qps"], throughput["ratio_latency"]
+        if q is not None:
+            lines.append(f"interceptor/dnsmasq: QPS x{q:.2f}, avg latency x{lat:.2f}")
+        lines.append("")
+    if memory:
+        lines.append("Answer-table memory: ServiceMap of ClusterIP services, one named port each")
+        rows = [
+            [
+                f"{m['services']:,}",
+                f"{m['answers']:,}",
+                mib(m["tracemalloc_current"]),
+                mib(m["tracemalloc_peak"]),
+                mib(m["rss_delta"]),
+                f"{m['bytes_per_service_traced']:,}",
+                f"{m['bytes_per_service_rss']:,}",
+                f"{m['build_s']:.1f} s",
+            ]
+            for m in memory
+        ]
+        lines.append(
+            table(
+                [
+                    "services",
+                    "answers",
+                    "traced current",
+                    "traced peak",
+                    "RSS delta",
+                    "B/svc traced",
+                    "B/svc RSS",
+                    "build",
+                ],
+                rows,
+            )
+        )
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------- main
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tests.bench.serve_vs_dnsmasq",
+        description="Compare interceptor serve with dnsmasq under dnsperf, and measure the "
+        "memory of the precomputed answer table.",
+    )
+    p.add_argument("--duration", type=positive, default=10, help="seconds per dnsperf run")
+    p.add_argument("--names", type=positive, default=1000, help="service names to serve")
+    p.add_argument("--json", action="store_true", help="print machine-readable results")
+    p.add_argument("--clients", type=positive, default=DEFAULT_CLIENTS, help="dnsperf -c")
+    p.add_argument("--threads", type=positive, default=DEFAULT_THREADS, help="dnsperf -T")
+    p.add_argument(
+        "--outstanding", type=positive, default=DEFAULT_OUTSTANDING, help="dnsperf -q"
+    )
+    p.add_argument(
+        "--memory-sizes",
+        type=lambda s: tuple(positive(x) for x in s.split(",") if x),
+        default=MEMORY_SIZES,
+        metavar="N,N",
+        help="ServiceMap sizes to measure (default: 10000,100000)",
+    )
+    p.add_argument("--skip-memory", action="store_true", help="only run the DNS benchmark")
+    p.add_argument("--skip-dns", action="store_true", help="only run the memory benchmark")
+    p.add_argument("--memory-child", type=positive, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.memory_child is not None:
+        print(json.dumps(memory_child(args.memory_child)))
+        return 0
+    if args.names > 65534:
+        progress("note: more than 65534 names spill past 10.96.0.0/16 into the rest of /12")
+    try:
+        with terminate_on_sigterm():
+            throughput = None if args.skip_dns else run_throughput(args)
+            memory = [] if args.skip_memory else run_memory(args.memory_sizes)
+    except BenchError as exc:
+        progress(f"benchmark failed: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        progress("interrupted; servers stopped")
+        return 130
+    if args.json:
+        print(json.dumps({"throughput": throughput, "memory": memory}, indent=2))
+    else:
+        print(render(throughput, memory))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

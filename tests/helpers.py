@@ -1,0 +1,163 @@
+"""Shared test plumbing: real processes (interceptor serve, dnsmasq) on loopback, stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rdatatype
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> int:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@dataclass
+class Served:
+    """A running ``interceptor serve`` and what it logged."""
+
+    proc: subprocess.Popen[str]
+    host: str
+    port: int
+    log: list[str] = field(default_factory=list)
+
+    def ask(
+        self, name: str, rtype: str = "A", tcp: bool = False, **kw: object
+    ) -> dns.message.Message:
+        return ask(self.host, self.port, name, rtype, tcp, **kw)
+
+    def log_text(self) -> str:
+        return "\n".join(self.log)
+
+
+def ask(
+    host: str,
+    port: int,
+    name: str,
+    rtype: str = "A",
+    tcp: bool = False,
+    timeout: float = 3.0,
+    **kw: object,
+) -> dns.message.Message:
+    q = dns.message.make_query(name, rtype, **kw)  # type: ignore[arg-type]
+    if tcp:
+        return dns.query.tcp(q, host, port=port, timeout=timeout)
+    return dns.query.udp(q, host, port=port, timeout=timeout, ignore_trailing=False)
+
+
+def start_serve(
+    *extra: str, source: Path | None = DATA / "cluster.yaml", timeout: float = 15.0
+) -> Served:
+    cmd = [sys.executable, "-m", "interceptor", "serve", "--listen", "127.0.0.1:0", *extra]
+    if source is not None:
+        cmd += ["--source", str(source)]
+    proc = subprocess.Popen(
+        cmd,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=ROOT,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    port = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        m = re.search(r"serving DNS on (\S+) port (\d+)", line)
+        if m:
+            port = int(m.group(2))
+            break
+    if port is None:
+        stop(proc)
+        raise AssertionError("interceptor serve did not start:\n" + "\n".join(lines))
+    served = Served(proc, "127.0.0.1", port, lines)
+
+    def drain() -> None:
+        assert proc.stderr is not None
+        for ln in proc.stderr:
+            lines.append(ln.rstrip("\n"))
+
+    threading.Thread(target=drain, daemon=True).start()
+    return served
+
+
+@dataclass
+class Dnsmasq:
+    """A real DNS server on loopback, with a query log to count what reached it."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    logfile: Path
+
+    def queries(self, name: str | None = None) -> list[str]:
+        """Queries received (``query[A] name from ...`` lines), optionally for one name."""
+        try:
+            text = self.logfile.read_text()
+        except FileNotFoundError:
+            return []
+        out = [ln for ln in text.splitlines() if "query[" in ln]
+        if name is not None:
+            out = [ln for ln in out if f" {name.lower()} from" in ln.lower()]
+        return out
+
+
+def start_dnsmasq(tmp: Path, *records: str) -> Dnsmasq:
+    port = free_port()
+    logfile = tmp / "dnsmasq.log"
+    proc = subprocess.Popen(
+        [
+            DNSMASQ,
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            f"--port={port}",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            f"--pid-file={tmp}/dnsmasq.pid",
+            "--log-queries",
+            f"--log-facility={logfile}",
+            "--cache-size=0",
+            *records,
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            ask("127.0.0.1", port, "probe.invalid", timeout=0.5)
+            break
+        except Exception:
+            time.sleep(0.1)
+    return Dnsmasq(proc, port, logfile)
