@@ -141,7 +141,15 @@ class _Reader:
         kind: type,
         default: Any = None,
         required: bool = False,
+        at: str = "",
     ) -> Any:
+        """The value at dotted ``path`` below ``obj``; ``at`` is where ``obj`` itself sits in
+        the whole object, so that errors name the full field path."""
+        if at:
+            try:
+                return _Reader(self.what).get(obj, path, kind, default, required)
+            except ObjectError as exc:
+                raise self.fail(f"{at}.{exc.field}", exc.problem) from None
         cur: Any = obj
         walked: list[str] = []
         for part in path.split("."):
@@ -171,11 +179,12 @@ class _Reader:
             out.append((f"{path}[{i}]", item))
         return out
 
-    def strings(self, obj: Mapping[str, Any], path: str) -> tuple[str, ...]:
-        seq = self.get(obj, path, list, default=[])
+    def strings(self, obj: Mapping[str, Any], path: str, at: str = "") -> tuple[str, ...]:
+        seq = self.get(obj, path, list, default=[], at=at)
+        full = f"{at}.{path}" if at else path
         for i, item in enumerate(seq):
             if not isinstance(item, str):
-                raise self.fail(f"{path}[{i}]", f"expected a string, got {_kind(item)}")
+                raise self.fail(f"{full}[{i}]", f"expected a string, got {_kind(item)}")
         return tuple(seq)
 
     def ip(self, value: str, path: str) -> str:
@@ -252,12 +261,14 @@ def parse(obj: Mapping[str, Any]) -> KubeObject:
 def _ports(r: _Reader, obj: Mapping[str, Any], path: str) -> tuple[ServicePort, ...]:
     ports = []
     for p, item in r.items(obj, path):
-        number = r.get(item, "port", int, required=True)
+        number = r.get(item, "port", int, required=True, at=p)
         if not 0 <= number <= 65535:
             raise r.fail(f"{p}.port", f"{number} is out of range")
-        protocol = r.get(item, "protocol", str, default="TCP")
+        protocol = r.get(item, "protocol", str, default="TCP", at=p)
         ports.append(
-            ServicePort(r.get(item, "name", str, default="").lower(), protocol.lower(), number)
+            ServicePort(
+                r.get(item, "name", str, default="", at=p).lower(), protocol.lower(), number
+            )
         )
     return tuple(ports)
 
@@ -294,14 +305,14 @@ def _endpoint_slice(r: _Reader, obj: Mapping[str, Any], namespace: str, name: st
     service = labels.get(SERVICE_NAME_LABEL)
     endpoints = []
     for p, item in r.items(obj, "endpoints"):
-        addresses = r.strings(item, "addresses")
+        addresses = r.strings(item, "addresses", at=p)
         if address_type in ("IPv4", "IPv6"):
             addresses = tuple(r.ip(a, f"{p}.addresses") for a in addresses)
         else:
             addresses = ()  # FQDN endpoints carry no address DNS can serve.
-        # RFC: a nil "ready" condition means ready (discovery.k8s.io/v1 EndpointConditions).
-        ready = r.get(item, "conditions.ready", bool, default=True)
-        hostname = r.get(item, "hostname", str, default=None)
+        # discovery.k8s.io/v1 EndpointConditions: a nil "ready" must be read as ready.
+        ready = r.get(item, "conditions.ready", bool, default=True, at=p)
+        hostname = r.get(item, "hostname", str, default=None, at=p)
         endpoints.append(EndpointAddress(addresses, ready, hostname.lower() if hostname else None))
     return EndpointSlice(
         namespace,
@@ -313,7 +324,7 @@ def _endpoint_slice(r: _Reader, obj: Mapping[str, Any], namespace: str, name: st
 
 
 def _pod(r: _Reader, obj: Mapping[str, Any], namespace: str, name: str) -> Pod:
-    ips = [r.get(item, "ip", str, required=True) for _, item in r.items(obj, "status.podIPs")]
+    ips = [r.get(item, "ip", str, required=True, at=p) for p, item in r.items(obj, "status.podIPs")]
     single = r.get(obj, "status.podIP", str, default="")
     if not ips and single:
         ips = [single]
@@ -346,9 +357,12 @@ def _service_entry(r: _Reader, obj: Mapping[str, Any], namespace: str, name: str
     resolution = r.get(obj, "spec.resolution", str, default="NONE").upper()
     status = []
     for p, item in r.items(obj, "status.addresses"):
-        value = r.get(item, "value", str, required=True)
+        value = r.get(item, "value", str, required=True, at=p)
         status.append(
-            (r.get(item, "host", str, default="").rstrip(".").lower(), r.ip(value, f"{p}.value"))
+            (
+                r.get(item, "host", str, default="", at=p).rstrip(".").lower(),
+                r.ip(value, f"{p}.value"),
+            )
         )
     created = _timestamp(r.get(obj, "metadata.creationTimestamp", object, default=""))
     return ServiceEntry(

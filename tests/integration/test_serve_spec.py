@@ -68,7 +68,7 @@ def test_unknown_name_is_nxdomain_with_soa(served: Served, tcp: bool) -> None:
 
 
 def test_case_insensitive_and_echoes_case(served: Served) -> None:
-    m = served.ask(f"SvC1.NS1.svc.Cluster.Local", "A")
+    m = served.ask("SvC1.NS1.svc.Cluster.Local", "A")
     assert answers(m) == ["10.96.1.1"]
     assert m.answer[0].name.to_text() == "SvC1.NS1.svc.Cluster.Local."
     assert m.question[0].name.to_text() == "SvC1.NS1.svc.Cluster.Local."

@@ -1,0 +1,92 @@
+"""The hot path must give byte-for-byte what the careful path gives, and decline the rest."""
+
+from __future__ import annotations
+
+import asyncio
+
+import dns.message
+import dns.rcode
+import pytest
+
+from interceptor.dns.message import Malformed, fast_response, parse_query
+from interceptor.model.servicemap import ServiceMap
+from interceptor.resolver import Resolver
+from interceptor.settings import Endpoint, Settings, ZoneSettings
+from interceptor.sources.yamlfile import load_file
+from interceptor.upstream import Forwarder
+from tests.helpers import DATA
+
+
+@pytest.fixture(scope="module")
+def resolver() -> Resolver:
+    m = ServiceMap(ZoneSettings())
+    m.replace(load_file(DATA / "cluster.yaml").objects)
+    s = Settings()
+    return Resolver(m, Forwarder(s.upstream), s, [Endpoint("127.0.0.1", 9)])
+
+
+NAMES = [
+    "svc1.ns1.svc.cluster.local",
+    "SVC1.ns1.Svc.cluster.local",
+    "dual.ns1.svc.cluster.local",
+    "hdls.ns1.svc.cluster.local",
+    "_http._tcp.hdls.ns1.svc.cluster.local",
+    "auto.mesh.test",
+    "big.ns1.svc.cluster.local",
+    "1.1.96.10.in-addr.arpa",
+]
+TYPES = ["A", "AAAA", "SRV", "PTR", "ANY", "TXT"]
+
+
+def queries() -> list[bytes]:
+    out = []
+    for name in NAMES:
+        for t in TYPES:
+            for edns in (-1, 0):
+                for payload in (512, 1232, 4096):
+                    q = dns.message.make_query(name, t, use_edns=edns, payload=payload)
+                    q.flags &= ~0x0100 if payload == 4096 else 0xFFFF  # RD off in some
+                    out.append(q.to_wire())
+    return out
+
+
+@pytest.mark.parametrize("data", queries())
+def test_fast_equals_careful(resolver: Resolver, data: bytes) -> None:
+    fast = fast_response(data, resolver.smap.answers, 1232)
+    careful = asyncio.run(resolver.resolve(data, tcp=False))
+    if fast is not None:
+        assert fast == careful
+        dns.message.from_wire(fast)  # and it parses
+
+
+def test_fast_path_serves_hits(resolver: Resolver) -> None:
+    q = dns.message.make_query("svc1.ns1.svc.cluster.local", "A").to_wire()
+    assert fast_response(q, resolver.smap.answers, 1232) is not None
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda b: b[:2] + b"\x81\x00" + b[4:],  # a response (QR=1)
+        lambda b: b[:2] + b"\x28\x00" + b[4:],  # opcode UPDATE
+        lambda b: b[:-2] + b"\x00\x03",  # class CH
+        lambda b: b + b"\x00",  # trailing byte
+        lambda b: b[:5] + b"\x02" + b[6:],  # qdcount 2
+    ],
+)
+def test_fast_path_declines_unusual(resolver: Resolver, mutate: object) -> None:
+    q = dns.message.make_query("svc1.ns1.svc.cluster.local", "A", use_edns=False).to_wire()
+    assert fast_response(mutate(q), resolver.smap.answers, 1232) is None  # type: ignore[operator]
+
+
+def test_parse_query_errors() -> None:
+    with pytest.raises(Malformed) as e:
+        parse_query(b"\x00\x01")
+    assert e.value.rcode is None
+    q = dns.message.make_query("a.example", "A", use_edns=0)
+    q.use_edns(0)
+    data = q.to_wire()
+    twice = data[:11] + b"\x02" + data[12:] + data[-11:]
+    with pytest.raises(Malformed) as e:
+        parse_query(twice)
+    assert e.value.rcode == dns.rcode.FORMERR
