@@ -102,6 +102,18 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def _summarise(dig_output: str) -> tuple[str, list[str]]:
+    """The status and the resource records of one dig reply."""
+    rcode = "no reply"
+    records = []
+    for ln in dig_output.splitlines():
+        if "status: " in ln:
+            rcode = ln.split("status: ")[1].split(",")[0]
+        elif ln.strip() and not ln.startswith(";"):
+            records.append(ln)
+    return rcode, records
+
+
 def run_demo() -> int:
     for tool in ("dig", "dnsmasq"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -159,42 +171,13 @@ def run_demo() -> int:
             for name, qtype, why in TOUR:
                 print(f"{BOLD}$ dig {name} {qtype}{RESET}\n{DIM}# {why}{RESET}")
                 r = subprocess.run(
-                    [
-                        "dig",
-                        "@127.0.0.1",
-                        "-p",
-                        str(port),
-                        "+nocomments",
-                        "+noquestion",
-                        "+nocmd",
-                        "+nostats",
-                        "+time=2",
-                        name,
-                        qtype,
-                    ],
-                    capture_output=True,
-                    text=True,
-                )
-                lines = [
-                    ln
-                    for ln in r.stdout.splitlines()
-                    if ln.strip() and not ln.startswith(";; WARNING")
-                ]
-                status = subprocess.run(
                     ["dig", "@127.0.0.1", "-p", str(port), "+time=2", name, qtype],
                     capture_output=True,
                     text=True,
                 )
-                rcode = next(
-                    (
-                        ln.split("status: ")[1].split(",")[0]
-                        for ln in status.stdout.splitlines()
-                        if "status: " in ln
-                    ),
-                    "?",
-                )
+                rcode, records = _summarise(r.stdout)
                 print(f"  status {rcode}")
-                for ln in lines:
+                for ln in records:
                     print("  " + ln)
                 print()
             print(

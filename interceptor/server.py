@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 _rl = RateLimitedLog(log)
 
 UDP_BATCH = 64
+# A query never needs more; a bigger datagram is cut and then answered FORMERR.  Smaller than
+# 64 KiB so that every receive does not allocate a large buffer.
+UDP_MAX_QUERY = 4096
 UDP_RCVBUF = 4 << 20
 
 
@@ -52,7 +55,7 @@ class UdpServer:
         fast = self.resolver.fast
         for _ in range(UDP_BATCH):
             try:
-                data, addr = sock.recvfrom(65535)
+                data, addr = sock.recvfrom(UDP_MAX_QUERY)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. ICMP errors surfacing on the socket

@@ -269,6 +269,10 @@ def udp_limit(edns: Edns | None, max_udp: int) -> int:
     return max(512, min(edns.udp_size, max_udp))
 
 
+_OPT_CACHE: dict[tuple[int, int], bytes] = {}
+"""Our OPT record by (payload size, DO bit): the hot path must not pack it per query."""
+
+
 def fast_response(data: bytes, table: dict[bytes, Answer], max_udp: int) -> bytes | None:
     """The hot path: answer a plain query from ``table`` without parsing it into objects.
 
@@ -305,7 +309,11 @@ def fast_response(data: bytes, table: dict[bytes, Answer], max_udp: int) -> byte
         limit = (data[qend + 3] << 8) | data[qend + 4]
         limit = 512 if limit < 512 else (max_udp if limit > max_udp else limit)
         head = answer.counts_edns
-        opt = opt_record(max_udp, bool(data[qend + 7] & 0x80))
+        do = data[qend + 7] & 0x80
+        cached = _OPT_CACHE.get((max_udp, do))
+        if cached is None:
+            cached = _OPT_CACHE.setdefault((max_udp, do), opt_record(max_udp, bool(do)))
+        opt = cached
     else:
         return None
     body = answer.body

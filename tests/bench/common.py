@@ -9,14 +9,16 @@ outlives the run.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import resource
 import shlex
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +150,31 @@ def stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> No
         proc.wait(timeout=grace)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads), from /proc.
+
+    Sampled around a dnsperf run it says whether the server was saturated (about 100% of a
+    core for a single-threaded server) or the client was the bottleneck."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # After the ")" closing comm, field 3 (state) is index 0, so utime (14) and stime (15)
+    # are at 11 and 12.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pinning(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A Popen ``preexec_fn`` that pins the child to ``cpus`` before it execs (None: no
+    pinning).  Done before exec so every thread the program creates inherits it; safe because
+    the benchmark process itself runs no threads."""
+    if not cpus:
+        return None
+    frozen = set(cpus)
+
+    def pin() -> None:
+        os.sched_setaffinity(0, frozen)
+
+    return pin
+
+
 @dataclass(frozen=True)
 class PerfParams:
     """The dnsperf knobs that decide whether the client or the server is the bottleneck."""
@@ -175,6 +202,9 @@ class PerfResult:
     latency_stddev_ms: float
     noerror: int
     other_rcodes: str
+    server_cpu_pct: float | None = None
+    """Server CPU time over the run's wall time: ~100 means one core saturated."""
+    dnsperf_cpu_pct: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -203,15 +233,44 @@ def dnsperf_command(dnsperf: str, port: int, queries: Path, p: PerfParams) -> li
     ]
 
 
-def run_dnsperf(server: str, cmd: Sequence[str], duration: int) -> PerfResult:
-    """Run dnsperf once and parse its report.  A run that yields no statistics is an error:
-    printing 0 QPS for a server that was never reached would be a lie in the table."""
-    out = subprocess.run(
-        list(cmd), capture_output=True, text=True, timeout=duration + 60, check=False
-    )
+def run_dnsperf(
+    server: str,
+    cmd: Sequence[str],
+    duration: int,
+    server_pid: int | None = None,
+    cpus: set[int] | None = None,
+) -> PerfResult:
+    """Run dnsperf once (pinned to ``cpus`` if given) and parse its report, adding the CPU
+    share the server and dnsperf used meanwhile.  A run that yields no statistics is an
+    error: printing 0 QPS for a server that was never reached would be a lie in the table.
+
+    dnsperf's CPU comes from RUSAGE_CHILDREN, which only counts reaped children: dnsperf is
+    the only child that ends during the run (the servers are reaped at teardown).
+    """
+    server_cpu0 = cpu_seconds(server_pid) if server_pid is not None else 0.0
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.monotonic()
+    try:
+        out = subprocess.run(
+            list(cmd),
+            capture_output=True,
+            text=True,
+            timeout=duration + 60,
+            check=False,
+            preexec_fn=pinning(cpus),
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"dnsperf did not finish within {duration + 60}s") from exc
+    wall = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode != 0:
         raise BenchError(f"dnsperf failed ({out.returncode}): {out.stderr.strip()}")
-    return parse_dnsperf(server, shlex.join(cmd), out.stdout)
+    result = parse_dnsperf(server, shlex.join(cmd), out.stdout)
+    client = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    server_pct = None
+    if server_pid is not None:
+        server_pct = round(100 * (cpu_seconds(server_pid) - server_cpu0) / wall, 1)
+    return replace(result, server_cpu_pct=server_pct, dnsperf_cpu_pct=round(100 * client / wall, 1))
 
 
 _NUM = r"([0-9]+(?:\.[0-9]+)?)"

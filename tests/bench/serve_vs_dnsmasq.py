@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -41,6 +42,7 @@ from tests.bench.common import (
     PerfResult,
     dnsperf_command,
     free_port,
+    pinning,
     require_tool,
     run_dnsperf,
     service_ip,
@@ -159,14 +161,20 @@ class Running:
 
 
 def start_server(
-    name: str, build: Callable[[int], list[str]], log: Path, inputs: Inputs, attempts: int = 3
+    name: str,
+    build: Callable[[int], list[str]],
+    log: Path,
+    inputs: Inputs,
+    cpus: set[int] | None,
+    attempts: int = 3,
 ) -> Running:
     """Start a server on a free loopback port and wait until it answers the first and the
     last name correctly (so its data is fully loaded).
 
     Retried because a "free" port can be taken between probing and binding.  The process gets
     its own session so a Ctrl-C reaches only this script, whose ``finally`` then stops the
-    servers in order instead of racing their own signal handling.
+    servers in order instead of racing their own signal handling.  ``cpus`` pins it (see
+    :func:`cpu_plan`).
     """
     last: BenchError | None = None
     for _ in range(attempts):
@@ -179,6 +187,7 @@ def start_server(
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=pinning(cpus),
             )
         try:
             t = wait_until_answers(proc, port, fqdn(0), service_ip(0), name, log)
@@ -212,12 +221,23 @@ def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def cpu_plan(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """(dnsperf CPUs, server CPUs).  With two or more CPUs, dnsperf gets the first and the
+    server under test the second: each then has a core to itself, so the scheduler cannot
+    make either server look slower by stacking it onto dnsperf's core, and runs repeat."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, {cpus[1]}
+
+
 def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     """Generate inputs, start both servers, run dnsperf against each in turn, stop both."""
     dnsperf = require_tool("dnsperf")
     dnsmasq = require_tool("dnsmasq", DNSMASQ)
     require_tool("dig")
     params = PerfParams(args.duration, args.clients, args.threads, args.outstanding)
+    client_cpus, server_cpus = cpu_plan(args.pin)
     servers: list[Running] = []
     results: list[PerfResult] = []
     with tempfile.TemporaryDirectory(prefix="bench-dns-") as tmp:
@@ -231,6 +251,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
                     lambda p: interceptor_command(inputs, p, upstream_port),
                     workdir / "interceptor.log",
                     inputs,
+                    server_cpus,
                 )
             )
             servers.append(
@@ -239,6 +260,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
                     lambda p: dnsmasq_command(dnsmasq, inputs, p),
                     workdir / "dnsmasq.log",
                     inputs,
+                    server_cpus,
                 )
             )
             for srv in servers:
@@ -247,13 +269,17 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
                     f"answering after {srv.startup_s:.2f}s; running dnsperf for {args.duration}s"
                 )
                 cmd = dnsperf_command(dnsperf, srv.port, inputs.queries, params)
-                results.append(run_dnsperf(srv.name, cmd, args.duration))
+                results.append(run_dnsperf(srv.name, cmd, args.duration, srv.proc.pid, client_cpus))
         finally:
             for srv in servers:
                 stop_process(srv.proc)
     return {
         "names": args.names,
         "params": asdict(params),
+        "cpus": {
+            "dnsperf": sorted(client_cpus) if client_cpus else None,
+            "servers": sorted(server_cpus) if server_cpus else None,
+        },
         "servers": {s.name: {"command": shlex.join(s.command)} for s in servers},
         "results": [r.as_dict() for r in results],
         "ratio_qps": ratio(results, "qps"),
@@ -365,6 +391,23 @@ def mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _cpu_line(cpus: dict[str, list[int] | None]) -> str:
+    if not cpus["dnsperf"]:
+        return "CPU pinning: off"
+    return f"CPU pinning: dnsperf on CPU {cpus['dnsperf']}, server on CPU {cpus['servers']}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+def _rcodes(r: dict[str, Any]) -> str:
+    """NOERROR count, plus any other rcode: anything but NOERROR means a server is not
+    answering the benchmark names and its QPS is not comparable."""
+    text = f"NOERROR {r['noerror']:,}"
+    return text if r["other_rcodes"] == "-" else f"{text}; {r['other_rcodes']}"
+
+
 def render(throughput: dict[str, Any] | None, memory: list[dict[str, Any]]) -> str:
     """The human-readable report: parameters, commands, and the two tables."""
     lines: list[str] = []
@@ -375,6 +418,7 @@ def render(throughput: dict[str, Any] | None, memory: list[dict[str, Any]]) -> s
             f"all on {LOOPBACK}",
             f"dnsperf parameters: -l {p['duration']} -c {p['clients']} -T {p['threads']} "
             f"-q {p['outstanding']} -t {p['timeout']:g}",
+            _cpu_line(throughput["cpus"]),
             "",
         ]
         for name, srv in throughput["servers"].items():
@@ -390,17 +434,14 @@ def render(throughput: dict[str, Any] | None, memory: list[dict[str, Any]]) -> s
                 f"{r['max_latency_ms']:.3f} ms",
                 f"{r['queries_completed']:,}",
                 f"{r['queries_lost']:,}",
-                f"NOERROR {r['noerror']:,}" + ("" if r["other_rcodes"] == "-" else "; ")
-                + ("" if r["other_rcodes"] == "-" else r["other_rcodes"]),
+                _rcodes(r),
+                _pct(r["server_cpu_pct"]),
+                _pct(r["dnsperf_cpu_pct"]),
             ]
             for r in throughput["results"]
         ]
-        lines.append(
-            table(
-                ["server", "QPS", "avg latency", "max latency", "completed", "lost", "rcodes"],
-                rows,
-            )
-        )
+        headers = ["server", "QPS", "avg latency", "max latency", "completed", "lost"]
+        lines.append(table([*headers, "rcodes", "server CPU", "dnsperf CPU"], rows))
         q, lat = throughput["ratio_qps"], throughput["ratio_latency"]
         if q is not None:
             lines.append(f"interceptor/dnsmasq: QPS x{q:.2f}, avg latency x{lat:.2f}")
@@ -459,15 +500,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable results")
     p.add_argument("--clients", type=positive, default=DEFAULT_CLIENTS, help="dnsperf -c")
     p.add_argument("--threads", type=positive, default=DEFAULT_THREADS, help="dnsperf -T")
-    p.add_argument(
-        "--outstanding", type=positive, default=DEFAULT_OUTSTANDING, help="dnsperf -q"
-    )
+    p.add_argument("--outstanding", type=positive, default=DEFAULT_OUTSTANDING, help="dnsperf -q")
     p.add_argument(
         "--memory-sizes",
         type=lambda s: tuple(positive(x) for x in s.split(",") if x),
         default=MEMORY_SIZES,
         metavar="N,N",
         help="ServiceMap sizes to measure (default: 10000,100000)",
+    )
+    p.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not pin dnsperf and the servers to separate CPUs",
     )
     p.add_argument("--skip-memory", action="store_true", help="only run the DNS benchmark")
     p.add_argument("--skip-dns", action="store_true", help="only run the memory benchmark")
