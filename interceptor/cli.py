@@ -7,9 +7,11 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from interceptor import __version__
 from interceptor.errors import ConfigError, InterceptorError
@@ -22,10 +24,20 @@ from interceptor.settings import (
     ZoneSettings,
 )
 
+if TYPE_CHECKING:
+    from interceptor.agent import AgentSettings
+
 EPILOG = """examples:
   interceptor serve --listen 127.0.0.1:5353
   interceptor serve --source cluster.yaml --listen 127.0.0.1:53 --upstream 10.0.0.2:53
   interceptor demo
+"""
+
+
+AGENT_EPILOG = """examples:
+  interceptor agent --node-name node-1 --capture 10.96.0.10
+  interceptor agent --source cluster.yaml --node-name node-1 \\
+      --resolver-address 169.254.20.10 --capture 10.96.0.10 --upstream 10.96.0.10:53
 """
 
 
@@ -122,6 +134,23 @@ def _add_zone_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_tcp_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tcp-idle-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="close idle TCP connections after this long (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tcp-max-connections",
+        type=_positive_int,
+        default=1024,
+        metavar="N",
+        help="concurrent TCP connections (default: %(default)s)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="interceptor",
@@ -143,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_zone_flags(serve)
+    _add_tcp_flags(serve)
     serve.add_argument(
         "--listen",
         type=_endpoint,
@@ -151,20 +181,70 @@ def build_parser() -> argparse.ArgumentParser:
         help="UDP and TCP listen address (default: %(default)s)",
     )
 
-    serve.add_argument(
-        "--tcp-idle-timeout",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="close idle TCP connections after this long (default: %(default)s)",
+    agent = sub.add_parser(
+        "agent",
+        help="node agent: BPF capture of pod DNS on their veths, resolver on a node address",
+        epilog=AGENT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument(
-        "--tcp-max-connections",
+    _add_zone_flags(agent)
+    _add_tcp_flags(agent)
+    agent.add_argument(
+        "--node-name",
+        default=os.environ.get("NODE_NAME"),
+        help="this node's name (default: $NODE_NAME)",
+    )
+    agent.add_argument(
+        "--resolver-address",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="node-local resolver address, one per family (default: 169.254.20.10)",
+    )
+    agent.add_argument(
+        "--resolver-device",
+        default="lo",
+        metavar="DEV",
+        help="device that carries the resolver address (default: %(default)s)",
+    )
+    agent.add_argument(
+        "--capture",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="DNS server address whose traffic is captured (repeatable)",
+    )
+    agent.add_argument(
+        "--capture-all", action="store_true", help="capture port-53 traffic to any destination"
+    )
+    agent.add_argument(
+        "--interfaces", metavar="GLOB", help="attach only to host interfaces matching GLOB"
+    )
+    agent.add_argument(
+        "--pin-path",
+        type=Path,
+        default=Path("/sys/fs/bpf/interceptor"),
+        help="where BPF maps are pinned (default: %(default)s)",
+    )
+    agent.add_argument(
+        "--tc-prio", type=_positive_int, default=1, help="tc filter priority (default: %(default)s)"
+    )
+    agent.add_argument(
+        "--tc-handle",
+        type=lambda t: int(t, 0),
+        default=0x1D5,
+        help="tc filter handle (default: 0x1d5)",
+    )
+    agent.add_argument(
+        "--flow-rate",
         type=_positive_int,
-        default=1024,
+        default=2000,
         metavar="N",
-        help="concurrent TCP connections (default: %(default)s)",
+        help="new DNS flows per second per pod before the excess bypasses "
+        "the resolver (0: unlimited; default: %(default)s)",
     )
+    agent.add_argument("--no-ipv6", action="store_true", help="build the datapath without IPv6")
+    agent.add_argument("--dump-bpf", action="store_true", help=argparse.SUPPRESS)
 
     sub.add_parser("demo", help="run the guided demo (root: builds network namespaces)")
     return parser
@@ -183,7 +263,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             ipv6=args.ipv6,
         ),
         server=ServerSettings(
-            listen=args.listen,
+            listen=getattr(args, "listen", ServerSettings().listen),
             max_udp_size=args.max_udp_size,
             tcp_idle_timeout=args.tcp_idle_timeout,
             tcp_max_connections=args.tcp_max_connections,
@@ -191,6 +271,49 @@ def settings_from(args: argparse.Namespace) -> Settings:
         upstream=UpstreamSettings(servers=tuple(args.upstream), timeout=args.upstream_timeout),
         source=args.source,
     )
+
+
+def agent_settings_from(args: argparse.Namespace) -> AgentSettings:
+    from interceptor.agent import AgentSettings
+    from interceptor.datapath.loader import DatapathSettings
+
+    if not args.node_name:
+        raise ConfigError("--node-name (or NODE_NAME) is required")
+    if not args.capture and not args.capture_all:
+        raise ConfigError(
+            "nothing to capture: give --capture IP (the kube-dns ClusterIP) or --capture-all"
+        )
+    resolvers = tuple(args.resolver_address) or ("169.254.20.10",)
+    if len({Endpoint.parse(ip).family_v6 for ip in resolvers}) != len(resolvers):
+        raise ConfigError("give at most one --resolver-address per address family")
+    return AgentSettings(
+        node_name=args.node_name,
+        resolver_addresses=resolvers,
+        resolver_device=args.resolver_device,
+        captures=tuple(Endpoint.parse(ip).host for ip in args.capture),
+        capture_all=args.capture_all,
+        interfaces=args.interfaces,
+        datapath=DatapathSettings(
+            pin_dir=args.pin_path,
+            tc_prio=args.tc_prio,
+            tc_handle=args.tc_handle,
+            enable_ipv6=not args.no_ipv6,
+            flow_rate=args.flow_rate,
+        ),
+    )
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    from interceptor.agent import Agent
+    from interceptor.datapath.loader import Datapath, bpf_source_dir
+
+    agent_settings = agent_settings_from(args)
+    if args.dump_bpf:
+        print("// cflags:", " ".join(Datapath(agent_settings.datapath).cflags()))
+        print((bpf_source_dir() / "redirect.c").read_text())
+        return 0
+    asyncio.run(Agent(settings_from(args), agent_settings).run())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -204,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             asyncio.run(serve(settings_from(args)))
             return 0
+        if args.command == "agent":
+            return _run_agent(args)
         if args.command == "demo":
             from interceptor.demo import run_demo
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 
 import dnslib
@@ -38,6 +38,11 @@ _rl = RateLimitedLog(log)
 
 MAX_CNAME_CHAIN = 8
 
+Client = tuple[str, int]
+"""The client's (address, port) as the listener saw it."""
+OriginalDestination = Callable[[str, int, bool], str | None]
+"""(client address, client port, tcp) -> the server address the client's packet was for."""
+
 
 class Source(StrEnum):
     """Where an answer came from (for metrics and the ``query`` explanation)."""
@@ -55,20 +60,32 @@ class Resolver:
         forwarder: Forwarder,
         settings: Settings,
         upstreams: Sequence[Endpoint],
+        original_destination: OriginalDestination | None = None,
     ) -> None:
         self.smap = smap
         self.forwarder = forwarder
         self.settings = settings
         self.upstreams = tuple(upstreams)
+        """Used when no override is set and the server the client asked is not known."""
+        self.original_destination = original_destination
         self.max_udp = settings.server.max_udp_size
+
+    def upstreams_for(self, client: Client | None, tcp: bool) -> Sequence[Endpoint]:
+        """``--upstream`` when given; else the server the pod asked (its packet's original
+        destination, so the pod's choice of server is respected); else the defaults."""
+        if self.settings.upstream.servers:
+            return self.settings.upstream.servers
+        if client is not None and self.original_destination is not None:
+            orig = self.original_destination(client[0], client[1], tcp)
+            if orig is not None:
+                return (Endpoint(orig, 53),)
+        return self.upstreams
 
     def fast(self, data: bytes) -> bytes | None:
         """Hot path for UDP: a precomputed answer, or None to take the careful path."""
         return fast_response(data, self.smap.answers, self.max_udp)
 
-    async def resolve(
-        self, data: bytes, tcp: bool, upstreams: Sequence[Endpoint] | None = None
-    ) -> bytes | None:
+    async def resolve(self, data: bytes, tcp: bool, client: Client | None = None) -> bytes | None:
         """The response to one message, or None when it must not be answered at all."""
         try:
             query = parse_query(data)
@@ -89,8 +106,8 @@ class Resolver:
             return assemble(query, answer, self.max_udp, limit)
         target = self.smap.cname(query.qname)
         if target is not None:
-            return await self._chase(query, target, limit)
-        return await self._forward(query, limit, upstreams or self.upstreams)
+            return await self._chase(query, target, limit, self.upstreams_for(client, tcp))
+        return await self._forward(query, limit, self.upstreams_for(client, tcp))
 
     def lookup(self, query: Query) -> Answer | None:
         """The local answer for a query, or None if it is not ours (or needs a CNAME chase)."""
@@ -134,7 +151,9 @@ class Resolver:
             wire.NOERROR, True, 1, 0, 0, wire.rr(wire.QNAME_POINTER, rtype, smap.ttl, rdata)
         )
 
-    async def _chase(self, query: Query, target: str, limit: int | None) -> bytes | None:
+    async def _chase(
+        self, query: Query, target: str, limit: int | None, upstreams: Sequence[Endpoint]
+    ) -> bytes | None:
         """ExternalName: the CNAME first, then the target's records (spec section 2.5).
 
         In-cluster targets come from the map; others from upstream.  The final rcode is the
@@ -173,9 +192,7 @@ class Resolver:
                 ]
             else:
                 try:
-                    reply = await self.forwarder.forward(
-                        build_query(owner, query.qtype), self.upstreams
-                    )
+                    reply = await self.forwarder.forward(build_query(owner, query.qtype), upstreams)
                 except UpstreamFailed:
                     return error_response(query.data, wire.SERVFAIL, query, self.max_udp)
                 tail, authority, rcode = _sections(reply)

@@ -71,7 +71,7 @@ class UdpServer:
 
     async def _slow(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
-            reply = await self.resolver.resolve(data, tcp=False)
+            reply = await self.resolver.resolve(data, tcp=False, client=addr)
         except Exception:  # a bug must cost one query, never the server
             log.exception("internal error answering a UDP query")
             return
@@ -134,12 +134,14 @@ class TcpServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         inflight = asyncio.Semaphore(self.settings.tcp_max_inflight)
+        peer = writer.get_extra_info("peername")
+        client = (peer[0], peer[1]) if peer else None
         tasks: set[asyncio.Task[None]] = set()
         lock = asyncio.Lock()
 
         async def answer(data: bytes) -> None:
             try:
-                reply = await self.resolver.resolve(data, tcp=True)
+                reply = await self.resolver.resolve(data, tcp=True, client=client)
                 if reply is not None:
                     async with lock:
                         writer.write(struct.pack("!H", len(reply)) + reply)

@@ -37,16 +37,19 @@ fi
 # bcc needs /lib/modules/$(uname -r)/build.  This kernel ships no headers and no kheaders;
 # Debian's generic linux-headers-amd64 works for the helpers and structs BPF programs use.
 kdir="/lib/modules/$(uname -r)"
-if [[ ! -e "$kdir/build/include" ]]; then
+if [[ ! -e "$kdir/build/include/generated" || ! -e "$kdir/source/include/linux/kconfig.h" ]]; then
   hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
-  if [[ -z $hdr ]]; then
-    echo "no /usr/src/linux-headers-*-amd64 found after installing linux-headers-amd64" >&2
+  common=${hdr%-amd64}-common
+  if [[ -z $hdr || ! -d $common ]]; then
+    echo "no /usr/src/linux-headers-*-amd64 (and -common) after installing linux-headers-amd64" >&2
     exit 1
   fi
-  say "linking kernel headers $hdr -> $kdir/{build,source}"
+  # Debian splits the headers: generated, arch-specific files in -amd64 (build), the
+  # source tree's headers in -common (source), as its own /lib/modules links do.
+  say "linking kernel headers: $kdir/build -> $hdr, $kdir/source -> $common"
   mkdir -p "$kdir"
   ln -sfn "$hdr" "$kdir/build"
-  ln -sfn "$hdr" "$kdir/source"
+  ln -sfn "$common" "$kdir/source"
 fi
 
 # The venv uses Debian's Python because python3-bpfcc is built for it; only the bcc package

@@ -1,0 +1,88 @@
+/* Maps and structs shared between bpf/redirect.c and the agent (interceptor/datapath/maps.py).
+ * Every struct here has exactly one ctypes mirror in maps.py; tests/unit/test_maps_abi.py
+ * compiles this header with the host compiler and checks sizes and offsets against it. */
+#ifndef __INTERCEPTOR_MAPS_H
+#define __INTERCEPTOR_MAPS_H
+
+#include <linux/types.h>
+
+#define FAMILY_V4 4
+#define FAMILY_V6 6
+
+/* An IPv4 address lives in a[0], the rest zero; IPv6 uses all four words. Network order. */
+struct ip_addr {
+	__u32 a[4];
+};
+
+/* CONFIG[0]: written by the agent, read by every packet. */
+struct config {
+	__u64 heartbeat_ns;      /* CLOCK_MONOTONIC (bpf_ktime_get_ns) of the agent's last beat */
+	__u64 heartbeat_timeout; /* ns after which the resolver counts as dead: fail open */
+	struct ip_addr resolver4; /* resolver IPv4 (a[0]); 0 = no IPv4 capture */
+	struct ip_addr resolver6; /* resolver IPv6; all zero = no IPv6 capture */
+	__u32 flags;              /* CFG_* */
+	__u32 flow_rate;          /* new flows per second a pod may open (0: unlimited) */
+	__u32 flow_burst;         /* token bucket depth for flow_rate */
+	__u32 _pad;
+};
+
+#define CFG_CAPTURE_ALL (1U << 0) /* any destination on port 53, not only CAPTURE entries */
+#define CFG_SK_LOOKUP (1U << 1)   /* also require a live resolver socket (instant fail-open) */
+
+/* CAPTURE: DNS server addresses whose traffic is steered to the resolver. */
+struct capture_key {
+	struct ip_addr addr;
+	__u32 family;
+};
+
+/* PODS: (host veth ifindex, pod address) of every pod we serve. The pair is the
+ * anti-spoofing check: a packet on this veth from any other source creates no state. */
+struct pod_key {
+	__u32 ifindex;
+	__u32 family;
+	struct ip_addr addr;
+};
+
+struct pod_info {
+	__u32 pod_id;   /* slot in per-pod counters, assigned by the agent */
+	__u32 flags;    /* unused for now */
+	__u64 tokens_ts; /* token bucket: time of the last refill (ns) */
+	__u64 tokens;    /* token bucket: tokens left, scaled by 1e9 (token-nanoseconds) */
+};
+
+/* IFACES: host veths under management; value is unused (presence = managed). */
+struct iface_info {
+	__u32 flags;
+	__u32 _pad;
+};
+
+/* FLOWS: one entry per pod socket talking to a captured server, so that replies get the
+ * original server address back and the resolver can forward to the server the pod asked. */
+struct flow_key {
+	struct ip_addr pod;
+	__u16 pod_port; /* network order */
+	__u8 proto;     /* IPPROTO_UDP / IPPROTO_TCP */
+	__u8 family;
+};
+
+struct flow_val {
+	struct ip_addr orig; /* the DNS server the pod asked */
+	__u16 orig_port;     /* network order */
+	__u16 _pad;
+	__u32 ifindex;       /* host veth the query came in on */
+	__u64 created_ns;
+};
+
+/* Per-pod counters (PERCPU_ARRAY indexed by pod_info.pod_id). */
+struct pod_stats {
+	__u64 queries;    /* DNS packets seen from the pod to a captured address */
+	__u64 redirected; /* steered to the resolver */
+	__u64 passed;     /* left untouched (fail-open, rate limit) */
+	__u64 replies;    /* replies whose source was restored */
+};
+
+#define MAX_PODS 4096
+#define MAX_FLOWS 65536
+#define MAX_CAPTURE 64
+
+#endif /* __INTERCEPTOR_MAPS_H */

@@ -1,0 +1,349 @@
+/* dns-interceptor: steer pod DNS to the node-local resolver by address rewrite, in tc.
+ *
+ * dnsi_from_pod (host veth ingress = packets the pod sends):
+ *   UDP/TCP to port 53 of a captured server, from the veth's own pod, while the resolver is
+ *   alive: record the flow (pod addr, pod port, proto) -> original server in FLOWS, rewrite the
+ *   destination to the resolver address.  The node's stack then delivers it locally.
+ * dnsi_to_pod (host veth egress = packets to the pod):
+ *   UDP/TCP from resolver:53 to a pod flow: rewrite the source back to the server the pod
+ *   asked, so the pod's stub resolver accepts the reply.
+ *
+ * Everything else passes untouched with TC_ACT_UNSPEC, so filters after ours (the CNI's) still
+ * run; a packet we rewrote ends classification with TC_ACT_OK.  Helpers return -errno style
+ * values; only the entry programs turn them into verdicts.  Fail-open: a stale heartbeat or a
+ * missing resolver socket means "pass to the original server".
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+
+#include "lib/maps.h"
+#include "lib/metrics.h"
+#include "lib/csum.h"
+
+#ifndef PIN_DIR
+#define PIN_DIR "/sys/fs/bpf/interceptor"
+#endif
+
+#define DNS_PORT 53
+
+BPF_TABLE_PINNED("array", __u32, struct config, CONFIG, 1, PIN_DIR "/CONFIG");
+BPF_TABLE_PINNED("hash", struct capture_key, __u32, CAPTURE, MAX_CAPTURE, PIN_DIR "/CAPTURE");
+BPF_TABLE_PINNED("hash", struct pod_key, struct pod_info, PODS, MAX_PODS, PIN_DIR "/PODS");
+BPF_TABLE_PINNED("hash", __u32, struct iface_info, IFACES, MAX_PODS, PIN_DIR "/IFACES");
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_val, FLOWS, MAX_FLOWS,
+		 PIN_DIR "/FLOWS");
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, REASONS, REASON_MAX, PIN_DIR "/REASONS");
+BPF_TABLE_PINNED("percpu_array", __u32, struct pod_stats, POD_STATS, MAX_PODS,
+		 PIN_DIR "/POD_STATS");
+
+/* What the parser found; addresses in network order. */
+struct pkt {
+	struct ip_addr saddr;
+	struct ip_addr daddr;
+	__u32 family;
+	__u32 l4_off;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 syn_only; /* TCP SYN without ACK: a new connection */
+};
+
+static __always_inline int __addr_eq(const struct ip_addr *x, const struct ip_addr *y)
+{
+	/* Not __builtin_memcmp: clang may turn it into a libcall BPF cannot make. */
+	return ((x->a[0] ^ y->a[0]) | (x->a[1] ^ y->a[1]) | (x->a[2] ^ y->a[2]) |
+		(x->a[3] ^ y->a[3])) == 0;
+}
+
+static __always_inline void __count(__u32 reason)
+{
+	__u64 *v = REASONS.lookup(&reason);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline struct pod_stats *__pod_stats(struct pod_info *pod)
+{
+	__u32 id;
+
+	if (!pod)
+		return NULL;
+	id = pod->pod_id;
+	return POD_STATS.lookup(&id);
+}
+
+/* Parse Ethernet / IPv4 or IPv6 / UDP or TCP.  Returns 0 with *p filled, -1 if the packet is
+ * not UDP/TCP over IP (or is too short to tell). */
+static __always_inline int __parse(struct __sk_buff *skb, struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	__u32 off = ETH_HLEN;
+
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = data + ETH_HLEN;
+
+		if ((void *)(ip + 1) > data_end)
+			return -1;
+		if (ip->ihl < 5 || (ip->frag_off & bpf_htons(0x3fff)))
+			return -1; /* options are fine, fragments are not ours to rewrite */
+		p->family = FAMILY_V4;
+		p->saddr.a[0] = ip->saddr;
+		p->daddr.a[0] = ip->daddr;
+		p->proto = ip->protocol;
+		off += ip->ihl * 4;
+#ifdef ENABLE_IPV6
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = data + ETH_HLEN;
+
+		if ((void *)(ip6 + 1) > data_end)
+			return -1;
+		p->family = FAMILY_V6;
+		__builtin_memcpy(&p->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(&p->daddr, &ip6->daddr, 16);
+		p->proto = ip6->nexthdr; /* extension headers: not DNS we handle */
+		off += sizeof(*ip6);
+#endif /* ENABLE_IPV6 */
+	} else {
+		return -1;
+	}
+	p->l4_off = off;
+	if (p->proto == IPPROTO_UDP) {
+		struct udphdr *udp = data + off;
+
+		if ((void *)(udp + 1) > data_end)
+			return -1;
+		p->sport = udp->source;
+		p->dport = udp->dest;
+		return 0;
+	}
+#ifdef ENABLE_TCP
+	if (p->proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = data + off;
+
+		if ((void *)(tcp + 1) > data_end)
+			return -1;
+		p->sport = tcp->source;
+		p->dport = tcp->dest;
+		p->syn_only = tcp->syn && !tcp->ack;
+		return 0;
+	}
+#endif /* ENABLE_TCP */
+	return -1;
+}
+
+static __always_inline __u32 __l4_csum_off(struct pkt *p)
+{
+	return p->l4_off + (p->proto == IPPROTO_UDP ? offsetof(struct udphdr, check)
+						     : offsetof(struct tcphdr, check));
+}
+
+/* Is a resolver socket there to take this packet?  Looking it up makes fail-open instant
+ * when the agent dies (its sockets close with it), rather than after the heartbeat timeout. */
+static __always_inline int __resolver_listening(struct __sk_buff *skb, struct pkt *p,
+						struct config *cfg)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+	__u32 size;
+
+	if (!(cfg->flags & CFG_SK_LOOKUP))
+		return 1;
+	if (p->family == FAMILY_V4) {
+		t.ipv4.saddr = p->saddr.a[0];
+		t.ipv4.daddr = cfg->resolver4.a[0];
+		t.ipv4.sport = p->sport;
+		t.ipv4.dport = bpf_htons(DNS_PORT);
+		size = sizeof(t.ipv4);
+	} else {
+		__builtin_memcpy(t.ipv6.saddr, &p->saddr, 16);
+		__builtin_memcpy(t.ipv6.daddr, &cfg->resolver6, 16);
+		t.ipv6.sport = p->sport;
+		t.ipv6.dport = bpf_htons(DNS_PORT);
+		size = sizeof(t.ipv6);
+	}
+	if (p->proto == IPPROTO_UDP)
+		sk = bpf_sk_lookup_udp(skb, &t, size, BPF_F_CURRENT_NETNS, 0);
+	else
+		sk = bpf_sk_lookup_tcp(skb, &t, size, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return 0;
+	bpf_sk_release(sk);
+	return 1;
+}
+
+/* Token bucket per pod on new flows: a flooding pod's excess goes to its own server
+ * untouched instead of evicting other pods' flows from the LRU. */
+static __always_inline int __take_token(struct pod_info *pod, struct config *cfg, __u64 now)
+{
+	__u64 cap, tokens;
+
+	if (!cfg->flow_rate)
+		return 1;
+	cap = (__u64)cfg->flow_burst * 1000000000ULL;
+	tokens = pod->tokens + (now - pod->tokens_ts) * cfg->flow_rate;
+	if (tokens > cap)
+		tokens = cap;
+	pod->tokens_ts = now;
+	if (tokens < 1000000000ULL) {
+		pod->tokens = tokens;
+		return 0;
+	}
+	pod->tokens = tokens - 1000000000ULL;
+	return 1;
+}
+
+static __always_inline int __rewrite(struct __sk_buff *skb, struct pkt *p, int dst,
+				     struct ip_addr *from, struct ip_addr *to)
+{
+	if (p->family == FAMILY_V4)
+		return __rewrite_v4(skb, dst ? IP_DST_OFF : IP_SRC_OFF, __l4_csum_off(p), p->proto,
+				    from->a[0], to->a[0]);
+#ifdef ENABLE_IPV6
+	return __rewrite_v6(skb, dst ? IP6_DST_OFF : IP6_SRC_OFF, __l4_csum_off(p), from, to);
+#else
+	return -1;
+#endif /* ENABLE_IPV6 */
+}
+
+int dnsi_from_pod(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct capture_key ck = {};
+	struct pod_key pk = {};
+	struct flow_key fk = {};
+	struct flow_val fv = {};
+	struct pod_info *pod;
+	struct pod_stats *ps;
+	struct config *cfg;
+	struct ip_addr *resolver;
+	__u32 zero = 0, ifindex = skb->ifindex;
+	__u64 now;
+
+	if (__parse(skb, &p) < 0 || p.dport != bpf_htons(DNS_PORT))
+		return TC_ACT_UNSPEC;
+	cfg = CONFIG.lookup(&zero);
+	if (!cfg)
+		return TC_ACT_UNSPEC;
+	resolver = p.family == FAMILY_V4 ? &cfg->resolver4 : &cfg->resolver6;
+	if (!(resolver->a[0] | resolver->a[1] | resolver->a[2] | resolver->a[3]))
+		return TC_ACT_UNSPEC; /* no resolver address for this family */
+	ck.addr = p.daddr;
+	ck.family = p.family;
+	if (!(cfg->flags & CFG_CAPTURE_ALL) && !CAPTURE.lookup(&ck)) {
+		__count(REASON_NOT_CAPTURED);
+		return TC_ACT_UNSPEC;
+	}
+	pk.ifindex = ifindex;
+	pk.family = p.family;
+	pk.addr = p.saddr;
+	pod = PODS.lookup(&pk);
+	if (!pod) {
+		__count(IFACES.lookup(&ifindex) ? REASON_SPOOFED : REASON_UNKNOWN_POD);
+		return TC_ACT_UNSPEC;
+	}
+	ps = __pod_stats(pod);
+	if (ps)
+		ps->queries += 1;
+
+	fk.pod = p.saddr;
+	fk.pod_port = p.sport;
+	fk.proto = p.proto;
+	fk.family = p.family;
+	now = bpf_ktime_get_ns();
+	if (p.proto == IPPROTO_TCP && !p.syn_only) {
+		/* A segment of a connection: follow the decision taken at its SYN. */
+		struct flow_val *known = FLOWS.lookup(&fk);
+
+		if (!known || !__addr_eq(&known->orig, &p.daddr)) {
+			__count(REASON_NO_FLOW);
+			return TC_ACT_UNSPEC;
+		}
+		goto rewrite;
+	}
+	if (now - cfg->heartbeat_ns > cfg->heartbeat_timeout) {
+		__count(REASON_STALE_HEARTBEAT);
+		goto pass;
+	}
+	if (!__resolver_listening(skb, &p, cfg)) {
+		__count(REASON_NO_SOCKET);
+		goto pass;
+	}
+	if (!__take_token(pod, cfg, now)) {
+		__count(REASON_RATE_LIMITED);
+		goto pass;
+	}
+	fv.orig = p.daddr;
+	fv.orig_port = p.dport;
+	fv.ifindex = ifindex;
+	fv.created_ns = now;
+	if (FLOWS.update(&fk, &fv) < 0)
+		goto pass;
+rewrite:
+	if (__rewrite(skb, &p, 1, &p.daddr, resolver) < 0) {
+		__count(REASON_CSUM_ERROR);
+		return TC_ACT_SHOT;
+	}
+	__count(REASON_REDIRECTED);
+	if (ps)
+		ps->redirected += 1;
+	return TC_ACT_OK;
+pass:
+	if (ps)
+		ps->passed += 1;
+	return TC_ACT_UNSPEC;
+}
+
+int dnsi_to_pod(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct flow_key fk = {};
+	struct flow_val *fv;
+	struct config *cfg;
+	struct ip_addr *resolver;
+	struct pod_key pk = {};
+	__u32 zero = 0;
+
+	if (__parse(skb, &p) < 0 || p.sport != bpf_htons(DNS_PORT))
+		return TC_ACT_UNSPEC;
+	cfg = CONFIG.lookup(&zero);
+	if (!cfg)
+		return TC_ACT_UNSPEC;
+	resolver = p.family == FAMILY_V4 ? &cfg->resolver4 : &cfg->resolver6;
+	if (!__addr_eq(&p.saddr, resolver))
+		return TC_ACT_UNSPEC; /* not from our resolver */
+	fk.pod = p.daddr;
+	fk.pod_port = p.dport;
+	fk.proto = p.proto;
+	fk.family = p.family;
+	fv = FLOWS.lookup(&fk);
+	if (!fv) {
+		__count(REASON_NO_FLOW);
+		return TC_ACT_UNSPEC;
+	}
+	struct ip_addr orig = fv->orig;
+
+	if (__rewrite(skb, &p, 0, resolver, &orig) < 0) {
+		__count(REASON_CSUM_ERROR);
+		return TC_ACT_SHOT;
+	}
+	__count(REASON_REPLY_RESTORED);
+	pk.ifindex = skb->ifindex;
+	pk.family = p.family;
+	pk.addr = p.daddr;
+	struct pod_stats *ps = __pod_stats(PODS.lookup(&pk));
+
+	if (ps)
+		ps->replies += 1;
+	return TC_ACT_OK;
+}

@@ -1,0 +1,199 @@
+"""``interceptor agent``: the node agent.  Runs in the node's network namespace, serves the
+resolver on a node-local address, attaches the BPF programs to this node's pod veths and
+keeps them in step with the pods, and beats the heartbeat that keeps the datapath engaged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from interceptor.app import example_cluster
+from interceptor.datapath.addresses import add_address, remove_address
+from interceptor.datapath.discovery import LinkFinder, NetlinkEvents
+from interceptor.datapath.loader import Datapath, DatapathSettings
+from interceptor.model.nodepods import NodePod, node_pods
+from interceptor.model.servicemap import ServiceMap
+from interceptor.resolver import Resolver
+from interceptor.server import DnsServer
+from interceptor.settings import Endpoint, ServerSettings, Settings
+from interceptor.sources.yamlfile import FileSource
+from interceptor.upstream import Forwarder
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+HEARTBEAT_INTERVAL = 0.2
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """What the node agent needs beyond the resolver's settings."""
+
+    node_name: str
+    resolver_addresses: tuple[str, ...] = ("169.254.20.10",)
+    """Node-local addresses of the resolver (one per family); replies to pods leave here."""
+    resolver_device: str = "lo"
+    """Device the resolver addresses are put on."""
+    captures: tuple[str, ...] = ()
+    """DNS server addresses whose traffic is captured (e.g. the kube-dns ClusterIP)."""
+    capture_all: bool = False
+    """Capture port 53 to any destination."""
+    interfaces: str | None = None
+    """Glob of host interfaces to attach to, instead of discovering them from pod IPs."""
+    resync_interval: float = 2.0
+    """Seconds between full reconciliations (netlink events trigger them sooner)."""
+    datapath: DatapathSettings = field(default_factory=DatapathSettings)
+
+
+class Agent:
+    def __init__(self, settings: Settings, agent: AgentSettings) -> None:
+        self.settings = settings
+        self.agent = agent
+        self.smap = ServiceMap(settings.zone)
+        self.source = FileSource(settings.source or example_cluster(), self.smap)
+        self.datapath = Datapath(agent.datapath)
+        self.added: list[str] = []
+        self._kick = asyncio.Event()
+        self._last_desired: dict[int, tuple[str, tuple[str, ...]]] = {}
+        self._nl_thread = ThreadPoolExecutor(1, thread_name_prefix="netlink")
+
+    def desired(
+        self, pods: list[NodePod], finder: LinkFinder
+    ) -> dict[int, tuple[str, tuple[str, ...]]]:
+        """ifindex -> (name, pod IPs) for this node's capturable pods."""
+        allowed = None
+        if self.agent.interfaces:
+            allowed = {ln.ifindex for ln in finder.matching(self.agent.interfaces)}
+        out: dict[int, tuple[str, list[str]]] = {}
+        for pod in pods:
+            for ip in pod.ips:
+                link = finder.host_veth(ip)
+                if link is None or (allowed is not None and link.ifindex not in allowed):
+                    continue
+                out.setdefault(link.ifindex, (link.name, []))[1].append(ip)
+        return {k: (name, tuple(sorted(ips))) for k, (name, ips) in sorted(out.items())}
+
+    def _apply(self, pods: list[NodePod], finder: LinkFinder) -> None:
+        """On the netlink thread: find the veths and bring the datapath in step."""
+        desired = self.desired(pods, finder)
+        if desired != self._last_desired:
+            self.datapath.reconcile(desired)
+            self._last_desired = desired
+            log.info(
+                "capturing DNS of %d pod address(es) on %d veth(s)",
+                sum(len(ips) for _, ips in desired.values()),
+                len(desired),
+            )
+
+    async def reconcile(self, finder: LinkFinder) -> None:
+        # The service map is only touched on the loop thread; the netlink thread gets a copy.
+        pods, _ = node_pods(self.smap, self.agent.node_name)
+        await self._netlink(self._apply, pods, finder)
+
+    async def _netlink(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a netlink/bcc operation on the agent's one netlink thread: pyroute2's sync API
+        cannot run inside the event loop's thread, and one thread keeps them in order."""
+        return await asyncio.get_running_loop().run_in_executor(self._nl_thread, fn, *args)
+
+    async def run(self) -> None:
+        a = self.agent
+        self.source.load()
+        await self._netlink(self.datapath.load)
+        resolver = Resolver(
+            self.smap,
+            Forwarder(self.settings.upstream),
+            self.settings,
+            upstreams=self.settings.upstream.servers
+            or tuple(Endpoint(ip, 53) for ip in a.captures),
+            original_destination=self.datapath.original_destination,
+        )
+        servers: list[DnsServer] = []
+        loop = self._loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        events: NetlinkEvents | None = None
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for ip in a.resolver_addresses:
+                if await self._netlink(add_address, a.resolver_device, ip):
+                    self.added.append(ip)
+                server = DnsServer(
+                    resolver,
+                    ServerSettings(
+                        listen=Endpoint(ip, 53),
+                        max_udp_size=self.settings.server.max_udp_size,
+                        tcp_idle_timeout=self.settings.server.tcp_idle_timeout,
+                        tcp_max_connections=self.settings.server.tcp_max_connections,
+                    ),
+                )
+                await server.start()
+                servers.append(server)
+            # Sockets first, then the heartbeat, then the programs: a packet steered to us
+            # always finds a listener.
+            self.datapath.configure(a.resolver_addresses, a.captures, a.capture_all)
+            finder = await self._netlink(LinkFinder.open)
+            try:
+                await self.reconcile(finder)
+                events = NetlinkEvents(self._kick_from_thread)
+                events.start()
+                log.info(
+                    "agent ready on node %s: resolver %s on %s, capturing %s",
+                    a.node_name,
+                    ", ".join(a.resolver_addresses),
+                    a.resolver_device,
+                    "all port-53 traffic" if a.capture_all else ", ".join(a.captures),
+                )
+                tasks = [
+                    asyncio.ensure_future(self._heartbeat()),
+                    asyncio.ensure_future(self.source.follow()),
+                    asyncio.ensure_future(self._reconcile_loop(finder)),
+                ]
+                await stop.wait()
+                log.info("stopping: detaching from %d veth(s)", len(self.datapath.attached))
+            finally:
+                await self._netlink(finder.ipr.close)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            if events is not None:
+                events.close()
+            await self._netlink(self.datapath.detach_all)
+            for server in servers:
+                await server.close()
+            for ip in self.added:
+                await self._netlink(remove_address, a.resolver_device, ip)
+            await self._netlink(self.datapath.close)
+            self._nl_thread.shutdown()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    def _kick_from_thread(self) -> None:
+        self._loop.call_soon_threadsafe(self._kick.set)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self.datapath.heartbeat()
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def _reconcile_loop(self, finder: LinkFinder) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.agent.resync_interval)
+            self._kick.clear()
+            await asyncio.sleep(0.05)  # let a burst of netlink events settle
+            self._kick.clear()
+            try:
+                await self.reconcile(finder)
+            except Exception as exc:  # keep serving; the next pass retries
+                log.warning("reconcile failed: %s", exc)

@@ -1,0 +1,139 @@
+"""Pinned BPF maps through libbpf calls (via bcc's libbcc), with the ctypes mirrors.
+
+Used by the agent after loading and by the inspection CLI while the agent is down: neither
+needs to compile anything to read a pinned map.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from bcc.libbcc import lib
+
+from interceptor.errors import InterceptorError
+
+K = TypeVar("K", bound=ct.Structure | ct.c_uint32)
+V = TypeVar("V", bound=ct.Structure | ct.c_uint64)
+
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
+class BpfError(InterceptorError):
+    """BPF operation failed."""
+
+
+def bpffs_mounted(path: Path = Path("/sys/fs/bpf")) -> bool:
+    try:
+        text = Path("/proc/self/mounts").read_text()
+    except OSError:
+        return False
+    return any(
+        parts[1] == str(path) and parts[2] == "bpf"
+        for parts in (line.split() for line in text.splitlines())
+        if len(parts) > 2
+    )
+
+
+def ensure_bpffs(path: Path = Path("/sys/fs/bpf")) -> bool:
+    """Mount bpffs at ``path`` if nothing is mounted there.  Returns True if it mounted."""
+    if bpffs_mounted(path):
+        return False
+    libc = ct.CDLL(None, use_errno=True)
+    path.mkdir(parents=True, exist_ok=True)
+    if libc.mount(b"bpf", str(path).encode(), b"bpf", 0, None) != 0:
+        err = ct.get_errno()
+        raise BpfError(f"cannot mount bpffs at {path}: {os.strerror(err)}")
+    return True
+
+
+def possible_cpus() -> int:
+    """Per-CPU map values have one slot per *possible* CPU (not online)."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+class PinnedMap(Generic[K, V]):
+    """A BPF map opened from its pin, with typed keys and values."""
+
+    def __init__(self, path: Path, key: type[K], value: type[V], percpu: bool = False) -> None:
+        self.path = path
+        self.key_type = key
+        self.value_type = value
+        self.percpu = percpu
+        self.fd = lib.bpf_obj_get(str(path).encode())
+        if self.fd < 0:
+            raise BpfError(f"cannot open pinned map {path}: {os.strerror(ct.get_errno() or 2)}")
+        self._ncpu = possible_cpus() if percpu else 1
+        # Kernel rounds each per-CPU value up to 8 bytes.
+        self._stride = (ct.sizeof(value) + 7) & ~7
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def get(self, key: K) -> V | None:
+        if self.percpu:
+            raise TypeError("use get_percpu for per-CPU maps")
+        out = self.value_type()
+        if lib.bpf_lookup_elem(self.fd, ct.byref(key), ct.byref(out)) != 0:
+            return None
+        return out
+
+    def get_percpu(self, key: K) -> list[V]:
+        buf = (ct.c_ubyte * (self._stride * self._ncpu))()
+        if lib.bpf_lookup_elem(self.fd, ct.byref(key), buf) != 0:
+            return []
+        raw = bytes(buf)
+        size = ct.sizeof(self.value_type)
+        out: list[V] = []
+        for cpu in range(self._ncpu):
+            start = cpu * self._stride
+            out.append(self.value_type.from_buffer_copy(raw[start : start + size]))  # type: ignore[arg-type]
+        return out
+
+    def put(self, key: K, value: V) -> None:
+        if self.percpu:
+            raise TypeError("per-CPU values are written by the programs only")
+        if lib.bpf_update_elem(self.fd, ct.byref(key), ct.byref(value), 0) != 0:
+            raise BpfError(
+                f"update of {self.path.name} failed: {os.strerror(ct.get_errno() or errno.EIO)}"
+            )
+
+    def zero_percpu(self, key: K) -> None:
+        buf = (ct.c_ubyte * (self._stride * self._ncpu))()
+        lib.bpf_update_elem(self.fd, ct.byref(key), buf, 0)
+
+    def delete(self, key: K) -> bool:
+        return bool(lib.bpf_delete_elem(self.fd, ct.byref(key)) == 0)
+
+    def keys(self) -> Iterator[K]:
+        cur = self.key_type()
+        nxt = self.key_type()
+        first = True
+        while True:
+            rc = (
+                lib.bpf_get_first_key(self.fd, ct.byref(nxt), ct.sizeof(nxt))
+                if first
+                else lib.bpf_get_next_key(self.fd, ct.byref(cur), ct.byref(nxt))
+            )
+            if rc != 0:
+                return
+            first = False
+            yield self.key_type.from_buffer_copy(nxt)  # type: ignore[misc]
+            ct.memmove(ct.byref(cur), ct.byref(nxt), ct.sizeof(nxt))
+
+    def items(self) -> Iterator[tuple[K, V]]:
+        for k in list(self.keys()):
+            v = self.get(k)
+            if v is not None:
+                yield k, v

@@ -1,0 +1,145 @@
+"""Which host-side veth belongs to which pod address, from the kernel's own tables.
+
+* Point-to-point CNIs (kindnet, Calico): the route to the pod IP leaves through its veth.
+* Bridge CNIs (flannel's cni0): the route leaves through the bridge; the pod's MAC comes from
+  the neighbour table and the bridge's FDB says which port (veth) has that MAC.  A pod that
+  has not sent a frame yet has no neighbour entry: it is picked up on the next netlink event.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+AF_BRIDGE = 7
+NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERM
+
+
+@dataclass(frozen=True)
+class Link:
+    ifindex: int
+    name: str
+    kind: str
+
+
+class LinkFinder:
+    def __init__(self, ipr: IPRoute) -> None:
+        self.ipr = ipr
+
+    @classmethod
+    def open(cls) -> LinkFinder:
+        return cls(IPRoute())
+
+    def __enter__(self) -> LinkFinder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ipr.close()
+
+    def link(self, ifindex: int) -> Link | None:
+        try:
+            msg = self.ipr.get_links(ifindex)[0]
+        except (NetlinkError, IndexError):
+            return None
+        info = msg.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else ""
+        return Link(ifindex, msg.get_attr("IFLA_IFNAME"), kind or "")
+
+    def links(self) -> list[Link]:
+        out = []
+        for msg in self.ipr.get_links():
+            info = msg.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else ""
+            out.append(Link(msg["index"], msg.get_attr("IFLA_IFNAME"), kind or ""))
+        return out
+
+    def host_veth(self, ip: str) -> Link | None:
+        """The veth on this node that leads to ``ip``, or None."""
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        try:
+            routes = self.ipr.route("get", dst=ip, family=family)
+        except NetlinkError:
+            return None
+        if not routes:
+            return None
+        oif = routes[0].get_attr("RTA_OIF")
+        if oif is None:
+            return None
+        out = self.link(oif)
+        if out is None:
+            return None
+        if out.kind == "veth":
+            return out
+        if out.kind == "bridge":
+            return self._bridge_port(out, ip, family)
+        return None
+
+    def _bridge_port(self, bridge: Link, ip: str, family: int) -> Link | None:
+        mac = None
+        for n in self.ipr.get_neighbours(family=family, ifindex=bridge.ifindex):
+            if n.get_attr("NDA_DST") == ip and n["state"] & NUD_USABLE:
+                mac = n.get_attr("NDA_LLADDR")
+                break
+        if mac is None:
+            return None
+        for entry in self.ipr.get_neighbours(family=AF_BRIDGE):
+            if (
+                entry.get_attr("NDA_LLADDR") == mac
+                and entry.get_attr("NDA_MASTER") == bridge.ifindex
+            ):
+                port = self.link(entry["ifindex"])
+                if port is not None and port.kind == "veth":
+                    return port
+        return None
+
+    def matching(self, pattern: str) -> list[Link]:
+        return [ln for ln in self.links() if fnmatch.fnmatch(ln.name, pattern)]
+
+
+class NetlinkEvents:
+    """Calls ``on_event`` (from a thread) whenever links, addresses, routes or neighbours
+    change, so the agent re-reads the tables right away instead of waiting for its timer."""
+
+    def __init__(self, on_event: Callable[[], None]) -> None:
+        self.on_event = on_event
+        self._ipr: IPRoute | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="netlink-events", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        # Created here: pyroute2's sync sockets must not be made in the event loop's thread.
+        self._ipr = IPRoute()
+        self._ipr.bind()
+        while not self._stop:
+            try:
+                msgs = self._ipr.get()
+            except Exception as exc:  # socket closed at shutdown, or a netlink hiccup
+                if not self._stop:
+                    log.warning("netlink event socket: %s", exc)
+                return
+            if any(
+                m.get("event")
+                in ("RTM_NEWLINK", "RTM_DELLINK", "RTM_NEWROUTE", "RTM_DELROUTE", "RTM_NEWNEIGH")
+                for m in msgs
+            ):
+                self.on_event()
+
+    def close(self) -> None:
+        self._stop = True
+        try:
+            if self._ipr is not None:
+                self._ipr.close()
+        except Exception:
+            pass

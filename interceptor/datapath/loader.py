@@ -1,0 +1,327 @@
+"""Compiles bpf/redirect.c with bcc, pins its maps, attaches it to host veths, beats the
+heartbeat, and answers "which server did this pod ask?" from the flow map."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from interceptor.datapath import maps, tc
+from interceptor.datapath.bpfsys import BpfError, PinnedMap, ensure_bpffs
+from interceptor.datapath.tcx import tcx_programs
+from interceptor.errors import InterceptorError
+
+log = logging.getLogger(__name__)
+
+PROG_FROM_POD = "dnsi_from_pod"
+PROG_TO_POD = "dnsi_to_pod"
+
+
+def bpf_source_dir() -> Path:
+    """bpf/ beside the package (a checkout or the image), or INTERCEPTOR_BPF_DIR."""
+    env = os.environ.get("INTERCEPTOR_BPF_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent.parent / "bpf"
+
+
+@dataclass(frozen=True)
+class DatapathSettings:
+    """How the programs are built and attached."""
+
+    pin_dir: Path = Path("/sys/fs/bpf/interceptor")
+    """Where maps are pinned; a restarted agent and the inspection CLI find them here."""
+    tc_prio: int = 1
+    """tc filter priority of our programs (lower runs first)."""
+    tc_handle: int = 0x1D5
+    """tc filter handle; with the prio it identifies our filters and only ours."""
+    enable_tcp: bool = True
+    enable_ipv6: bool = True
+    heartbeat_timeout: float = 1.0
+    """Seconds without a heartbeat after which programs fail open."""
+    socket_lookup: bool = True
+    """Also fail open at once when no resolver socket exists (agent killed)."""
+    flow_rate: int = 2000
+    """New DNS flows per second one pod may open before the excess passes untouched."""
+    flow_burst: int = 4000
+
+
+@dataclass
+class PodSlot:
+    pod_id: int
+    ips: tuple[str, ...]
+
+
+@dataclass
+class Attachment:
+    ifindex: int
+    ifname: str
+    pods: dict[str, int] = field(default_factory=dict)
+    """pod IP -> pod id"""
+
+
+class Datapath:
+    def __init__(self, settings: DatapathSettings) -> None:
+        self.settings = settings
+        self.bpf: Any = None
+        self.fds: dict[str, int] = {}
+        self.attached: dict[int, Attachment] = {}
+        self._pod_ids: dict[str, int] = {}
+        self._free_ids: list[int] = []
+        self._next_id = 0
+        self._ipr: Any = None
+        self.maps: dict[str, PinnedMap] = {}  # type: ignore[type-arg]
+
+    # ------------------------------------------------------------ loading
+
+    def cflags(self) -> list[str]:
+        s = self.settings
+        flags = [f"-I{bpf_source_dir()}", f'-DPIN_DIR="{s.pin_dir}"']
+        if s.enable_tcp:
+            flags.append("-DENABLE_TCP")
+        if s.enable_ipv6:
+            flags.append("-DENABLE_IPV6")
+        return flags
+
+    def load(self) -> None:
+        from bcc import BPF  # only here: `serve` must not need bcc at all
+        from pyroute2 import IPRoute
+
+        if ensure_bpffs(self.settings.pin_dir.parent):
+            log.info("mounted bpffs at %s", self.settings.pin_dir.parent)
+        self.settings.pin_dir.mkdir(parents=True, exist_ok=True)
+        src = bpf_source_dir() / "redirect.c"
+        t0 = time.monotonic()
+        try:
+            bpf = BPF(src_file=str(src).encode(), cflags=self.cflags())
+            progs = {
+                n: bpf.load_func(n.encode(), BPF.SCHED_CLS) for n in (PROG_FROM_POD, PROG_TO_POD)
+            }
+        except Exception as exc:  # bcc raises bare Exception with the compiler's message
+            raise InterceptorError(f"cannot build {src}: {exc}") from exc
+        self.bpf = bpf
+        self.fds = {n: f.fd for n, f in progs.items()}
+        log.info(
+            "BPF programs compiled and loaded in %.2fs (maps pinned in %s)",
+            time.monotonic() - t0,
+            self.settings.pin_dir,
+        )
+        self.maps = open_maps(self.settings.pin_dir)
+        self._ipr = IPRoute()
+        self._adopt_pod_ids()
+
+    def _adopt_pod_ids(self) -> None:
+        """Keep pod ids (and so per-pod counters) across agent restarts."""
+        for key, info in self.maps["PODS"].items():
+            ip = key.addr.text(key.family)
+            self._pod_ids.setdefault(ip, info.pod_id)
+        self._next_id = max(self._pod_ids.values(), default=-1) + 1
+
+    # ------------------------------------------------------------ config
+
+    def configure(
+        self, resolver_ips: Iterable[str], captures: Iterable[str], capture_all: bool
+    ) -> None:
+        cfg = maps.Config()
+        for ip in resolver_ips:
+            if maps.family_of(ip) == maps.FAMILY_V4:
+                cfg.resolver4 = maps.IpAddr.of(ip)
+            else:
+                cfg.resolver6 = maps.IpAddr.of(ip)
+        cfg.heartbeat_timeout = int(self.settings.heartbeat_timeout * 1e9)
+        cfg.flags = (maps.CFG_CAPTURE_ALL if capture_all else 0) | (
+            maps.CFG_SK_LOOKUP if self.settings.socket_lookup else 0
+        )
+        cfg.flow_rate = self.settings.flow_rate
+        cfg.flow_burst = self.settings.flow_burst
+        cfg.heartbeat_ns = time.monotonic_ns()
+        self._config = cfg
+        self.maps["CONFIG"].put(ct.c_uint32(0), cfg)
+        capture = self.maps["CAPTURE"]
+        wanted = {}
+        for ip in captures:
+            k = maps.CaptureKey()
+            k.addr = maps.IpAddr.of(ip)
+            k.family = maps.family_of(ip)
+            wanted[bytes(k)] = k
+        for k in list(capture.keys()):
+            if bytes(k) not in wanted:
+                capture.delete(k)
+        for k in wanted.values():
+            capture.put(k, ct.c_uint32(1))
+
+    def heartbeat(self) -> None:
+        """CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns()."""
+        self._config.heartbeat_ns = time.monotonic_ns()
+        self.maps["CONFIG"].put(ct.c_uint32(0), self._config)
+
+    # ------------------------------------------------------------ attach
+
+    def reconcile(self, desired: Mapping[int, tuple[str, Iterable[str]]]) -> None:
+        """Make the attachments and pod entries exactly ``desired``: ifindex -> (ifname, pod
+        IPs on that veth)."""
+        assert self._ipr is not None
+        s = self.settings
+        for ifindex in list(self.attached):
+            if ifindex not in desired:
+                self._detach(ifindex)
+        for ifindex, (ifname, ips) in desired.items():
+            att = self.attached.get(ifindex)
+            if att is None:
+                self._attach(ifindex, ifname)
+                att = self.attached[ifindex] = Attachment(ifindex, ifname)
+            want = set(ips)
+            for ip in list(att.pods):
+                if ip not in want:
+                    self.maps["PODS"].delete(_pod_key(ifindex, ip))
+                    self._release_id(ip)
+                    del att.pods[ip]
+            for ip in want - set(att.pods):
+                pod_id = self._id_for(ip)
+                info = maps.PodInfo()
+                info.pod_id = pod_id
+                info.tokens = s.flow_burst * 1_000_000_000
+                info.tokens_ts = time.monotonic_ns()
+                self.maps["PODS"].put(_pod_key(ifindex, ip), info)
+                att.pods[ip] = pod_id
+        self._sweep_stale_pods(desired)
+
+    def _sweep_stale_pods(self, desired: Mapping[int, tuple[str, Iterable[str]]]) -> None:
+        """Entries left in the pinned maps by an earlier agent for veths no longer ours."""
+        for key, _ in list(self.maps["PODS"].items()):
+            ip = key.addr.text(key.family)
+            if key.ifindex not in desired or ip not in self.attached[key.ifindex].pods:
+                self.maps["PODS"].delete(key)
+        for key in list(self.maps["IFACES"].keys()):
+            if key.value not in desired:
+                self.maps["IFACES"].delete(key)
+
+    def _attach(self, ifindex: int, ifname: str) -> None:
+        s = self.settings
+        tc.ensure_clsact(self._ipr, ifindex)
+        tc.replace_filter(
+            self._ipr,
+            ifindex,
+            "ingress",
+            self.fds[PROG_FROM_POD],
+            PROG_FROM_POD,
+            s.tc_prio,
+            s.tc_handle,
+        )
+        tc.replace_filter(
+            self._ipr, ifindex, "egress", self.fds[PROG_TO_POD], PROG_TO_POD, s.tc_prio, s.tc_handle
+        )
+        self.maps["IFACES"].put(ct.c_uint32(ifindex), maps.IfaceInfo())
+        self._report_neighbours(ifindex, ifname)
+        log.info(
+            "attached to %s (ifindex %d), prio %d handle %#x",
+            ifname,
+            ifindex,
+            s.tc_prio,
+            s.tc_handle,
+        )
+
+    def _report_neighbours(self, ifindex: int, ifname: str) -> None:
+        s = self.settings
+        tcx = tcx_programs(ifindex)
+        if tcx and (tcx.get("ingress") or tcx.get("egress")):
+            log.warning(
+                "%s has tcx programs (ingress %s, egress %s): on this kernel they run "
+                "BEFORE our tc filters and may redirect pod DNS past us",
+                ifname,
+                tcx.get("ingress"),
+                tcx.get("egress"),
+            )
+        for f in tc.list_filters(self._ipr, ifindex):
+            if (f.prio, f.handle) != (s.tc_prio, s.tc_handle) and f.prio <= s.tc_prio:
+                log.warning(
+                    "%s: foreign %s filter %r at prio %d runs before ours",
+                    ifname,
+                    f.direction,
+                    f.name,
+                    f.prio,
+                )
+
+    def _detach(self, ifindex: int) -> None:
+        att = self.attached.pop(ifindex)
+        for direction in ("ingress", "egress"):
+            tc.delete_filter(
+                self._ipr, ifindex, direction, self.settings.tc_prio, self.settings.tc_handle
+            )
+        for ip in att.pods:
+            self.maps["PODS"].delete(_pod_key(ifindex, ip))
+            self._release_id(ip)
+        self.maps["IFACES"].delete(ct.c_uint32(ifindex))
+        log.info("detached from %s (ifindex %d)", att.ifname, ifindex)
+
+    def detach_all(self) -> None:
+        for ifindex in list(self.attached):
+            try:
+                self._detach(ifindex)
+            except InterceptorError as exc:
+                log.warning("%s", exc)
+
+    def _id_for(self, ip: str) -> int:
+        if ip in self._pod_ids:
+            return self._pod_ids[ip]
+        if self._free_ids:
+            pod_id = self._free_ids.pop()
+        else:
+            pod_id = self._next_id
+            self._next_id += 1
+        if pod_id >= maps.MAX_PODS:
+            raise BpfError(f"more than {maps.MAX_PODS} pod addresses on this node")
+        self._pod_ids[ip] = pod_id
+        self.maps["POD_STATS"].zero_percpu(ct.c_uint32(pod_id))
+        return pod_id
+
+    def _release_id(self, ip: str) -> None:
+        pod_id = self._pod_ids.pop(ip, None)
+        if pod_id is not None:
+            self._free_ids.append(pod_id)
+
+    # ------------------------------------------------------------ queries
+
+    def original_destination(self, pod_ip: str, pod_port: int, tcp: bool) -> str | None:
+        """The server a pod's query was addressed to, from the flow its packet created."""
+        proto = socket.IPPROTO_TCP if tcp else socket.IPPROTO_UDP
+        val = self.maps["FLOWS"].get(maps.flow_key(pod_ip, pod_port, proto))
+        if val is None:
+            return None
+        return str(val.orig.text(maps.family_of(pod_ip)))
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        if self._ipr is not None:
+            self._ipr.close()
+        if self.bpf is not None:
+            self.bpf.cleanup()
+
+
+def _pod_key(ifindex: int, ip: str) -> maps.PodKey:
+    k = maps.PodKey()
+    k.ifindex = ifindex
+    k.family = maps.family_of(ip)
+    k.addr = maps.IpAddr.of(ip)
+    return k
+
+
+def open_maps(pin_dir: Path) -> dict[str, PinnedMap]:  # type: ignore[type-arg]
+    """Every pinned map of ours, typed by its ctypes mirror."""
+    return {
+        "CONFIG": PinnedMap(pin_dir / "CONFIG", ct.c_uint32, maps.Config),
+        "CAPTURE": PinnedMap(pin_dir / "CAPTURE", maps.CaptureKey, ct.c_uint32),
+        "PODS": PinnedMap(pin_dir / "PODS", maps.PodKey, maps.PodInfo),
+        "IFACES": PinnedMap(pin_dir / "IFACES", ct.c_uint32, maps.IfaceInfo),
+        "FLOWS": PinnedMap(pin_dir / "FLOWS", maps.FlowKey, maps.FlowVal),
+        "REASONS": PinnedMap(pin_dir / "REASONS", ct.c_uint32, ct.c_uint64, percpu=True),
+        "POD_STATS": PinnedMap(pin_dir / "POD_STATS", ct.c_uint32, maps.PodStats, percpu=True),
+    }

@@ -1,0 +1,159 @@
+"""ctypes mirrors of the structs in bpf/lib/maps.h, and typed access to the pinned maps.
+
+Each class's docstring names its C struct; tests/unit/test_maps_abi.py compiles maps.h with
+the host compiler and checks every size and offset against these mirrors.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import socket
+
+FAMILY_V4 = 4
+FAMILY_V6 = 6
+
+CFG_CAPTURE_ALL = 1 << 0
+CFG_SK_LOOKUP = 1 << 1
+
+MAX_PODS = 4096
+MAX_FLOWS = 65536
+MAX_CAPTURE = 64
+
+# Keep in step with enum reason in bpf/lib/metrics.h.
+REASONS = (
+    "redirected",
+    "reply_restored",
+    "spoofed",
+    "unknown_pod",
+    "stale_heartbeat",
+    "no_socket",
+    "rate_limited",
+    "no_flow",
+    "not_captured",
+    "csum_error",
+    "malformed",
+)
+
+
+class IpAddr(ct.Structure):
+    """struct ip_addr"""
+
+    _fields_ = [("a", ct.c_uint32 * 4)]
+
+    @classmethod
+    def of(cls, ip: str) -> IpAddr:
+        packed = ipaddress.ip_address(ip).packed.ljust(16, b"\0")
+        out = cls()
+        ct.memmove(ct.addressof(out), packed, 16)
+        return out
+
+    def text(self, family: int) -> str:
+        raw = bytes(self)
+        if family == FAMILY_V4:
+            return socket.inet_ntop(socket.AF_INET, raw[:4])
+        return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+class Config(ct.Structure):
+    """struct config"""
+
+    _fields_ = [
+        ("heartbeat_ns", ct.c_uint64),
+        ("heartbeat_timeout", ct.c_uint64),
+        ("resolver4", IpAddr),
+        ("resolver6", IpAddr),
+        ("flags", ct.c_uint32),
+        ("flow_rate", ct.c_uint32),
+        ("flow_burst", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+    ]
+
+
+class CaptureKey(ct.Structure):
+    """struct capture_key"""
+
+    _fields_ = [("addr", IpAddr), ("family", ct.c_uint32)]
+
+
+class PodKey(ct.Structure):
+    """struct pod_key"""
+
+    _fields_ = [("ifindex", ct.c_uint32), ("family", ct.c_uint32), ("addr", IpAddr)]
+
+
+class PodInfo(ct.Structure):
+    """struct pod_info"""
+
+    _fields_ = [
+        ("pod_id", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("tokens_ts", ct.c_uint64),
+        ("tokens", ct.c_uint64),
+    ]
+
+
+class IfaceInfo(ct.Structure):
+    """struct iface_info"""
+
+    _fields_ = [("flags", ct.c_uint32), ("_pad", ct.c_uint32)]
+
+
+class FlowKey(ct.Structure):
+    """struct flow_key"""
+
+    _fields_ = [
+        ("pod", IpAddr),
+        ("pod_port", ct.c_uint16),
+        ("proto", ct.c_uint8),
+        ("family", ct.c_uint8),
+    ]
+
+
+class FlowVal(ct.Structure):
+    """struct flow_val"""
+
+    _fields_ = [
+        ("orig", IpAddr),
+        ("orig_port", ct.c_uint16),
+        ("_pad", ct.c_uint16),
+        ("ifindex", ct.c_uint32),
+        ("created_ns", ct.c_uint64),
+    ]
+
+
+class PodStats(ct.Structure):
+    """struct pod_stats"""
+
+    _fields_ = [
+        ("queries", ct.c_uint64),
+        ("redirected", ct.c_uint64),
+        ("passed", ct.c_uint64),
+        ("replies", ct.c_uint64),
+    ]
+
+
+MIRRORS: dict[str, type[ct.Structure]] = {
+    "ip_addr": IpAddr,
+    "config": Config,
+    "capture_key": CaptureKey,
+    "pod_key": PodKey,
+    "pod_info": PodInfo,
+    "iface_info": IfaceInfo,
+    "flow_key": FlowKey,
+    "flow_val": FlowVal,
+    "pod_stats": PodStats,
+}
+
+
+def family_of(ip: str) -> int:
+    return FAMILY_V4 if ipaddress.ip_address(ip).version == 4 else FAMILY_V6
+
+
+def flow_key(pod_ip: str, pod_port: int, proto: int) -> FlowKey:
+    key = FlowKey()
+    key.pod = IpAddr.of(pod_ip)
+    key.pod_port = socket.htons(pod_port)
+    key.proto = proto
+    key.family = family_of(pod_ip)
+    return key
