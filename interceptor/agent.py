@@ -92,6 +92,11 @@ class Agent:
                 len(desired),
             )
 
+    def _all_found(self) -> bool:
+        pods, _ = node_pods(self.smap, self.agent.node_name)
+        found = {ip for _, ips in self._last_desired.values() for ip in ips}
+        return all(ip in found for pod in pods for ip in pod.ips)
+
     async def reconcile(self, finder: LinkFinder) -> None:
         # The service map is only touched on the loop thread; the netlink thread gets a copy.
         pods, _ = node_pods(self.smap, self.agent.node_name)
@@ -142,6 +147,11 @@ class Agent:
             finder = await self._netlink(LinkFinder.open)
             try:
                 await self.reconcile(finder)
+                for _ in range(10):  # bridge pods may need a neighbour resolution first
+                    if self._all_found():
+                        break
+                    await asyncio.sleep(0.1)
+                    await self.reconcile(finder)
                 events = NetlinkEvents(self._kick_from_thread)
                 events.start()
                 log.info(
@@ -195,5 +205,10 @@ class Agent:
             self._kick.clear()
             try:
                 await self.reconcile(finder)
+                for _ in range(10):  # bridge pods may need a neighbour resolution first
+                    if self._all_found():
+                        break
+                    await asyncio.sleep(0.1)
+                    await self.reconcile(finder)
             except Exception as exc:  # keep serving; the next pass retries
                 log.warning("reconcile failed: %s", exc)

@@ -2,8 +2,8 @@
 
 * Point-to-point CNIs (kindnet, Calico): the route to the pod IP leaves through its veth.
 * Bridge CNIs (flannel's cni0): the route leaves through the bridge; the pod's MAC comes from
-  the neighbour table and the bridge's FDB says which port (veth) has that MAC.  A pod that
-  has not sent a frame yet has no neighbour entry: it is picked up on the next netlink event.
+  the neighbour table and the bridge's FDB says which port (veth) has that MAC.  A pod with no
+  neighbour entry yet is nudged (see ``_nudge``) and picked up on the neighbour event.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ class LinkFinder:
                 mac = n.get_attr("NDA_LLADDR")
                 break
         if mac is None:
+            _nudge(ip, family)
             return None
         for entry in self.ipr.get_neighbours(family=AF_BRIDGE):
             if (
@@ -103,6 +104,17 @@ class LinkFinder:
 
     def matching(self, pattern: str) -> list[Link]:
         return [ln for ln in self.links() if fnmatch.fnmatch(ln.name, pattern)]
+
+
+def _nudge(ip: str, family: int) -> None:
+    """Make the kernel resolve a pod's MAC: one empty datagram to its discard port (9) makes
+    the node ARP for it, and the neighbour event that follows triggers a new pass."""
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            s.sendto(b"", (ip, 9))
+    except OSError:
+        pass
 
 
 class NetlinkEvents:
