@@ -121,6 +121,13 @@ class Lab:
         for pod in self.pods:
             self._add_pod(pod)
 
+    def add_pod(self, pod: PodSpec) -> None:
+        """A pod starting on the node after the fact: new namespace, new veth."""
+        self.pods.append(pod)
+        sh("ip", "netns", "add", self.pod_ns(pod.name))
+        sh("ip", "link", "set", "lo", "up", netns=self.pod_ns(pod.name))
+        self._add_pod(pod)
+
     def _add_pod(self, pod: PodSpec) -> None:
         ns, veth = self.pod_ns(pod.name), self.host_veth(pod.name)
         sh(

@@ -15,6 +15,7 @@ APT_PACKAGES=(
   dnsperf                              # benchmarks
   dnsmasq-base unbound                 # real DNS servers: test upstreams and benchmark peers
   clang-format                         # style check for bpf/
+  nftables iptables                    # tests prove no rules are ever created
 )
 
 missing=()

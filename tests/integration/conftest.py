@@ -1,0 +1,100 @@
+"""Fixtures for the root tier: a node built from network namespaces, real BPF, real dnsmasq."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from interceptor.lab import Agent, Lab, PodSpec, stop
+from tests.helpers import DATA
+
+UPSTREAM_RECORDS = (
+    "--host-record=www.upstream.test,192.0.2.53",
+    "--host-record=svc1.ns1.svc.cluster.local,10.96.99.99",  # kube-dns's (different) answer
+    "--host-record=auto.mesh.test,192.0.2.77",
+)
+PODS = [
+    PodSpec("client1", "10.244.1.10", "ns1"),
+    PodSpec("client2", "10.244.1.11", "ns1"),
+    PodSpec("stranger", "10.244.1.12", "ns1"),  # not in the service map at all
+    PodSpec("optout", "10.244.1.13", "ns1"),
+    PodSpec("hushed", "10.244.1.14", "quiet"),
+]
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the datapath tier needs root (network namespaces, BPF)")
+
+
+class Node:
+    """A lab node with its upstream and (optionally) a running agent."""
+
+    def __init__(self, lab: Lab, tmp: Path) -> None:
+        self.lab = lab
+        self.tmp = tmp
+        self.upstream_log = tmp / "upstream.log"
+        self.source = tmp / "cluster.yaml"
+        shutil.copy(DATA / "node.yaml", self.source)
+        self.pin_dir = Path(f"/sys/fs/bpf/{lab.prefix}")
+        self.agent: Agent | None = None
+
+    def start_agent(self, *extra: str) -> Agent:
+        self.agent = self.lab.start_agent(self.source, *extra, pin_dir=self.pin_dir)
+        return self.agent
+
+    def stop_agent(self) -> int | None:
+        if self.agent is None:
+            return None
+        rc = stop(self.agent.proc)
+        self.agent = None
+        return rc
+
+    def dig(self, pod: str, *args: str) -> str:
+        r = self.lab.run_in_pod(pod, "dig", "+time=2", "+tries=1", *args)
+        return r.stdout
+
+    def answer(self, pod: str, *args: str) -> list[str]:
+        r = self.lab.run_in_pod(pod, "dig", "+short", "+time=2", "+tries=1", *args)
+        return [ln for ln in r.stdout.splitlines() if ln and not ln.startswith(";")]
+
+    def upstream_queries(self, name: str) -> list[str]:
+        try:
+            text = self.upstream_log.read_text()
+        except FileNotFoundError:
+            return []
+        return [ln for ln in text.splitlines() if f"] {name} from" in ln]
+
+
+def make_node(mode: str, tmp: Path) -> Iterator[Node]:
+    need_root()
+    lab = Lab(f"dt{uuid.uuid4().hex[:5]}", list(PODS), mode=mode).up()
+    node = Node(lab, tmp)
+    try:
+        lab.start_upstream(*UPSTREAM_RECORDS, log=node.upstream_log)
+        yield node
+    finally:
+        node.stop_agent()
+        lab.down()
+        shutil.rmtree(node.pin_dir, ignore_errors=True)
+
+
+@pytest.fixture(params=["ptp", "bridge"], scope="module")
+def node(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Node]:
+    """A node with a running agent, in both CNI styles; shared by a module's read-only tests."""
+    for n in make_node(request.param, tmp_path_factory.mktemp(request.param)):
+        n.start_agent()
+        yield n
+
+
+@pytest.fixture
+def fresh_node(tmp_path: Path) -> Iterator[Node]:
+    """A node without an agent yet, for tests that kill, restart or reconfigure it."""
+    yield from make_node("ptp", tmp_path)

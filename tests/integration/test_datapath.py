@@ -1,0 +1,174 @@
+"""The BPF datapath and the node agent, end to end: real tc programs on real veths, a real
+glibc stub resolver and dig in the pods, a real dnsmasq as kube-dns.  Root only."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from interceptor.datapath.loader import open_maps
+from interceptor.datapath.maps import REASONS
+from interceptor.lab import PodSpec, sh
+from tests.integration.conftest import Node
+
+INTERCEPTED = "10.96.1.1"  # the interceptor's answer for svc1
+DIRECT = "10.96.99.99"  # kube-dns's answer for svc1: the query bypassed us
+SVC1 = "svc1.ns1.svc.cluster.local"
+
+
+def reasons(node: Node) -> dict[str, int]:
+    maps = open_maps(node.pin_dir)
+    try:
+        out = {}
+        import ctypes as ct
+
+        for i, name in enumerate(REASONS):
+            out[name] = sum(v.value for v in maps["REASONS"].get_percpu(ct.c_uint32(i)))
+        return out
+    finally:
+        for m in maps.values():
+            m.close()
+
+
+def test_udp_and_tcp_answered_by_interceptor_from_the_asked_server(node: Node) -> None:
+    out = node.dig("client1", SVC1)
+    assert f"{INTERCEPTED}" in out and "SERVER: 10.96.0.10#53" in out
+    out = node.dig("client1", "+tcp", SVC1)
+    assert f"{INTERCEPTED}" in out and "(TCP)" in out
+    assert node.answer("client1", "auto.mesh.test")[0].startswith("240.240.")  # mesh VIP
+
+
+def test_tcp_several_queries_on_one_connection(node: Node) -> None:
+    out = node.dig("client2", "+tcp", "+keepopen", SVC1, "auto.mesh.test", "www.upstream.test")
+    assert INTERCEPTED in out and "240.240." in out and "192.0.2.53" in out
+
+
+def test_getent_uses_search_path_through_the_datapath(node: Node) -> None:
+    r = node.lab.run_in_pod("client1", "getent", "ahosts", "svc1")
+    assert r.returncode == 0 and r.stdout.split()[0] == INTERCEPTED
+
+
+def test_50_concurrent_getaddrinfo_none_time_out(node: Node) -> None:
+    script = (
+        "import socket, time, concurrent.futures as cf\n"
+        "def one(i):\n"
+        "    t = time.monotonic()\n"
+        "    ip = socket.getaddrinfo('svc1', 80, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]\n"
+        "    return time.monotonic() - t, ip\n"
+        "with cf.ThreadPoolExecutor(50) as ex:\n"
+        "    res = list(ex.map(one, range(50)))\n"
+        "print(max(t for t, _ in res), sorted({ip for _, ip in res}))\n"
+    )
+    r = node.lab.run_in_pod("client1", "/usr/bin/python3", "-c", script, timeout=60)
+    assert r.returncode == 0, r.stderr
+    worst, ips = r.stdout.split(" ", 1)
+    assert ips.strip() == f"['{INTERCEPTED}']"
+    assert float(worst) < 1.0, f"slowest getaddrinfo took {worst}s: a query was lost"
+
+
+def test_forwarded_name_reaches_upstream_from_the_resolver(node: Node) -> None:
+    assert node.answer("client1", "www.upstream.test") == ["192.0.2.53"]
+    froms = [ln.rsplit(" ", 1)[-1] for ln in node.upstream_queries("www.upstream.test")]
+    assert "10.200.0.1" in froms  # the node's resolver asked, not the pod
+    assert "10.244.1.10" not in froms
+
+
+def test_no_iptables_or_nftables_rules(node: Node) -> None:
+    for cmd in (["iptables-save"], ["ip6tables-save"]):
+        out = sh(*cmd, netns=node.lab.node, check=False).stdout
+        assert not [ln for ln in out.splitlines() if ln.startswith("-A")], out
+    assert sh("nft", "list", "ruleset", netns=node.lab.node).stdout.strip() == ""
+
+
+def test_pods_not_ours_are_left_alone(node: Node) -> None:
+    assert node.answer("stranger", SVC1) == [DIRECT]  # not in the service map
+    assert node.answer("optout", SVC1) == [DIRECT]  # annotation opt-out
+    assert node.answer("hushed", SVC1) == [DIRECT]  # namespace label opt-out
+
+
+def test_spoofed_source_creates_no_state_and_is_not_redirected(node: Node) -> None:
+    before = reasons(node)["spoofed"]
+    script = (
+        "import socket, struct\n"
+        "q = struct.pack('!HHHHHH', 0x4242, 0x0100, 1, 0, 0, 0)"
+        " + b'\\x05spoof\\x04test\\x00\\x00\\x01\\x00\\x01'\n"
+        "udp = struct.pack('!HHHH', 40000, 53, 8 + len(q), 0) + q\n"
+        "ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,\n"
+        "    socket.inet_aton('10.244.1.99'), socket.inet_aton('10.96.0.10'))\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)\n"
+        "s.sendto(ip + udp, ('10.96.0.10', 0))\n"
+    )
+    r = node.lab.run_in_pod("client1", "/usr/bin/python3", "-c", script)
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and reasons(node)["spoofed"] == before:
+        time.sleep(0.05)
+    assert reasons(node)["spoofed"] == before + 1
+    maps = open_maps(node.pin_dir)
+    try:
+        pods = {k.pod.text(k.family) for k in maps["FLOWS"].keys()}
+    finally:
+        for m in maps.values():
+            m.close()
+    assert "10.244.1.99" not in pods
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not node.upstream_queries("spoof.test"):
+        time.sleep(0.05)
+    assert node.upstream_queries("spoof.test")[0].endswith("from 10.244.1.99")
+
+
+def test_fail_open_after_sigkill_within_a_second(fresh_node: Node) -> None:
+    agent = fresh_node.start_agent()
+    assert fresh_node.answer("client1", SVC1) == [INTERCEPTED]
+    agent.proc.send_signal(signal.SIGKILL)
+    agent.proc.wait()
+    t0 = time.monotonic()
+    while fresh_node.answer("client1", "+time=1", SVC1) != [DIRECT]:
+        assert time.monotonic() - t0 < 3, "pod DNS still broken 3 s after SIGKILL"
+    assert time.monotonic() - t0 < 1.2
+    assert "no_socket" in reasons(fresh_node) and reasons(fresh_node)["no_socket"] >= 1
+
+
+def test_sigterm_detaches_cleanly(fresh_node: Node) -> None:
+    fresh_node.start_agent()
+    node_ns = fresh_node.lab.node
+    assert (
+        "dnsi_from_pod"
+        in sh("tc", "filter", "show", "dev", "dvh0", "ingress", netns=node_ns).stdout
+    )
+    assert fresh_node.stop_agent() == 0
+    assert "dnsi" not in sh("tc", "filter", "show", "dev", "dvh0", "ingress", netns=node_ns).stdout
+    assert "dnsi" not in sh("tc", "filter", "show", "dev", "dvh0", "egress", netns=node_ns).stdout
+    assert "169.254.20.10" not in sh("ip", "addr", "show", "dev", "lo", netns=node_ns).stdout
+    assert "clsact" in sh("tc", "qdisc", "show", "dev", "dvh0", netns=node_ns).stdout  # kept
+    assert fresh_node.answer("client1", SVC1) == [DIRECT]
+
+
+def test_restart_replaces_filters_without_duplicates(fresh_node: Node) -> None:
+    agent = fresh_node.start_agent()
+    agent.proc.send_signal(signal.SIGKILL)
+    agent.proc.wait()
+    fresh_node.start_agent()
+    node_ns = fresh_node.lab.node
+    for hook in ("ingress", "egress"):
+        out = sh("tc", "filter", "show", "dev", "dvh0", hook, netns=node_ns).stdout
+        assert out.count("handle 0x1d5") == 1, out
+    assert fresh_node.answer("client1", SVC1) == [INTERCEPTED]
+
+
+def test_pods_appearing_and_disappearing_are_followed(fresh_node: Node) -> None:
+    with fresh_node.source.open("a") as f:
+        f.write(
+            "- {apiVersion: v1, kind: Pod, metadata: {name: late, namespace: ns1},\n"
+            "   spec: {nodeName: node-1}, status: {podIPs: [{ip: 10.244.1.16}]}}\n"
+        )
+    agent = fresh_node.start_agent()
+    fresh_node.lab.add_pod(PodSpec("late", "10.244.1.16", "ns1"))
+    deadline = time.monotonic() + 5
+    while fresh_node.answer("late", "+time=1", SVC1) != [INTERCEPTED]:
+        assert time.monotonic() < deadline, "\n".join(agent.log[-10:])
+    fresh_node.lab.remove_pod("late")
+    deadline = time.monotonic() + 5
+    while not any("detached from dvh5" in ln for ln in agent.log):
+        assert time.monotonic() < deadline, "\n".join(agent.log[-10:])
+        time.sleep(0.1)
