@@ -115,6 +115,16 @@ def _summarise(dig_output: str) -> tuple[str, list[str]]:
 
 
 def run_demo() -> int:
+    """The node demo as root (network namespaces, BPF); the resolver-only tour otherwise."""
+    if os.geteuid() == 0:
+        from interceptor.demo_node import run_node_demo
+
+        return run_node_demo()
+    print("Not root: showing the resolver alone (the node demo needs network namespaces).\n")
+    return run_serve_tour()
+
+
+def run_serve_tour() -> int:
     for tool in ("dig", "dnsmasq"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             print(f"the demo needs {tool}: run `make setup` first", file=sys.stderr)
