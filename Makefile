@@ -16,7 +16,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check interceptor tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
-	clang-format --dry-run --Werror bpf/*.c bpf/lib/*.h 2>/dev/null || [ -z "$$(ls bpf/*.c 2>/dev/null)" ]
+	clang-format --dry-run --Werror bpf/*.c bpf/lib/*.h
 
 unit: setup
 	$(PY) -m pytest tests/unit -q

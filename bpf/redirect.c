@@ -36,8 +36,7 @@ BPF_TABLE_PINNED("array", __u32, struct config, CONFIG, 1, PIN_DIR "/CONFIG");
 BPF_TABLE_PINNED("hash", struct capture_key, __u32, CAPTURE, MAX_CAPTURE, PIN_DIR "/CAPTURE");
 BPF_TABLE_PINNED("hash", struct pod_key, struct pod_info, PODS, MAX_PODS, PIN_DIR "/PODS");
 BPF_TABLE_PINNED("hash", __u32, struct iface_info, IFACES, MAX_PODS, PIN_DIR "/IFACES");
-BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_val, FLOWS, MAX_FLOWS,
-		 PIN_DIR "/FLOWS");
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_val, FLOWS, MAX_FLOWS, PIN_DIR "/FLOWS");
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, REASONS, REASON_MAX, PIN_DIR "/REASONS");
 BPF_TABLE_PINNED("percpu_array", __u32, struct pod_stats, POD_STATS, MAX_PODS,
 		 PIN_DIR "/POD_STATS");
@@ -145,7 +144,7 @@ static __always_inline int __parse(struct __sk_buff *skb, struct pkt *p)
 static __always_inline __u32 __l4_csum_off(struct pkt *p)
 {
 	return p->l4_off + (p->proto == IPPROTO_UDP ? offsetof(struct udphdr, check)
-						     : offsetof(struct tcphdr, check));
+						    : offsetof(struct tcphdr, check));
 }
 
 /* Is a resolver socket there to take this packet?  Looking it up makes fail-open instant

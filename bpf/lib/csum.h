@@ -3,8 +3,8 @@
 #define __INTERCEPTOR_CSUM_H
 
 #define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
-#define IP_SRC_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
-#define IP_DST_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
+#define IP_SRC_OFF  (ETH_HLEN + offsetof(struct iphdr, saddr))
+#define IP_DST_OFF  (ETH_HLEN + offsetof(struct iphdr, daddr))
 #define IP6_SRC_OFF (ETH_HLEN + offsetof(struct ipv6hdr, saddr))
 #define IP6_DST_OFF (ETH_HLEN + offsetof(struct ipv6hdr, daddr))
 

@@ -16,18 +16,18 @@ struct ip_addr {
 
 /* CONFIG[0]: written by the agent, read by every packet. */
 struct config {
-	__u64 heartbeat_ns;      /* CLOCK_MONOTONIC (bpf_ktime_get_ns) of the agent's last beat */
-	__u64 heartbeat_timeout; /* ns after which the resolver counts as dead: fail open */
+	__u64 heartbeat_ns;	  /* CLOCK_MONOTONIC (bpf_ktime_get_ns) of the agent's last beat */
+	__u64 heartbeat_timeout;  /* ns after which the resolver counts as dead: fail open */
 	struct ip_addr resolver4; /* resolver IPv4 (a[0]); 0 = no IPv4 capture */
 	struct ip_addr resolver6; /* resolver IPv6; all zero = no IPv6 capture */
-	__u32 flags;              /* CFG_* */
-	__u32 flow_rate;          /* new flows per second a pod may open (0: unlimited) */
-	__u32 flow_burst;         /* token bucket depth for flow_rate */
+	__u32 flags;		  /* CFG_* */
+	__u32 flow_rate;	  /* new flows per second a pod may open (0: unlimited) */
+	__u32 flow_burst;	  /* token bucket depth for flow_rate */
 	__u32 _pad;
 };
 
 #define CFG_CAPTURE_ALL (1U << 0) /* any destination on port 53, not only CAPTURE entries */
-#define CFG_SK_LOOKUP (1U << 1)   /* also require a live resolver socket (instant fail-open) */
+#define CFG_SK_LOOKUP	(1U << 1) /* also require a live resolver socket (instant fail-open) */
 
 /* CAPTURE: DNS server addresses whose traffic is steered to the resolver. */
 struct capture_key {
@@ -44,10 +44,10 @@ struct pod_key {
 };
 
 struct pod_info {
-	__u32 pod_id;   /* slot in per-pod counters, assigned by the agent */
-	__u32 flags;    /* unused for now */
+	__u32 pod_id;	 /* slot in per-pod counters, assigned by the agent */
+	__u32 flags;	 /* unused for now */
 	__u64 tokens_ts; /* token bucket: time of the last refill (ns) */
-	__u64 tokens;    /* token bucket: tokens left, scaled by 1e9 (token-nanoseconds) */
+	__u64 tokens;	 /* token bucket: tokens left, scaled by 1e9 (token-nanoseconds) */
 };
 
 /* IFACES: host veths under management; value is unused (presence = managed). */
@@ -61,7 +61,7 @@ struct iface_info {
 struct flow_key {
 	struct ip_addr pod;
 	__u16 pod_port; /* network order */
-	__u8 proto;     /* IPPROTO_UDP / IPPROTO_TCP */
+	__u8 proto;	/* IPPROTO_UDP / IPPROTO_TCP */
 	__u8 family;
 };
 
@@ -69,20 +69,20 @@ struct flow_val {
 	struct ip_addr orig; /* the DNS server the pod asked */
 	__u16 orig_port;     /* network order */
 	__u16 _pad;
-	__u32 ifindex;       /* host veth the query came in on */
+	__u32 ifindex; /* host veth the query came in on */
 	__u64 created_ns;
 };
 
 /* Per-pod counters (PERCPU_ARRAY indexed by pod_info.pod_id). */
 struct pod_stats {
-	__u64 queries;    /* DNS packets seen from the pod to a captured address */
+	__u64 queries;	  /* DNS packets seen from the pod to a captured address */
 	__u64 redirected; /* steered to the resolver */
-	__u64 passed;     /* left untouched (fail-open, rate limit) */
-	__u64 replies;    /* replies whose source was restored */
+	__u64 passed;	  /* left untouched (fail-open, rate limit) */
+	__u64 replies;	  /* replies whose source was restored */
 };
 
-#define MAX_PODS 4096
-#define MAX_FLOWS 65536
+#define MAX_PODS    4096
+#define MAX_FLOWS   65536
 #define MAX_CAPTURE 64
 
 #endif /* __INTERCEPTOR_MAPS_H */

@@ -4,17 +4,17 @@
 
 /* Keep in step with interceptor/datapath/maps.py REASONS. */
 enum reason {
-	REASON_REDIRECTED = 0,     /* query steered to the resolver */
-	REASON_REPLY_RESTORED = 1, /* reply source rewritten back to the server the pod asked */
-	REASON_SPOOFED = 2,        /* source address is not the veth's pod: no state, passed */
-	REASON_UNKNOWN_POD = 3,    /* veth not managed (or pod opted out): passed */
+	REASON_REDIRECTED = 0,	    /* query steered to the resolver */
+	REASON_REPLY_RESTORED = 1,  /* reply source rewritten back to the server the pod asked */
+	REASON_SPOOFED = 2,	    /* source address is not the veth's pod: no state, passed */
+	REASON_UNKNOWN_POD = 3,	    /* veth not managed (or pod opted out): passed */
 	REASON_STALE_HEARTBEAT = 4, /* agent heartbeat too old: fail open */
-	REASON_NO_SOCKET = 5,      /* no resolver socket: fail open */
-	REASON_RATE_LIMITED = 6,   /* pod over its new-flow budget: passed to its server */
-	REASON_NO_FLOW = 7,        /* reply or TCP segment without a flow: passed */
-	REASON_NOT_CAPTURED = 8,   /* port 53 but destination not captured: passed */
-	REASON_CSUM_ERROR = 9,     /* a rewrite helper failed: dropped (state is inconsistent) */
-	REASON_MALFORMED = 10,     /* truncated headers: passed */
+	REASON_NO_SOCKET = 5,	    /* no resolver socket: fail open */
+	REASON_RATE_LIMITED = 6,    /* pod over its new-flow budget: passed to its server */
+	REASON_NO_FLOW = 7,	    /* reply or TCP segment without a flow: passed */
+	REASON_NOT_CAPTURED = 8,    /* port 53 but destination not captured: passed */
+	REASON_CSUM_ERROR = 9,	    /* a rewrite helper failed: dropped (state is inconsistent) */
+	REASON_MALFORMED = 10,	    /* truncated headers: passed */
 	REASON_MAX = 11,
 };
 
