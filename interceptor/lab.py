@@ -23,8 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DNS_IP = "10.96.0.10"
+DNS_IP6 = "fd00:96::a"
 NODE_UPLINK = "10.200.0.1"
 DNS_UPLINK = "10.200.0.2"
+NODE_UPLINK6 = "fd00:200::1"
+DNS_UPLINK6 = "fd00:200::2"
+RESOLVER_IP = "169.254.20.10"
+RESOLVER_IP6 = "fd00:a9fe::140a"
+GATEWAY6 = "fe80::1"
 
 
 class LabError(RuntimeError):
@@ -48,6 +54,8 @@ class PodSpec:
     ip: str
     namespace: str = "default"
     """Kubernetes namespace: decides the pod's search path."""
+    ip6: str | None = None
+    """An IPv6 address too (point-to-point mode only)."""
 
 
 @dataclass
@@ -91,6 +99,7 @@ class Lab:
             sh("ip", "netns", "add", ns)
             sh("ip", "link", "set", "lo", "up", netns=ns)
         sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=self.node)
+        sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", netns=self.node)
         # node <-> kube-dns
         sh(
             "ip",
@@ -114,6 +123,12 @@ class Lab:
         sh("ip", "addr", "add", f"{DNS_IP}/32", "dev", "eth0", netns=self.dns)
         sh("ip", "link", "set", "eth0", "up", netns=self.dns)
         sh("ip", "route", "add", "default", "via", NODE_UPLINK, netns=self.dns)
+        # IPv6 beside IPv4 ("nodad": no duplicate address detection wait in a lab).
+        sh("ip", "addr", "add", f"{NODE_UPLINK6}/64", "dev", "dns0", "nodad", netns=self.node)
+        sh("ip", "-6", "route", "add", f"{DNS_IP6}/128", "via", DNS_UPLINK6, netns=self.node)
+        sh("ip", "addr", "add", f"{DNS_UPLINK6}/64", "dev", "eth0", "nodad", netns=self.dns)
+        sh("ip", "addr", "add", f"{DNS_IP6}/128", "dev", "eth0", "nodad", netns=self.dns)
+        sh("ip", "-6", "route", "add", "default", "via", NODE_UPLINK6, netns=self.dns)
         if self.mode == "bridge":
             sh("ip", "link", "add", "cni0", "type", "bridge", netns=self.node)
             sh("ip", "addr", "add", f"{self.gateway}/24", "dev", "cni0", netns=self.node)
@@ -157,6 +172,11 @@ class Lab:
             sh("ip", "addr", "add", f"{pod.ip}/32", "dev", "eth0", netns=ns)
             sh("ip", "route", "add", self.gateway, "dev", "eth0", "scope", "link", netns=ns)
             sh("ip", "route", "add", "default", "via", self.gateway, "dev", "eth0", netns=ns)
+            if pod.ip6:
+                sh("ip", "addr", "add", f"{GATEWAY6}/64", "dev", veth, "nodad", netns=self.node)
+                sh("ip", "-6", "route", "add", f"{pod.ip6}/128", "dev", veth, netns=self.node)
+                sh("ip", "addr", "add", f"{pod.ip6}/128", "dev", "eth0", "nodad", netns=ns)
+                sh("ip", "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0", netns=ns)
         etc = Path("/etc/netns") / ns
         etc.mkdir(parents=True, exist_ok=True)
         z = self.cluster_domain
@@ -200,6 +220,7 @@ class Lab:
             "--no-resolv",
             "--no-hosts",
             f"--listen-address={DNS_IP}",
+            f"--listen-address={DNS_IP6}",
             "--bind-interfaces",
             f"--pid-file=/run/{self.prefix}-dnsmasq.pid",
             "--cache-size=0",
@@ -244,6 +265,12 @@ class Lab:
             "node-1",
             "--capture",
             DNS_IP,
+            "--capture",
+            DNS_IP6,
+            "--resolver-address",
+            RESOLVER_IP,
+            "--resolver-address",
+            RESOLVER_IP6,
             "--pin-path",
             str(pin),
             *extra,

@@ -19,7 +19,7 @@ UPSTREAM_RECORDS = (
     "--host-record=auto.mesh.test,192.0.2.77",
 )
 PODS = [
-    PodSpec("client1", "10.244.1.10", "ns1"),
+    PodSpec("client1", "10.244.1.10", "ns1", ip6="fd00:10:244::10"),
     PodSpec("client2", "10.244.1.11", "ns1"),
     PodSpec("stranger", "10.244.1.12", "ns1"),  # not in the service map at all
     PodSpec("optout", "10.244.1.13", "ns1"),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
+
 from interceptor.datapath.loader import open_maps
 from interceptor.datapath.maps import REASONS
 from interceptor.lab import PodSpec, sh
@@ -36,6 +38,15 @@ def test_udp_and_tcp_answered_by_interceptor_from_the_asked_server(node: Node) -
     out = node.dig("client1", "+tcp", SVC1)
     assert f"{INTERCEPTED}" in out and "(TCP)" in out
     assert node.answer("client1", "auto.mesh.test")[0].startswith("240.240.")  # mesh VIP
+
+
+@pytest.mark.parametrize("node", ["ptp"], indirect=True)  # the bridge lab is IPv4-only
+def test_ipv6_udp_and_tcp(node: Node) -> None:
+    out = node.dig("client1", "@fd00:96::a", SVC1)
+    assert INTERCEPTED in out and "SERVER: fd00:96::a#53" in out
+    out = node.dig("client1", "@fd00:96::a", "+tcp", SVC1)
+    assert INTERCEPTED in out and "(TCP)" in out
+    assert node.answer("client1", "@fd00:96::a", "www.upstream.test") == ["192.0.2.53"]
 
 
 def test_tcp_several_queries_on_one_connection(node: Node) -> None:
