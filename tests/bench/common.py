@@ -17,7 +17,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -65,17 +65,21 @@ def service_manifest(index: int, namespace: str = "bench") -> dict[str, Any]:
     }
 
 
-def free_port() -> int:
-    """A loopback port free for both UDP and TCP right now.
+def free_port(exclude: Collection[int] = ()) -> int:
+    """A loopback port free for both UDP and TCP right now, and not in ``exclude``.
 
     The DNS servers listen on both, and the kernel hands out ephemeral ports per protocol, so
-    a port is only taken once a TCP bind on the same number succeeds too.  (There is a small
-    race between closing these sockets and the server binding; retrying is the caller's job.)
+    a port is only taken once a TCP bind on the same number succeeds too.  ``exclude`` holds
+    ports already promised to someone but not bound yet (the interceptor's dead upstream), so
+    the next server is not handed the same number.  (There is a small race between closing
+    these sockets and the server binding; retrying is the caller's job.)
     """
     for _ in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.bind((LOOPBACK, 0))
             port = int(udp.getsockname()[1])
+            if port in exclude:
+                continue
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
                 try:
                     tcp.bind((LOOPBACK, port))
@@ -205,6 +209,8 @@ class PerfResult:
     server_cpu_pct: float | None = None
     """Server CPU time over the run's wall time: ~100 means one core saturated."""
     dnsperf_cpu_pct: float | None = None
+    """dnsperf's CPU time over the same wall time: ~100 (pinned) means the client was the
+    limit, so ``qps`` is a lower bound of what the server can do."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -276,6 +282,11 @@ def run_dnsperf(
 _NUM = r"([0-9]+(?:\.[0-9]+)?)"
 
 
+def _ms(seconds: str) -> float:
+    """dnsperf reports seconds with microsecond resolution; keep exactly that in ms."""
+    return round(1000 * float(seconds), 3)
+
+
 def _grab(pattern: str, text: str, what: str) -> str:
     m = re.search(pattern, text, re.MULTILINE)
     if m is None:
@@ -293,13 +304,11 @@ def parse_dnsperf(server: str, command: str, text: str) -> PerfResult:
         queries_sent=int(_grab(r"Queries sent:\s*(\d+)", text, "queries sent")),
         queries_completed=int(_grab(r"Queries completed:\s*(\d+)", text, "queries completed")),
         queries_lost=int(_grab(r"Queries lost:\s*(\d+)", text, "queries lost")),
-        qps=float(_grab(rf"Queries per second:\s*{_NUM}", text, "queries per second")),
-        avg_latency_ms=1000
-        * float(_grab(rf"Average Latency \(s\):\s*{_NUM}", text, "average latency")),
-        min_latency_ms=1000 * float(_grab(rf"\(min {_NUM}", text, "min latency")),
-        max_latency_ms=1000 * float(_grab(rf"max {_NUM}\)", text, "max latency")),
-        latency_stddev_ms=1000
-        * float(_grab(rf"Latency StdDev \(s\):\s*{_NUM}", text, "latency stddev")),
+        qps=round(float(_grab(rf"Queries per second:\s*{_NUM}", text, "queries per second")), 1),
+        avg_latency_ms=_ms(_grab(rf"Average Latency \(s\):\s*{_NUM}", text, "average latency")),
+        min_latency_ms=_ms(_grab(rf"\(min {_NUM}", text, "min latency")),
+        max_latency_ms=_ms(_grab(rf"max {_NUM}\)", text, "max latency")),
+        latency_stddev_ms=_ms(_grab(rf"Latency StdDev \(s\):\s*{_NUM}", text, "latency stddev")),
         noerror=int(counts.pop("NOERROR", 0)),
         other_rcodes=", ".join(f"{k} {v}" for k, v in counts.items()) or "-",
     )

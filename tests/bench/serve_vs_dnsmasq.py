@@ -57,12 +57,17 @@ NAMESPACE = "bench"
 ZONE = "cluster.local"
 DNSMASQ = "/usr/sbin/dnsmasq"
 
-# Defaults found by sweeping -c/-T/-q on the 2-core benchmark machine: both servers are
-# single-threaded, so one dnsperf thread is enough to saturate either, and a second thread
-# only steals the other core from the server.  See the module's --help for the sweep knobs.
-DEFAULT_CLIENTS = 1
-DEFAULT_THREADS = 1
-DEFAULT_OUTSTANDING = 100
+# Defaults found by sweeping dnsperf -c 1..4, -T 1..4, -q 10..1000 (10 s runs, 3 repeats,
+# dnsperf pinned to one CPU and the server to the other) on the 2-core benchmark VM:
+#   -c 2 -T 2 -q 50 gave the highest QPS for both servers (~125-155k) with no lost queries;
+#   -q 20-30 left the pipe short of work (lower QPS); -q 200+ added latency but no QPS, and
+#   dnsmasq started dropping queries (about 900 lost at -q 500, from its small UDP receive
+#   buffer); -T 1 gave about 10% less; unpinned runs were noisier, not faster.
+# In every run dnsperf used ~100% of its CPU, so the client is (close to) the limit: the
+# QPS figures are lower bounds, dnsmasq's more so, since it showed idle time at -q 200.
+DEFAULT_CLIENTS = 2
+DEFAULT_THREADS = 2
+DEFAULT_OUTSTANDING = 50
 
 MEMORY_SIZES = (10_000, 100_000)
 
@@ -166,6 +171,7 @@ def start_server(
     log: Path,
     inputs: Inputs,
     cpus: set[int] | None,
+    reserved: set[int],
     attempts: int = 3,
 ) -> Running:
     """Start a server on a free loopback port and wait until it answers the first and the
@@ -174,11 +180,11 @@ def start_server(
     Retried because a "free" port can be taken between probing and binding.  The process gets
     its own session so a Ctrl-C reaches only this script, whose ``finally`` then stops the
     servers in order instead of racing their own signal handling.  ``cpus`` pins it (see
-    :func:`cpu_plan`).
+    :func:`cpu_plan`); ``reserved`` are ports it must not take, and gets its port added.
     """
     last: BenchError | None = None
     for _ in range(attempts):
-        port = free_port()
+        port = free_port(exclude=reserved)
         cmd = build(port)
         with log.open("ab") as out:
             proc = subprocess.Popen(
@@ -193,10 +199,16 @@ def start_server(
             t = wait_until_answers(proc, port, fqdn(0), service_ip(0), name, log)
             last_i = inputs.names - 1
             wait_until_answers(proc, port, fqdn(last_i), service_ip(last_i), name, log)
-            return Running(name, proc, port, cmd, t)
         except BenchError as exc:
             stop_process(proc)
             last = exc
+            continue
+        except BaseException:
+            # Ctrl-C while waiting: the caller does not know this process yet.
+            stop_process(proc)
+            raise
+        reserved.add(port)
+        return Running(name, proc, port, cmd, t)
     assert last is not None
     raise last
 
@@ -245,6 +257,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         inputs = write_inputs(workdir, args.names)
         try:
             upstream_port = free_port()
+            reserved = {upstream_port}
             servers.append(
                 start_server(
                     "interceptor",
@@ -252,6 +265,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
                     workdir / "interceptor.log",
                     inputs,
                     server_cpus,
+                    reserved,
                 )
             )
             servers.append(
@@ -261,6 +275,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
                     workdir / "dnsmasq.log",
                     inputs,
                     server_cpus,
+                    reserved,
                 )
             )
             for srv in servers:
@@ -387,6 +402,21 @@ def run_memory(sizes: tuple[int, ...]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------ output
 
 
+def unsaturated(results: list[dict[str, Any]], threshold: float = 90.0) -> list[str]:
+    """Runs where neither dnsperf nor the server kept its (pinned) CPU busy.  Something else
+    then took the CPU (another job, a noisy VM neighbour), and the QPS measures the machine,
+    not the server: say so instead of letting a skewed ratio pass as a result."""
+    out = []
+    for r in results:
+        server, client = r["server_cpu_pct"], r["dnsperf_cpu_pct"]
+        if server is not None and client is not None and max(server, client) < threshold:
+            out.append(
+                f"{r['server']}: neither it ({server:.0f}% CPU) nor dnsperf ({client:.0f}%) "
+                "was saturated; the machine was probably busy, rerun for a clean comparison"
+            )
+    return out
+
+
 def mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -445,9 +475,18 @@ def render(throughput: dict[str, Any] | None, memory: list[dict[str, Any]]) -> s
         q, lat = throughput["ratio_qps"], throughput["ratio_latency"]
         if q is not None:
             lines.append(f"interceptor/dnsmasq: QPS x{q:.2f}, avg latency x{lat:.2f}")
+        lines.append(
+            "CPU = CPU time / wall time of the run: a server near 100% is saturated; dnsperf "
+            "near 100% means the client is the limit and that row's QPS is a lower bound."
+        )
+        lines += [f"warning: {w}" for w in unsaturated(throughput["results"])]
         lines.append("")
     if memory:
-        lines.append("Answer-table memory: ServiceMap of ClusterIP services, one named port each")
+        lines += [
+            "Answer-table memory: ServiceMap of ClusterIP services, one named port each",
+            "traced = tracemalloc (Python heap kept by the map / transient peak while building);"
+            " RSS = VmRSS growth over a separate, untraced build; one subprocess per size",
+        ]
         rows = [
             [
                 f"{m['services']:,}",
