@@ -33,6 +33,19 @@ OPT_HEAD = b"\x00\x00\x29"  # root owner name + TYPE 41
 DO_BIT = 0x8000
 
 
+_COUNTS: dict[tuple[int, int, int], bytes] = {}
+
+
+def _interned_counts(an: int, ns: int, ar: int) -> bytes:
+    """Header counts as wire bytes, one shared object per distinct value: most answers have
+    the same few counts, and 100k services would otherwise carry 200k copies."""
+    key = (an, ns, ar)
+    out = _COUNTS.get(key)
+    if out is None:
+        out = _COUNTS.setdefault(key, struct.pack("!HHHH", 1, an, ns, ar))
+    return out
+
+
 class Answer:
     """A precomputed response body for one (name, type), or a negative answer template.
 
@@ -66,8 +79,8 @@ class Answer:
         # Second and third header bytes before the query's RD and CD bits are or-ed in.
         self.flag_hi = (QR | (AA if authoritative else 0)) >> 8
         self.flag_lo = RA | (rcode & 0xF)
-        self.counts_plain = struct.pack("!HHHH", 1, an, ns, ar)
-        self.counts_edns = struct.pack("!HHHH", 1, an, ns, ar + 1)
+        self.counts_plain = _interned_counts(an, ns, ar)
+        self.counts_edns = _interned_counts(an, ns, ar + 1)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Answer) and (
