@@ -274,6 +274,13 @@ int dnsi_from_pod(struct __sk_buff *skb)
 		__count(REASON_STALE_HEARTBEAT);
 		goto pass;
 	}
+	/* A socket that keeps asking the same server (the common case for long-lived clients)
+	 * already has its flow: its LRU position is refreshed by the lookup, and the socket
+	 * check, the token bucket and the map update are only paid for new flows. */
+	struct flow_val *have = FLOWS.lookup(&fk);
+
+	if (have && __addr_eq(&have->orig, &p.daddr) && have->ifindex == ifindex)
+		goto rewrite;
 	if (!__resolver_listening(skb, &p, cfg)) {
 		__count(REASON_NO_SOCKET);
 		goto pass;
@@ -285,6 +292,7 @@ int dnsi_from_pod(struct __sk_buff *skb)
 	fv.orig = p.daddr;
 	fv.orig_port = p.dport;
 	fv.ifindex = ifindex;
+	fv.pod_id = pod->pod_id;
 	fv.created_ns = now;
 	if (FLOWS.update(&fk, &fv) < 0)
 		goto pass;
@@ -310,7 +318,6 @@ int dnsi_to_pod(struct __sk_buff *skb)
 	struct flow_val *fv;
 	struct config *cfg;
 	struct ip_addr *resolver;
-	struct pod_key pk = {};
 	__u32 zero = 0;
 
 	if (__parse(skb, &p) < 0 || p.sport != bpf_htons(DNS_PORT))
@@ -337,10 +344,8 @@ int dnsi_to_pod(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 	__count(REASON_REPLY_RESTORED);
-	pk.ifindex = skb->ifindex;
-	pk.family = p.family;
-	pk.addr = p.daddr;
-	struct pod_stats *ps = __pod_stats(PODS.lookup(&pk));
+	__u32 pod_id = fv->pod_id;
+	struct pod_stats *ps = POD_STATS.lookup(&pod_id);
 
 	if (ps)
 		ps->replies += 1;

@@ -13,6 +13,7 @@ import logging
 import socket
 import struct
 
+from interceptor.errors import InterceptorError
 from interceptor.logutil import RateLimitedLog
 from interceptor.resolver import Resolver
 from interceptor.settings import Endpoint, ServerSettings
@@ -27,6 +28,10 @@ UDP_MAX_QUERY = 4096
 UDP_RCVBUF = 4 << 20
 
 
+class ListenError(InterceptorError):
+    """cannot listen."""
+
+
 def bind_socket(ep: Endpoint, kind: int) -> socket.socket:
     family = socket.AF_INET6 if ep.family_v6 else socket.AF_INET
     sock = socket.socket(family, kind)
@@ -36,7 +41,13 @@ def bind_socket(ep: Endpoint, kind: int) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    sock.bind((ep.host, ep.port))
+    try:
+        sock.bind((ep.host, ep.port))
+    except OSError as exc:
+        sock.close()
+        raise ListenError(
+            f"{ep} ({'UDP' if kind == socket.SOCK_DGRAM else 'TCP'}): {exc.strerror}"
+        ) from exc
     sock.setblocking(False)
     return sock
 

@@ -70,6 +70,8 @@ struct flow_val {
 	__u16 orig_port;     /* network order */
 	__u16 _pad;
 	__u32 ifindex; /* host veth the query came in on */
+	__u32 pod_id;  /* the pod's counter slot, so replies need no PODS lookup */
+	__u32 _pad2;
 	__u64 created_ns;
 };
 

@@ -11,6 +11,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from interceptor.errors import InterceptorError
 
+IFA_F_NODAD = 0x02
+
 
 class AddressError(InterceptorError):
     """cannot manage the resolver address."""
@@ -25,7 +27,9 @@ def add_address(device: str, ip: str) -> bool:
         if not idx:
             raise AddressError(f"no device {device!r}")
         try:
-            ipr.addr("add", index=idx[0], address=ip, prefixlen=prefix)
+            # NODAD: a host address on lo needs no duplicate detection, and a tentative
+            # IPv6 address cannot be bound (EADDRNOTAVAIL) until DAD ends.
+            ipr.addr("add", index=idx[0], address=ip, prefixlen=prefix, flags=IFA_F_NODAD)
         except NetlinkError as exc:
             if exc.code == errno.EEXIST:
                 return False

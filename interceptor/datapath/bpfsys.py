@@ -61,6 +61,35 @@ def possible_cpus() -> int:
     return count
 
 
+class MapInfo(ct.Structure):
+    """The head of the kernel's struct bpf_map_info (uapi/linux/bpf.h)."""
+
+    _fields_ = [
+        ("type", ct.c_uint32),
+        ("id", ct.c_uint32),
+        ("key_size", ct.c_uint32),
+        ("value_size", ct.c_uint32),
+        ("max_entries", ct.c_uint32),
+        ("map_flags", ct.c_uint32),
+        ("name", ct.c_char * 16),
+    ]
+
+
+def pinned_map_shape(path: Path) -> tuple[int, int, int] | None:
+    """(key size, value size, max entries) of a pinned map, or None if there is none."""
+    fd = lib.bpf_obj_get(str(path).encode())
+    if fd < 0:
+        return None
+    try:
+        info = MapInfo()
+        size = ct.c_uint32(ct.sizeof(info))
+        if lib.bpf_obj_get_info(fd, ct.byref(info), ct.byref(size)) != 0:
+            return None
+        return info.key_size, info.value_size, info.max_entries
+    finally:
+        os.close(fd)
+
+
 class PinnedMap(Generic[K, V]):
     """A BPF map opened from its pin, with typed keys and values."""
 

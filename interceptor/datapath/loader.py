@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from interceptor.datapath import maps, tc
-from interceptor.datapath.bpfsys import BpfError, PinnedMap, ensure_bpffs
+from interceptor.datapath.bpfsys import BpfError, PinnedMap, ensure_bpffs, pinned_map_shape
 from interceptor.datapath.tcx import tcx_programs
 from interceptor.errors import InterceptorError
 
@@ -97,6 +97,7 @@ class Datapath:
         if ensure_bpffs(self.settings.pin_dir.parent):
             log.info("mounted bpffs at %s", self.settings.pin_dir.parent)
         self.settings.pin_dir.mkdir(parents=True, exist_ok=True)
+        self._drop_incompatible_pins()
         src = bpf_source_dir() / "redirect.c"
         t0 = time.monotonic()
         try:
@@ -116,6 +117,21 @@ class Datapath:
         self.maps = open_maps(self.settings.pin_dir)
         self._ipr = IPRoute()
         self._adopt_pod_ids()
+
+    def _drop_incompatible_pins(self) -> None:
+        """A pin left by a version with another layout would make the load fail (bcc reuses
+        pins as they are): unpin it, losing that map's state but not the node's DNS."""
+        for name, (key, value, entries) in MAP_SHAPES.items():
+            path = self.settings.pin_dir / name
+            shape = pinned_map_shape(path)
+            if shape is not None and shape != (ct.sizeof(key), ct.sizeof(value), entries):
+                log.warning(
+                    "pinned map %s has layout %s, this version needs %s: recreating it",
+                    path,
+                    shape,
+                    (ct.sizeof(key), ct.sizeof(value), entries),
+                )
+                path.unlink()
 
     def _adopt_pod_ids(self) -> None:
         """Keep pod ids (and so per-pod counters) across agent restarts."""
@@ -312,6 +328,18 @@ def _pod_key(ifindex: int, ip: str) -> maps.PodKey:
     k.family = maps.family_of(ip)
     k.addr = maps.IpAddr.of(ip)
     return k
+
+
+MAP_SHAPES: dict[str, tuple[Any, Any, int]] = {
+    "CONFIG": (ct.c_uint32, maps.Config, 1),
+    "CAPTURE": (maps.CaptureKey, ct.c_uint32, maps.MAX_CAPTURE),
+    "PODS": (maps.PodKey, maps.PodInfo, maps.MAX_PODS),
+    "IFACES": (ct.c_uint32, maps.IfaceInfo, maps.MAX_PODS),
+    "FLOWS": (maps.FlowKey, maps.FlowVal, maps.MAX_FLOWS),
+    "REASONS": (ct.c_uint32, ct.c_uint64, len(maps.REASONS)),
+    "POD_STATS": (ct.c_uint32, maps.PodStats, maps.MAX_PODS),
+}
+"""name -> (key type, value type, max entries), as bpf/redirect.c declares them."""
 
 
 def open_maps(pin_dir: Path) -> dict[str, PinnedMap]:  # type: ignore[type-arg]

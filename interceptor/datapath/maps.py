@@ -118,6 +118,8 @@ class FlowVal(ct.Structure):
         ("orig_port", ct.c_uint16),
         ("_pad", ct.c_uint16),
         ("ifindex", ct.c_uint32),
+        ("pod_id", ct.c_uint32),
+        ("_pad2", ct.c_uint32),
         ("created_ns", ct.c_uint64),
     ]
 
