@@ -25,8 +25,10 @@ unit: setup
 test: lint
 	$(PY) -m pytest tests -q
 
+# Benchmarks print their figures; they are not pass/fail tests.  The datapath one needs root.
 bench: setup
 	$(PY) -m tests.bench.serve_vs_dnsmasq
+	$(PY) -m tests.bench.datapath
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
