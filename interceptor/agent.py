@@ -205,10 +205,5 @@ class Agent:
             self._kick.clear()
             try:
                 await self.reconcile(finder)
-                for _ in range(10):  # bridge pods may need a neighbour resolution first
-                    if self._all_found():
-                        break
-                    await asyncio.sleep(0.1)
-                    await self.reconcile(finder)
             except Exception as exc:  # keep serving; the next pass retries
                 log.warning("reconcile failed: %s", exc)

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from interceptor.lab import stop
+
 BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
 
 TOUR: list[tuple[str, str, str]] = [
@@ -90,16 +92,6 @@ def _wait_answering(port: int, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.2)
     return False
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _summarise(dig_output: str) -> tuple[str, list[str]]:
@@ -197,4 +189,4 @@ def run_serve_tour() -> int:
             return 0
         finally:
             for proc in reversed(procs):
-                _stop(proc)
+                stop(proc)

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DNS_IP = "10.96.0.10"
 DNS_IP6 = "fd00:96::a"
@@ -101,21 +102,7 @@ class Lab:
         sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=self.node)
         sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", netns=self.node)
         # node <-> kube-dns
-        sh(
-            "ip",
-            "link",
-            "add",
-            "dns0",
-            "netns",
-            self.node,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            self.dns,
-        )
+        self._veth("dns0", self.dns)
         sh("ip", "addr", "add", f"{NODE_UPLINK}/30", "dev", "dns0", netns=self.node)
         sh("ip", "link", "set", "dns0", "up", netns=self.node)
         sh("ip", "route", "add", f"{DNS_IP}/32", "via", DNS_UPLINK, netns=self.node)
@@ -136,6 +123,24 @@ class Lab:
         for pod in self.pods:
             self._add_pod(pod)
 
+    def _veth(self, host_side: str, peer_netns: str) -> None:
+        """A veth pair: ``host_side`` in the node, ``eth0`` in ``peer_netns``."""
+        sh(
+            "ip",
+            "link",
+            "add",
+            host_side,
+            "netns",
+            self.node,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            peer_netns,
+        )
+
     def add_pod(self, pod: PodSpec) -> None:
         """A pod starting on the node after the fact: new namespace, new veth."""
         self.pods.append(pod)
@@ -145,21 +150,7 @@ class Lab:
 
     def _add_pod(self, pod: PodSpec) -> None:
         ns, veth = self.pod_ns(pod.name), self.host_veth(pod.name)
-        sh(
-            "ip",
-            "link",
-            "add",
-            veth,
-            "netns",
-            self.node,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns,
-        )
+        self._veth(veth, ns)
         sh("ip", "link", "set", veth, "up", netns=self.node)
         sh("ip", "link", "set", "eth0", "up", netns=ns)
         if self.mode == "bridge":
@@ -319,7 +310,8 @@ class Agent:
         threading.Thread(target=run, daemon=True).start()
 
 
-def stop(proc: subprocess.Popen[str], timeout: float = 5) -> int:
+def stop(proc: subprocess.Popen[Any], timeout: float = 5) -> int:
+    """SIGTERM, then SIGKILL after ``timeout``: by PID, never by name."""
     if proc.poll() is None:
         proc.terminate()
         try:
