@@ -202,17 +202,29 @@ class DnsServer:
         self.tcp: TcpServer | None = None
 
     async def start(self) -> None:
-        ep = self.settings.listen
-        udp_sock = bind_socket(ep, socket.SOCK_DGRAM)
-        try:
-            tcp_sock = bind_socket(Endpoint(ep.host, udp_sock.getsockname()[1]), socket.SOCK_STREAM)
-        except OSError:
-            udp_sock.close()
-            raise
+        udp_sock, tcp_sock = self._bind_pair(self.settings.listen)
         self.udp = UdpServer(self.resolver, udp_sock)
         self.udp.start()
         self.tcp = TcpServer(self.resolver, tcp_sock, self.settings)
         await self.tcp.start()
+
+    @staticmethod
+    def _bind_pair(ep: Endpoint, tries: int = 20) -> tuple[socket.socket, socket.socket]:
+        """UDP and TCP sockets on the same port.  With port 0 the kernel picks the UDP port,
+        which TCP may already use: then try another one."""
+        for _ in range(tries):
+            udp_sock = bind_socket(ep, socket.SOCK_DGRAM)
+            try:
+                tcp_sock = bind_socket(
+                    Endpoint(ep.host, udp_sock.getsockname()[1]), socket.SOCK_STREAM
+                )
+            except ListenError:
+                udp_sock.close()
+                if ep.port != 0:
+                    raise
+                continue
+            return udp_sock, tcp_sock
+        raise ListenError(f"{ep}: no port free for both UDP and TCP after {tries} tries")
 
     @property
     def address(self) -> tuple[str, int]:
