@@ -9,12 +9,12 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from interceptor.app import example_cluster
+from interceptor.app import Feed
 from interceptor.datapath.addresses import add_address, remove_address
 from interceptor.datapath.discovery import LinkFinder, NetlinkEvents
 from interceptor.datapath.loader import Datapath, DatapathSettings
@@ -23,7 +23,6 @@ from interceptor.model.servicemap import ServiceMap
 from interceptor.resolver import Resolver
 from interceptor.server import DnsServer
 from interceptor.settings import Endpoint, ServerSettings, Settings
-from interceptor.sources.yamlfile import FileSource
 from interceptor.upstream import Forwarder
 
 log = logging.getLogger(__name__)
@@ -52,12 +51,20 @@ class AgentSettings:
     datapath: DatapathSettings = field(default_factory=DatapathSettings)
 
 
+async def _first(*aws: Awaitable[object]) -> None:
+    """Wait until the first of ``aws`` finishes; cancel the rest."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for t in pending:
+        t.cancel()
+
+
 class Agent:
     def __init__(self, settings: Settings, agent: AgentSettings) -> None:
         self.settings = settings
         self.agent = agent
         self.smap = ServiceMap(settings.zone)
-        self.source = FileSource(settings.source or example_cluster(), self.smap)
+        self.feed = Feed(settings, self.smap)
         self.datapath = Datapath(agent.datapath)
         self.added: list[str] = []
         self._kick = asyncio.Event()
@@ -109,7 +116,6 @@ class Agent:
 
     async def run(self) -> None:
         a = self.agent
-        self.source.load()
         await self._netlink(self.datapath.load)
         resolver = Resolver(
             self.smap,
@@ -119,6 +125,7 @@ class Agent:
             or tuple(Endpoint(ip, 53) for ip in a.captures),
             original_destination=self.datapath.original_destination,
         )
+        await self.feed.start(resolver)
         servers: list[DnsServer] = []
         loop = self._loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -144,6 +151,14 @@ class Agent:
             # Sockets first, then the heartbeat, then the programs: a packet steered to us
             # always finds a listener.
             self.datapath.configure(a.resolver_addresses, a.captures, a.capture_all)
+            if not self.feed.ready:
+                log.info(
+                    "waiting for the first full sync from %s before capturing", self.feed.origin
+                )
+                assert self.feed.kube is not None and self.feed.kube.state.first_sync
+                await _first(self.feed.kube.state.first_sync.wait(), stop.wait())
+                if stop.is_set():
+                    return
             finder = await self._netlink(LinkFinder.open)
             try:
                 await self.reconcile(finder)
@@ -163,7 +178,6 @@ class Agent:
                 )
                 tasks = [
                     asyncio.ensure_future(self._heartbeat()),
-                    asyncio.ensure_future(self.source.follow()),
                     asyncio.ensure_future(self._reconcile_loop(finder)),
                 ]
                 await stop.wait()
@@ -171,6 +185,7 @@ class Agent:
             finally:
                 await self._netlink(finder.ipr.close)
         finally:
+            await self.feed.stop()
             for t in tasks:
                 t.cancel()
             for t in tasks:
@@ -197,9 +212,18 @@ class Agent:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def _reconcile_loop(self, finder: LinkFinder) -> None:
+        seen = self.smap.generation
+        deadline = asyncio.get_running_loop().time() + self.agent.resync_interval
         while True:
+            # Wake on a netlink event, on a change of the service map (a pod came or went),
+            # or on the periodic full pass.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self.agent.resync_interval)
+                await asyncio.wait_for(self._kick.wait(), 0.25)
+            now = asyncio.get_running_loop().time()
+            if not self._kick.is_set() and self.smap.generation == seen and now < deadline:
+                continue
+            seen = self.smap.generation
+            deadline = now + self.agent.resync_interval
             self._kick.clear()
             await asyncio.sleep(0.05)  # let a burst of netlink events settle
             self._kick.clear()

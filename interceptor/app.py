@@ -13,7 +13,8 @@ from pathlib import Path
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolver import Resolver
 from interceptor.server import DnsServer
-from interceptor.settings import Settings, resolv_conf_nameservers
+from interceptor.settings import PodRecords, Settings, resolv_conf_nameservers
+from interceptor.sources.kube import ClientApi, KubeSource
 from interceptor.sources.yamlfile import FileSource
 from interceptor.upstream import Forwarder
 
@@ -25,24 +26,79 @@ def example_cluster() -> Path:
     return Path(str(importlib.resources.files("interceptor") / "example" / "cluster.yaml"))
 
 
+class Feed:
+    """What keeps the service map filled: the YAML file (ready at once) or the Kubernetes
+    watch (ready after its first full sync; until then cluster names get SERVFAIL)."""
+
+    def __init__(self, settings: Settings, smap: ServiceMap) -> None:
+        self.settings = settings
+        self.smap = smap
+        self.kube: KubeSource | None = None
+        self.file: FileSource | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def origin(self) -> str:
+        if self.settings.kube is not None:
+            k = self.settings.kube
+            return f"the Kubernetes API ({k.kubeconfig or 'in-cluster'})"
+        return str(self.settings.source or example_cluster())
+
+    async def start(self, resolver: Resolver) -> None:
+        if self.settings.kube is None:
+            self.file = FileSource(self.settings.source or example_cluster(), self.smap)
+            self.file.load()
+            self._log_loaded()
+            self._tasks.append(asyncio.ensure_future(self.file.follow()))
+            return
+        k = self.settings.kube
+        api = ClientApi(k.kubeconfig)
+        all_pods = self.settings.zone.pod_records is PodRecords.VERIFIED
+        self.kube = KubeSource(api, self.smap, k.node_name, all_pods, asyncio.get_running_loop())
+        resolver.ready = False
+        self.kube.start()
+        self._tasks.append(asyncio.ensure_future(self._await_sync(resolver)))
+
+    async def _await_sync(self, resolver: Resolver) -> None:
+        assert self.kube is not None and self.kube.state.first_sync is not None
+        await self.kube.state.first_sync.wait()
+        resolver.ready = True
+        self._log_loaded()
+
+    @property
+    def ready(self) -> bool:
+        return self.kube is None or self.kube.state.ready
+
+    def _log_loaded(self) -> None:
+        stats = self.smap.stats()
+        log.info(
+            "service map loaded from %s: %d services, %d endpoint slices, %d pods, "
+            "%d mesh hosts, %d precomputed answers",
+            self.origin,
+            stats["services"],
+            stats["endpointslices"],
+            stats["pods"],
+            stats["mesh_hosts"],
+            stats["answers"],
+        )
+
+    async def stop(self) -> None:
+        if self.kube is not None:
+            self.kube.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     """Run ``interceptor serve`` until SIGTERM or SIGINT."""
     smap = ServiceMap(settings.zone)
-    source = FileSource(settings.source or example_cluster(), smap)
-    source.load()
-    stats = smap.stats()
-    log.info(
-        "service map loaded from %s: %d services, %d endpoint slices, %d pods, "
-        "%d mesh hosts, %d precomputed answers",
-        source.path,
-        stats["services"],
-        stats["endpointslices"],
-        stats["pods"],
-        stats["mesh_hosts"],
-        stats["answers"],
-    )
+    feed = Feed(settings, smap)
     upstreams = settings.upstream.servers or resolv_conf_nameservers()
     resolver = Resolver(smap, Forwarder(settings.upstream), settings, upstreams)
+    await feed.start(resolver)
     server = DnsServer(resolver, settings.server)
     await server.start()
     host, port = server.address
@@ -53,21 +109,17 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         smap.zone,
         ", ".join(map(str, upstreams)) or "nowhere",
     )
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    follower = asyncio.ensure_future(source.follow())
     if ready is not None:
         ready.set()
     try:
         await stop.wait()
         log.info("stopping")
     finally:
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
+        await feed.stop()
         await server.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

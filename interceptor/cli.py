@@ -17,6 +17,7 @@ from interceptor import __version__
 from interceptor.errors import ConfigError, InterceptorError
 from interceptor.settings import (
     Endpoint,
+    KubeSettings,
     PodRecords,
     ServerSettings,
     Settings,
@@ -80,6 +81,13 @@ def _positive_int(text: str) -> int:
 
 
 def _add_zone_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kubeconfig",
+        type=Path,
+        metavar="PATH",
+        help="watch the Kubernetes API with this kubeconfig (the agent's default is in-cluster "
+        "config; serve's is --source)",
+    )
     p.add_argument(
         "--source",
         type=Path,
@@ -270,7 +278,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ),
         upstream=UpstreamSettings(servers=tuple(args.upstream), timeout=args.upstream_timeout),
         source=args.source,
+        kube=_kube_settings(args),
     )
+
+
+def _kube_settings(args: argparse.Namespace) -> KubeSettings | None:
+    if args.source is not None and args.kubeconfig is not None:
+        raise ConfigError("give --source (a YAML file) or --kubeconfig (the API), not both")
+    node = getattr(args, "node_name", None)
+    if args.kubeconfig is not None:
+        return KubeSettings(kubeconfig=args.kubeconfig, node_name=node)
+    if args.command == "agent" and args.source is None:
+        return KubeSettings(kubeconfig=None, node_name=node)  # in-cluster: the DaemonSet
+    return None
 
 
 def agent_settings_from(args: argparse.Namespace) -> AgentSettings:

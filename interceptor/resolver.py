@@ -69,6 +69,9 @@ class Resolver:
         """Used when no override is set and the server the client asked is not known."""
         self.original_destination = original_destination
         self.max_udp = settings.server.max_udp_size
+        self.ready = True
+        """False until the source's first full sync: cluster names get SERVFAIL, because an
+        NXDOMAIN for a service that does exist would be cached by clients."""
 
     def upstreams_for(self, client: Client | None, tcp: bool) -> Sequence[Endpoint]:
         """``--upstream`` when given; else the server the pod asked (its packet's original
@@ -83,6 +86,8 @@ class Resolver:
 
     def fast(self, data: bytes) -> bytes | None:
         """Hot path for UDP: a precomputed answer, or None to take the careful path."""
+        if not self.ready:
+            return None
         return fast_response(data, self.smap.answers, self.max_udp)
 
     async def resolve(self, data: bytes, tcp: bool, client: Client | None = None) -> bytes | None:
@@ -101,6 +106,8 @@ class Resolver:
         if query.qclass != wire.CLASS_IN or query.qtype in (wire.AXFR, wire.IXFR):
             # Zone transfers of a cluster zone would hand out every service in one go.
             return error_response(data, wire.REFUSED, query, self.max_udp)
+        if not self.ready and self.smap.in_zone(query.qname):
+            return error_response(data, wire.SERVFAIL, query, self.max_udp)
         answer = self.lookup(query)
         if answer is not None:
             return assemble(query, answer, self.max_udp, limit)

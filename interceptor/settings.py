@@ -111,6 +111,16 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True)
+class KubeSettings:
+    """Where the Kubernetes API is."""
+
+    kubeconfig: Path | None = None
+    """A kubeconfig file; None means in-cluster (the pod's service account)."""
+    node_name: str | None = None
+    """Watch only this node's pods (field selector), unless every pod is needed."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a running interceptor needs to know."""
 
@@ -119,6 +129,8 @@ class Settings:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     source: Path | None = None
     """A YAML file of Kubernetes objects; None means the bundled example cluster."""
+    kube: KubeSettings | None = None
+    """Watch the Kubernetes API instead of reading ``source``."""
 
 
 def resolv_conf_nameservers(path: Path = Path("/etc/resolv.conf")) -> tuple[Endpoint, ...]:

@@ -62,6 +62,8 @@ class ServiceMap:
         self._exist: Counter[str] = Counter()
         self._ns_refs: Counter[str] = Counter()
         self._keys_of: dict[str, list[bytes]] = {}
+        self.generation = 0
+        """Bumped by every event that changed anything (watchers of the map poll it)."""
         self.answers: dict[bytes, Answer] = {}
         """(lowercased qname wire + qtype) -> precomputed answer: the hot-path table."""
         self._mesh: dict[str, MeshHost] = {}
@@ -80,6 +82,7 @@ class ServiceMap:
         if old == obj:
             return Change(0)
         self.objects[obj.key] = obj
+        self.generation += 1
         return self._changed(obj, old)
 
     def delete(self, key: Key) -> Change:
@@ -87,6 +90,7 @@ class ServiceMap:
         old = self.objects.pop(key, None)
         if old is None:
             return Change(0)
+        self.generation += 1
         return self._changed(None, old)
 
     def replace(self, objects: Iterable[KubeObject], kinds: Iterable[str] | None = None) -> int:

@@ -1,0 +1,372 @@
+"""The Kubernetes API as a source: list, then watch from the returned resourceVersion with
+bookmarks, for every kind the service map needs.
+
+The loop per resource (the shape of kopf's watching.py):
+
+* list -> ``ServiceMap.replace(objects, kinds=[kind])``: the *difference* is applied, so a
+  relist never makes a still-existing service flap to NXDOMAIN;
+* watch from the list's resourceVersion with ``allowWatchBookmarks``; ADDED/MODIFIED/DELETED
+  go to the map one by one; BOOKMARK only advances the resourceVersion;
+* ``410 Gone`` ("the resourceVersion you asked for is compacted away") -> quiet relist;
+* any other failure -> exponential backoff with jitter, keeping the last known state: an API
+  server that goes away never empties the map;
+* unknown event types are logged and skipped.
+
+The HTTP work runs in one thread per resource (the official client is synchronous); every
+map change is handed to the event loop, which is the only writer of the service map.
+Objects are decoded from raw JSON straight into the slim model types: no client model
+objects are ever built (they cost ~100x the memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from interceptor.errors import ObjectError, SourceError
+from interceptor.model.objects import KubeObject, parse
+from interceptor.model.servicemap import ServiceMap
+
+log = logging.getLogger(__name__)
+
+WATCH_TIMEOUT = 300  # seconds the server keeps one watch open before we re-watch
+BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
+
+
+class ApiError(Exception):
+    """An HTTP error from the API server, with its status code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class Api(Protocol):
+    """The two calls the source makes.  The real one wraps the official client; unit tests
+    script one."""
+
+    def list(self, path: str, params: Mapping[str, str]) -> dict[str, Any]: ...
+
+    def watch(self, path: str, params: Mapping[str, str]) -> Iterator[dict[str, Any]]: ...
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One list+watch stream feeding the map."""
+
+    kind: str
+    paths: tuple[str, ...]
+    """API paths to try in order (e.g. ServiceEntry v1, then v1beta1)."""
+    field_selector: str = ""
+    optional: bool = False
+    """A CRD that may be absent: log once and keep looking for it."""
+
+
+@dataclass
+class SyncState:
+    """What readiness and metrics need to know about the watch."""
+
+    synced: set[str] = field(default_factory=set)
+    """Kinds whose first list has been applied (or that are absent, for optional ones)."""
+    required: set[str] = field(default_factory=set)
+    connected: dict[str, bool] = field(default_factory=dict)
+    events: int = 0
+    relists: int = 0
+    errors: int = 0
+    last_error: str = ""
+    first_sync: asyncio.Event | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.required <= self.synced
+
+    @property
+    def healthy(self) -> bool:
+        return all(self.connected.get(k, False) for k in self.required)
+
+
+def resources(node_name: str | None, all_pods: bool) -> list[Resource]:
+    pod_selector = "" if all_pods or not node_name else f"spec.nodeName={node_name}"
+    return [
+        Resource("Namespace", ("/api/v1/namespaces",)),
+        Resource("Service", ("/api/v1/services",)),
+        Resource("EndpointSlice", ("/apis/discovery.k8s.io/v1/endpointslices",)),
+        Resource("Pod", ("/api/v1/pods",), field_selector=pod_selector),
+        Resource(
+            "ServiceEntry",
+            (
+                "/apis/networking.istio.io/v1/serviceentries",
+                "/apis/networking.istio.io/v1beta1/serviceentries",
+            ),
+            optional=True,
+        ),
+    ]
+
+
+def decode(kind: str, api_version: str, raw: Mapping[str, Any]) -> KubeObject | None:
+    """A raw API object (lists omit kind/apiVersion on items) in its slim form; None and a
+    log line if it does not parse."""
+    obj = dict(raw)
+    obj.setdefault("kind", kind)
+    obj.setdefault("apiVersion", api_version)
+    try:
+        return parse(obj)
+    except ObjectError as exc:
+        log.error("skipped %s", exc)
+        return None
+
+
+Apply = Callable[[Callable[[], None]], None]
+"""Runs a function on the event loop thread (the only writer of the map)."""
+
+
+class ResourceWatcher:
+    """list -> watch -> (410: relist | error: backoff) for one resource, in a thread."""
+
+    def __init__(
+        self,
+        api: Api,
+        resource: Resource,
+        smap: ServiceMap,
+        state: SyncState,
+        apply: Apply,
+        sleep: Callable[[float], object] | None = None,
+    ) -> None:
+        self.api = api
+        self.resource = resource
+        self.smap = smap
+        self.state = state
+        self.apply = apply
+        self.stopped = threading.Event()
+        self.sleep = sleep or self.stopped.wait
+        """Waits (interruptibly, by default) between attempts; tests pass a recorder."""
+        self._path: str | None = None
+        self._absent_logged = False
+
+    def params(self, **extra: str) -> dict[str, str]:
+        out = dict(extra)
+        if self.resource.field_selector:
+            out["fieldSelector"] = self.resource.field_selector
+        return out
+
+    def run(self) -> None:
+        backoff = BACKOFF_START
+        while not self.stopped.is_set():
+            try:
+                self.run_once()
+                backoff = BACKOFF_START
+            except ApiError as exc:
+                if exc.status == 410:
+                    continue  # compacted: relist at once, quietly
+                backoff = self._failed(exc, backoff)
+            except Exception as exc:  # connection refused, reset, timeout, bad JSON
+                backoff = self._failed(exc, backoff)
+
+    def _failed(self, exc: Exception, backoff: float) -> float:
+        kind = self.resource.kind
+        self.state.connected[kind] = False
+        self.state.errors += 1
+        self.state.last_error = f"{kind}: {exc}"
+        hint = ""
+        if isinstance(exc, ApiError) and exc.status == 403:
+            hint = (
+                f" (RBAC: the agent's ServiceAccount needs list and watch on "
+                f"{self._path or self.resource.paths[0]})"
+            )
+        log.warning(
+            "watch of %s failed: %s%s; keeping the last known state, retrying in %.1fs",
+            kind,
+            exc,
+            hint,
+            backoff,
+        )
+        self.sleep(backoff * random.uniform(0.5, 1.0))  # jitter: nodes must not stampede
+        return min(backoff * 2, BACKOFF_MAX)
+
+    def _find_path(self) -> str | None:
+        """The first API path that exists; None for an absent optional CRD."""
+        for path in self.resource.paths:
+            try:
+                self.api.list(path, {"limit": "1"})
+                return path
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+        return None
+
+    def run_once(self) -> None:
+        kind = self.resource.kind
+        if self._path is None:
+            self._path = self._find_path()
+            if self._path is None:
+                if not self._absent_logged:
+                    log.info(
+                        "%s is not served by this API server (CRD absent): carrying on "
+                        "without it, and looking again every 60s",
+                        kind,
+                    )
+                    self._absent_logged = True
+                self._mark_synced()
+                self.state.connected[kind] = True
+                self.sleep(60)
+                return
+        path = self._path
+        api_version = path.split("/apis/")[-1].rsplit("/", 1)[0] if "/apis/" in path else "v1"
+        listed = self.api.list(path, self.params())
+        objects = [
+            o
+            for o in (decode(kind, api_version, item) for item in listed.get("items") or [])
+            if o is not None
+        ]
+        version = str((listed.get("metadata") or {}).get("resourceVersion", ""))
+        self.apply(lambda: self._replace(objects))
+        self.state.relists += 1
+        self.state.connected[kind] = True
+        log.debug("listed %d %s at resourceVersion %s", len(objects), kind, version)
+        while not self.stopped.is_set():
+            params = self.params(
+                watch="1",
+                resourceVersion=version,
+                allowWatchBookmarks="true",
+                timeoutSeconds=str(WATCH_TIMEOUT),
+            )
+            for event in self.api.watch(path, params):
+                if self.stopped.is_set():
+                    return
+                version = self._event(event, kind, api_version) or version
+
+    def _event(self, event: Mapping[str, Any], kind: str, api_version: str) -> str | None:
+        etype = event.get("type")
+        raw = event.get("object") or {}
+        if etype == "ERROR":
+            status = raw.get("code", 500) if isinstance(raw, Mapping) else 500
+            raise ApiError(
+                int(status), str(raw.get("message", raw)) if isinstance(raw, Mapping) else str(raw)
+            )
+        meta = raw.get("metadata") or {} if isinstance(raw, Mapping) else {}
+        version = str(meta.get("resourceVersion", "")) or None
+        if etype == "BOOKMARK":
+            return version
+        if etype not in ("ADDED", "MODIFIED", "DELETED"):
+            log.warning("skipped a watch event of unknown type %r for %s", etype, kind)
+            return version
+        obj = decode(kind, api_version, raw)
+        if obj is None:
+            return version
+        self.state.events += 1
+        if etype == "DELETED":
+            self.apply(lambda: self._delete(obj))
+        else:
+            self.apply(lambda: self._upsert(obj))
+        return version
+
+    def _replace(self, objects: list[KubeObject]) -> None:
+        self.smap.replace(objects, kinds=[self.resource.kind])
+        self._mark_synced()
+
+    def _upsert(self, obj: KubeObject) -> None:
+        self.smap.upsert(obj)
+
+    def _delete(self, obj: KubeObject) -> None:
+        self.smap.delete(obj.key)
+
+    def _mark_synced(self) -> None:
+        self.state.synced.add(self.resource.kind)
+        if self.state.ready and self.state.first_sync is not None:
+            self.state.first_sync.set()
+
+
+class ClientApi:
+    """:class:`Api` over the official client's configuration and connection pool (TLS,
+    tokens, kubeconfig or in-cluster), reading raw JSON."""
+
+    def __init__(self, kubeconfig: Path | None) -> None:
+        from kubernetes import client, config
+        from kubernetes.config.config_exception import ConfigException
+
+        try:
+            if kubeconfig is not None:
+                config.load_kube_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+            else:
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except (ConfigException, OSError) as exc:
+            where = str(kubeconfig) if kubeconfig else "in-cluster (service account)"
+            raise SourceError(f"Kubernetes configuration {where}: {exc}") from exc
+        self.client = client.ApiClient()
+
+    def _request(self, path: str, params: Mapping[str, str], timeout: float) -> Any:
+        method, url, headers, _, _ = self.client.param_serialize(
+            "GET",
+            path,
+            query_params=list(params.items()),
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        resp = self.client.rest_client.request(  # type: ignore[no-untyped-call]
+            method, url, headers=headers, _request_timeout=(10, timeout)
+        )
+        if resp.status >= 400:
+            body = resp.read()
+            try:
+                message = json.loads(body).get("message", "")
+            except (ValueError, AttributeError):
+                message = body[:200].decode(errors="replace")
+            raise ApiError(resp.status, message)
+        return resp
+
+    def list(self, path: str, params: Mapping[str, str]) -> dict[str, Any]:
+        resp = self._request(path, params, 60)
+        data: dict[str, Any] = json.loads(resp.read())
+        return data
+
+    def watch(self, path: str, params: Mapping[str, str]) -> Iterator[dict[str, Any]]:
+        resp = self._request(path, params, WATCH_TIMEOUT + 30)
+        buf = b""
+        try:
+            for chunk in resp.response.stream(65536, decode_content=True):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        yield json.loads(line)
+        finally:
+            resp.response.release_conn()
+
+
+class KubeSource:
+    """All the resource watchers, started as daemon threads."""
+
+    def __init__(
+        self,
+        api: Api,
+        smap: ServiceMap,
+        node_name: str | None,
+        all_pods: bool,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.smap = smap
+        self.state = SyncState(first_sync=asyncio.Event())
+        self.loop = loop
+        self.watchers: list[ResourceWatcher] = []
+        for res in resources(node_name, all_pods):
+            self.state.required.add(res.kind)
+            self.watchers.append(ResourceWatcher(api, res, smap, self.state, self._apply))
+
+    def _apply(self, fn: Callable[[], None]) -> None:
+        self.loop.call_soon_threadsafe(fn)
+
+    def start(self) -> None:
+        for w in self.watchers:
+            threading.Thread(target=w.run, name=f"watch-{w.resource.kind}", daemon=True).start()
+
+    def stop(self) -> None:
+        for w in self.watchers:
+            w.stopped.set()

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Builds the e2e test peers from the Go module proxy, once per machine:
+#   kube-apiserver (k8s.io/kubernetes) and etcd (go.etcd.io/etcd/server/v3).
+# Binaries land in $INTERCEPTOR_CACHE/bin (default /var/cache/dns-interceptor/bin), named with
+# their version, so a clean clone (CI) reuses them and a version bump rebuilds.
+set -euo pipefail
+
+K8S_VERSION=v1.34.4
+ETCD_VERSION=v3.6.16
+CACHE=${INTERCEPTOR_CACHE:-/var/cache/dns-interceptor}
+BIN=$CACHE/bin
+mkdir -p "$BIN"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# A throw-away module: k8s.io/kubernetes replaces its staging modules with local paths, which
+# `go install` refuses; in our own module we point each of them at its published version.
+build() {  # build NAME PACKAGE MODULE VERSION
+  local name=$1 pkg=$2 mod=$3 ver=$4 out="$BIN/$1-$4"
+  if [[ -x $out ]]; then
+    echo "$out"
+    return
+  fi
+  local work
+  work=$(mktemp -d "$CACHE/build-$name.XXXX")
+  trap 'rm -rf "$work"' RETURN
+  say "building $name $ver from the Go module proxy (once per machine; several minutes on 2 cores)"
+  (
+    cd "$work"
+    go mod init peers >/dev/null 2>&1
+    local gomod
+    gomod=$(go mod download -json "$mod@$ver" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+    # Every `replace X => ./staging/...` (or ../x) of the peer becomes X => X@<its version>.
+    local minor=${ver#v1.}
+    while read -r m; do
+      case $mod in
+        k8s.io/kubernetes) go mod edit -replace="$m=$m@v0.$minor" ;;
+        *) go mod edit -replace="$m=$m@$ver" ;;
+      esac
+    done < <(grep -E '^\s*[a-z0-9./-]+ => \.\.?/' "$gomod" | awk '{print $1}' | sort -u)
+    go get "$pkg@$ver" >&2
+    say "compiling $name"
+    CGO_ENABLED=0 go build -trimpath -o "$out.tmp" "$pkg" >&2
+    mv "$out.tmp" "$out"
+  )
+  echo "$out"
+}
+
+build etcd go.etcd.io/etcd/server/v3 go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
+build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes "$K8S_VERSION"
