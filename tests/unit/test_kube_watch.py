@@ -1,0 +1,218 @@
+"""The watch loop against scripted API responses: list, watch, bookmarks, 410 relist without
+flapping, errors with backoff that keep the last state, RBAC hints, an absent CRD."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from interceptor.dns import wire
+from interceptor.model.servicemap import ServiceMap
+from interceptor.settings import ZoneSettings
+from interceptor.sources.kube import ApiError, Resource, ResourceWatcher, SyncState
+
+SVC_PATH = "/api/v1/services"
+
+
+def svc(name: str, ip: str, rv: str = "1") -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "ns", "resourceVersion": rv},
+        "spec": {"clusterIP": ip},
+    }
+
+
+def key(name: str) -> bytes:
+    return wire.encode_name(f"{name}.ns.svc.cluster.local") + b"\x00\x01"
+
+
+class Script:
+    """Each call to list/watch takes the next step; a step is a value or an exception."""
+
+    def __init__(self, lists: list[Any], watches: list[Any]) -> None:
+        self.lists = lists
+        self.watches = watches
+        self.calls: list[tuple[str, str, dict[str, str]]] = []
+
+    def list(self, path: str, params: Mapping[str, str]) -> dict[str, Any]:
+        self.calls.append(("list", path, dict(params)))
+        if params.get("limit") == "1":
+            return {"items": []}  # the path probe
+        step = self.lists.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        return step  # type: ignore[no-any-return]
+
+    def watch(self, path: str, params: Mapping[str, str]) -> Iterator[dict[str, Any]]:
+        self.calls.append(("watch", path, dict(params)))
+        step = self.watches.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        yield from step
+
+
+def run(
+    script: Script,
+    smap: ServiceMap,
+    resource: Resource | None = None,
+    on_apply: Callable[[ServiceMap], None] | None = None,
+) -> tuple[SyncState, list[float]]:
+    """Run the watcher until the script is used up; applies run inline."""
+    state = SyncState(required={"Service"})
+    sleeps: list[float] = []
+    res = resource or Resource("Service", (SVC_PATH,))
+
+    def apply(fn: Callable[[], None]) -> None:
+        fn()
+        if on_apply is not None:
+            on_apply(smap)
+
+    w = ResourceWatcher(script, res, smap, state, apply, sleep=sleeps.append)  # type: ignore[arg-type]
+
+    def stop_when_done() -> None:
+        if not script.lists and not script.watches:
+            w.stopped.set()
+
+    original = script.watch
+
+    def watch(path: str, params: Mapping[str, str]) -> Iterator[dict[str, Any]]:
+        yield from original(path, params)
+        stop_when_done()
+
+    script.watch = watch  # type: ignore[method-assign]
+    w.run()
+    return state, sleeps
+
+
+def test_list_then_watch_events_and_bookmark() -> None:
+    smap = ServiceMap(ZoneSettings())
+    script = Script(
+        lists=[{"metadata": {"resourceVersion": "10"}, "items": [svc("a", "10.0.0.1")]}],
+        watches=[
+            [
+                {"type": "ADDED", "object": svc("b", "10.0.0.2", "11")},
+                {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "15"}}},
+                {"type": "MODIFIED", "object": svc("a", "10.0.0.9", "16")},
+                {"type": "DELETED", "object": svc("b", "10.0.0.2", "17")},
+                {"type": "SURPRISE", "object": {}},
+            ],
+            [],
+        ],
+    )
+    state, _ = run(script, smap)
+    assert state.ready and state.events == 3
+    assert key("a") in smap.answers and key("b") not in smap.answers
+    assert smap.answers[key("a")].body.endswith(bytes([10, 0, 0, 9]))
+    watches = [c for c in script.calls if c[0] == "watch"]
+    assert watches[0][2]["resourceVersion"] == "10"
+    assert watches[0][2]["allowWatchBookmarks"] == "true"
+    assert watches[1][2]["resourceVersion"] == "17"  # resumes after the last event seen
+
+
+def test_410_relists_quietly_without_flapping() -> None:
+    smap = ServiceMap(ZoneSettings())
+    seen_missing: list[bool] = []
+    script = Script(
+        lists=[
+            {"metadata": {"resourceVersion": "10"}, "items": [svc("a", "10.0.0.1")]},
+            # After compaction: "a" still exists, "c" appeared while we were away.
+            {
+                "metadata": {"resourceVersion": "50"},
+                "items": [svc("a", "10.0.0.1"), svc("c", "10.0.0.3")],
+            },
+        ],
+        watches=[[{"type": "ERROR", "object": {"code": 410, "message": "too old"}}], []],
+    )
+    state, sleeps = run(
+        script, smap, on_apply=lambda m: seen_missing.append(key("a") not in m.answers)
+    )
+    assert not any(seen_missing[1:]), "a still-existing service vanished during the relist"
+    assert key("c") in smap.answers
+    assert sleeps == [] and state.relists == 2 and state.errors == 0
+
+
+def test_api_server_gone_keeps_state_and_backs_off() -> None:
+    smap = ServiceMap(ZoneSettings())
+    script = Script(
+        lists=[
+            {"metadata": {"resourceVersion": "1"}, "items": [svc("a", "10.0.0.1")]},
+            ConnectionRefusedError("refused"),
+            ConnectionRefusedError("refused"),
+            {"metadata": {"resourceVersion": "9"}, "items": [svc("a", "10.0.0.1")]},
+        ],
+        watches=[ConnectionResetError("reset"), []],
+    )
+    state, sleeps = run(script, smap)
+    assert key("a") in smap.answers  # never emptied
+    assert len(sleeps) == 3 and sleeps[0] <= 0.5 and sleeps[1] <= 1.0 and sleeps[2] <= 2.0
+    assert sleeps[2] > sleeps[0]  # exponential, with jitter in [0.5, 1] x
+    assert state.errors == 3 and state.connected["Service"]
+
+
+def test_forbidden_is_reported_with_an_rbac_hint(caplog: pytest.LogCaptureFixture) -> None:
+    smap = ServiceMap(ZoneSettings())
+    script = Script(
+        lists=[
+            ApiError(403, 'services is forbidden: User "x" cannot list'),
+            {"metadata": {"resourceVersion": "1"}, "items": []},
+        ],
+        watches=[[]],
+    )
+    state, sleeps = run(script, smap)
+    assert (
+        "RBAC: the agent's ServiceAccount needs list and watch on /api/v1/services" in caplog.text
+    )
+    assert len(sleeps) == 1 and state.ready
+
+
+def test_absent_crd_is_ready_and_falls_back_to_v1beta1() -> None:
+    smap = ServiceMap(ZoneSettings())
+
+    class NoCrd(Script):
+        def list(self, path: str, params: Mapping[str, str]) -> dict[str, Any]:
+            self.calls.append(("list", path, dict(params)))
+            raise ApiError(404, "not found")
+
+    script = NoCrd([], [])
+    state = SyncState(required={"ServiceEntry"})
+    sleeps: list[float] = []
+    res = Resource(
+        "ServiceEntry",
+        ("/apis/x/v1/serviceentries", "/apis/x/v1beta1/serviceentries"),
+        optional=True,
+    )
+    w = ResourceWatcher(
+        script,
+        res,
+        smap,
+        state,
+        lambda fn: fn(),
+        sleep=lambda s: (sleeps.append(s), w.stopped.set()),
+    )
+    w.run()
+    assert state.ready and sleeps == [60]
+    assert [c[1] for c in script.calls] == [
+        "/apis/x/v1/serviceentries",
+        "/apis/x/v1beta1/serviceentries",
+    ]
+
+
+def test_bad_object_in_watch_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    smap = ServiceMap(ZoneSettings())
+    bad = {
+        "metadata": {"name": "bad", "namespace": "ns", "resourceVersion": "3"},
+        "spec": {"clusterIP": "not-an-ip"},
+    }
+    script = Script(
+        lists=[{"metadata": {"resourceVersion": "1"}, "items": []}],
+        watches=[
+            [
+                {"type": "ADDED", "object": bad},
+                {"type": "ADDED", "object": svc("ok", "10.0.0.5", "4")},
+            ]
+        ],
+    )
+    run(script, smap)
+    assert key("ok") in smap.answers
+    assert "Service ns/bad: field spec.clusterIPs" in caplog.text
