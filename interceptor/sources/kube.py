@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -37,6 +38,9 @@ from interceptor.model.servicemap import ServiceMap
 log = logging.getLogger(__name__)
 
 WATCH_TIMEOUT = 300  # seconds the server keeps one watch open before we re-watch
+# How often an absent CRD (ServiceEntry without Istio) is looked for again.  The environment
+# override exists for the e2e tests, which install the CRD after the agent started.
+CRD_RECHECK = float(os.environ.get("INTERCEPTOR_CRD_RECHECK", "60"))
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 
 
@@ -149,6 +153,8 @@ class ResourceWatcher:
         self.sleep = sleep or self.stopped.wait
         """Waits (interruptibly, by default) between attempts; tests pass a recorder."""
         self._path: str | None = None
+        self._version: str | None = None
+        """resourceVersion to watch from; None means list first."""
         self._absent_logged = False
 
     def params(self, **extra: str) -> dict[str, str]:
@@ -165,7 +171,16 @@ class ResourceWatcher:
                 backoff = BACKOFF_START
             except ApiError as exc:
                 if exc.status == 410:
-                    continue  # compacted: relist at once, quietly
+                    # Compacted, or a restarted API server's watch cache starts later than
+                    # our resourceVersion: relist at once; the diff keeps answers steady.
+                    log.info("relisting %s: resourceVersion expired (410 Gone)", self.resource.kind)
+                    self._version = None
+                    continue
+                if exc.status == 429:
+                    # Throttled, or storage (re)initialising: the server asks for a short
+                    # pause (Retry-After), not for an ever longer backoff.
+                    self.sleep(1.0)
+                    continue
                 backoff = self._failed(exc, backoff)
             except Exception as exc:  # connection refused, reset, timeout, bad JSON
                 backoff = self._failed(exc, backoff)
@@ -210,16 +225,37 @@ class ResourceWatcher:
                 if not self._absent_logged:
                     log.info(
                         "%s is not served by this API server (CRD absent): carrying on "
-                        "without it, and looking again every 60s",
+                        "without it, and looking again every %gs",
                         kind,
+                        CRD_RECHECK,
                     )
                     self._absent_logged = True
                 self._mark_synced()
                 self.state.connected[kind] = True
-                self.sleep(60)
+                self.sleep(CRD_RECHECK)
                 return
         path = self._path
         api_version = path.split("/apis/")[-1].rsplit("/", 1)[0] if "/apis/" in path else "v1"
+        if self._version is None:
+            # Only the first time and after 410: a dropped connection resumes the watch from
+            # the last resourceVersion seen, as client-go's reflector does, sparing the API
+            # server a full list from every node.
+            self._version = self._list(path, api_version)
+        while not self.stopped.is_set():
+            params = self.params(
+                watch="1",
+                resourceVersion=self._version,
+                allowWatchBookmarks="true",
+                timeoutSeconds=str(WATCH_TIMEOUT),
+            )
+            for event in self.api.watch(path, params):
+                if self.stopped.is_set():
+                    return
+                self._version = self._event(event, kind, api_version) or self._version
+            self.state.connected[kind] = True
+
+    def _list(self, path: str, api_version: str) -> str:
+        kind = self.resource.kind
         listed = self.api.list(path, self.params())
         objects = [
             o
@@ -231,17 +267,7 @@ class ResourceWatcher:
         self.state.relists += 1
         self.state.connected[kind] = True
         log.debug("listed %d %s at resourceVersion %s", len(objects), kind, version)
-        while not self.stopped.is_set():
-            params = self.params(
-                watch="1",
-                resourceVersion=version,
-                allowWatchBookmarks="true",
-                timeoutSeconds=str(WATCH_TIMEOUT),
-            )
-            for event in self.api.watch(path, params):
-                if self.stopped.is_set():
-                    return
-                version = self._event(event, kind, api_version) or version
+        return version
 
     def _event(self, event: Mapping[str, Any], kind: str, api_version: str) -> str | None:
         etype = event.get("type")

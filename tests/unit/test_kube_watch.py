@@ -63,12 +63,17 @@ def run(
     sleeps: list[float] = []
     res = resource or Resource("Service", (SVC_PATH,))
 
+    def record_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) > 20:  # a broken loop must fail the test, not hang it
+            w.stopped.set()
+
     def apply(fn: Callable[[], None]) -> None:
         fn()
         if on_apply is not None:
             on_apply(smap)
 
-    w = ResourceWatcher(script, res, smap, state, apply, sleep=sleeps.append)  # type: ignore[arg-type]
+    w = ResourceWatcher(script, res, smap, state, apply, sleep=record_sleep)  # type: ignore[arg-type]
 
     def stop_when_done() -> None:
         if not script.lists and not script.watches:
@@ -132,22 +137,29 @@ def test_410_relists_quietly_without_flapping() -> None:
     assert sleeps == [] and state.relists == 2 and state.errors == 0
 
 
-def test_api_server_gone_keeps_state_and_backs_off() -> None:
+def test_api_server_gone_keeps_state_backs_off_and_resumes_the_watch() -> None:
     smap = ServiceMap(ZoneSettings())
     script = Script(
         lists=[
-            {"metadata": {"resourceVersion": "1"}, "items": [svc("a", "10.0.0.1")]},
             ConnectionRefusedError("refused"),
             ConnectionRefusedError("refused"),
-            {"metadata": {"resourceVersion": "9"}, "items": [svc("a", "10.0.0.1")]},
+            {"metadata": {"resourceVersion": "7"}, "items": [svc("a", "10.0.0.1")]},
         ],
-        watches=[ConnectionResetError("reset"), []],
+        watches=[
+            [{"type": "ADDED", "object": svc("b", "10.0.0.2", "8")}],
+            ConnectionResetError("reset"),
+            [],
+        ],
     )
     state, sleeps = run(script, smap)
-    assert key("a") in smap.answers  # never emptied
+    assert key("a") in smap.answers and key("b") in smap.answers  # never emptied
     assert len(sleeps) == 3 and sleeps[0] <= 0.5 and sleeps[1] <= 1.0 and sleeps[2] <= 2.0
-    assert sleeps[2] > sleeps[0]  # exponential, with jitter in [0.5, 1] x
+    assert sleeps[1] > sleeps[0] * 0.99 / 2  # grows (with jitter in [0.5, 1] x)
     assert state.errors == 3 and state.connected["Service"]
+    # The dropped watch resumed from the last resourceVersion: no second list.
+    assert state.relists == 1
+    watches = [c[2]["resourceVersion"] for c in script.calls if c[0] == "watch"]
+    assert watches == ["7", "8", "8"]
 
 
 def test_forbidden_is_reported_with_an_rbac_hint(caplog: pytest.LogCaptureFixture) -> None:
@@ -191,7 +203,7 @@ def test_absent_crd_is_ready_and_falls_back_to_v1beta1() -> None:
         sleep=lambda s: (sleeps.append(s), w.stopped.set()),
     )
     w.run()
-    assert state.ready and sleeps == [60]
+    assert state.ready and sleeps == [60.0]
     assert [c[1] for c in script.calls] == [
         "/apis/x/v1/serviceentries",
         "/apis/x/v1beta1/serviceentries",
