@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test unit integration lint bench clean
+.PHONY: setup demo test unit integration lint bench clean peers
 
 setup:
 	@bash scripts/setup.sh
@@ -21,9 +21,13 @@ lint: setup
 unit: setup
 	$(PY) -m pytest tests/unit -q
 
-# The full suite: lint, types, unit, integration (root) and e2e tiers.
-test: lint
+# The full suite: lint, types, unit, integration (root) and e2e tiers.  The e2e tier needs
+# kube-apiserver and etcd, built once per machine from the Go module proxy (cached).
+test: lint peers
 	$(PY) -m pytest tests -q
+
+peers:
+	@bash scripts/build-peers.sh >/dev/null
 
 # Benchmarks print their figures; they are not pass/fail tests.  The datapath one needs root.
 bench: setup

@@ -18,6 +18,7 @@ from interceptor.app import Feed
 from interceptor.datapath.addresses import add_address, remove_address
 from interceptor.datapath.discovery import LinkFinder, NetlinkEvents
 from interceptor.datapath.loader import Datapath, DatapathSettings
+from interceptor.health import HealthServer
 from interceptor.model.nodepods import NodePod, node_pods
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolver import Resolver
@@ -70,6 +71,7 @@ class Agent:
         self._kick = asyncio.Event()
         self._last_desired: dict[int, tuple[str, tuple[str, ...]]] = {}
         self._nl_thread = ThreadPoolExecutor(1, thread_name_prefix="netlink")
+        self._programs_ready = False
 
     def desired(
         self, pods: list[NodePod], finder: LinkFinder
@@ -126,6 +128,11 @@ class Agent:
             original_destination=self.datapath.original_destination,
         )
         await self.feed.start(resolver)
+        health = (
+            HealthServer(self.settings.health, self.readiness) if self.settings.health else None
+        )
+        if health is not None:
+            await health.start()
         servers: list[DnsServer] = []
         loop = self._loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -167,6 +174,7 @@ class Agent:
                         break
                     await asyncio.sleep(0.1)
                     await self.reconcile(finder)
+                self._programs_ready = True
                 events = NetlinkEvents(self._kick_from_thread)
                 events.start()
                 log.info(
@@ -185,6 +193,8 @@ class Agent:
             finally:
                 await self._netlink(finder.ipr.close)
         finally:
+            if health is not None:
+                await health.close()
             await self.feed.stop()
             for t in tasks:
                 t.cancel()
@@ -202,6 +212,14 @@ class Agent:
             self._nl_thread.shutdown()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+
+    def readiness(self) -> tuple[bool, str]:
+        ok, why = self.feed.readiness()
+        if not ok:
+            return ok, why
+        if not self._programs_ready:
+            return False, "not ready: BPF programs not attached yet"
+        return True, f"{why}; capturing on {len(self.datapath.attached)} veth(s)"
 
     def _kick_from_thread(self) -> None:
         self._loop.call_soon_threadsafe(self._kick.set)

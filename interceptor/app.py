@@ -10,6 +10,7 @@ import logging
 import signal
 from pathlib import Path
 
+from interceptor.health import HealthServer
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolver import Resolver
 from interceptor.server import DnsServer
@@ -69,6 +70,21 @@ class Feed:
     def ready(self) -> bool:
         return self.kube is None or self.kube.state.ready
 
+    def readiness(self) -> tuple[bool, str]:
+        """For /readyz: synced at least once; and whether the API is reachable right now."""
+        if self.kube is None:
+            return True, f"ready: serving {self.origin}"
+        st = self.kube.state
+        if not st.ready:
+            waiting = ", ".join(sorted(st.required - st.synced))
+            return False, f"not ready: waiting for the first sync of {waiting}"
+        if not st.healthy:
+            return True, (
+                f"ready, degraded: the API server is unreachable ({st.last_error}); "
+                "answering from the last known state"
+            )
+        return True, f"ready: {st.events} watch events, {st.relists} lists, {st.errors} errors"
+
     def _log_loaded(self) -> None:
         stats = self.smap.stats()
         log.info(
@@ -94,6 +110,11 @@ class Feed:
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     """Run ``interceptor serve`` until SIGTERM or SIGINT."""
+    # Signals first: a supervisor may stop us as soon as we say we are serving.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     smap = ServiceMap(settings.zone)
     feed = Feed(settings, smap)
     upstreams = settings.upstream.servers or resolv_conf_nameservers()
@@ -101,6 +122,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     await feed.start(resolver)
     server = DnsServer(resolver, settings.server)
     await server.start()
+    health = HealthServer(settings.health, feed.readiness) if settings.health else None
+    if health is not None:
+        await health.start()
     host, port = server.address
     log.info(
         "serving DNS on %s port %d (UDP and TCP) for zone %s; forwarding other names to %s",
@@ -109,10 +133,6 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         smap.zone,
         ", ".join(map(str, upstreams)) or "nowhere",
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready.set()
     try:
@@ -121,5 +141,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     finally:
         await feed.stop()
         await server.close()
+        if health is not None:
+            await health.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -82,6 +82,12 @@ def _positive_int(text: str) -> int:
 
 def _add_zone_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
+        "--health-address",
+        type=_endpoint,
+        metavar="ADDR:PORT",
+        help="serve /healthz and /readyz here (the agent's default: 0.0.0.0:8053)",
+    )
+    p.add_argument(
         "--kubeconfig",
         type=Path,
         metavar="PATH",
@@ -279,6 +285,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         upstream=UpstreamSettings(servers=tuple(args.upstream), timeout=args.upstream_timeout),
         source=args.source,
         kube=_kube_settings(args),
+        health=args.health_address
+        or (Endpoint("0.0.0.0", 8053) if args.command == "agent" else None),
     )
 
 

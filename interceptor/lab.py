@@ -264,6 +264,8 @@ class Lab:
             RESOLVER_IP6,
             "--pin-path",
             str(pin),
+            "--health-address",
+            "127.0.0.1:0",
             *extra,
         ]
         proc = subprocess.Popen(

@@ -131,6 +131,8 @@ class Settings:
     """A YAML file of Kubernetes objects; None means the bundled example cluster."""
     kube: KubeSettings | None = None
     """Watch the Kubernetes API instead of reading ``source``."""
+    health: Endpoint | None = None
+    """Where /healthz and /readyz are served; None: nowhere."""
 
 
 def resolv_conf_nameservers(path: Path = Path("/etc/resolv.conf")) -> tuple[Endpoint, ...]:

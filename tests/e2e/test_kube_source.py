@@ -7,6 +7,8 @@ import os
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import pytest
 
 from interceptor.lab import stop
 from tests.e2e.apiserver import Cluster
-from tests.helpers import DATA, Served, start_serve
+from tests.helpers import DATA, Served, free_port, start_serve
 
 Z = "cluster.local"
 
@@ -35,6 +37,14 @@ def eventually(check: Callable[[], Any], timeout: float = 15.0) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"not true after {timeout}s")
         time.sleep(0.05)
+
+
+def readyz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 def a(served: Served, name: str, rtype: str = "A") -> tuple[str, list[str]]:
@@ -77,9 +87,20 @@ def kubeconfig(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="module")
 def served(cluster: Cluster, kubeconfig: Path) -> Iterator[Served]:
     os.environ["INTERCEPTOR_CRD_RECHECK"] = "1"
-    s = start_serve("--kubeconfig", str(kubeconfig), "--upstream", "127.0.0.1:9", source=None)
+    hp = free_port()
+    s = start_serve(
+        "--kubeconfig",
+        str(kubeconfig),
+        "--upstream",
+        "127.0.0.1:9",
+        "--health-address",
+        f"127.0.0.1:{hp}",
+        source=None,
+    )
+    s.health_port = hp  # type: ignore[attr-defined]
     try:
         eventually(lambda: "service map loaded from the Kubernetes API" in s.log_text(), 30)
+        assert readyz(hp)[0] == 200
         yield s
     finally:
         stop(s.proc)
@@ -93,10 +114,21 @@ def test_servfail_until_first_sync(tmp_path: Path, cluster: Cluster) -> None:
         port = closed.getsockname()[1]
     kc = cluster.kubeconfig("x", tmp_path / "kc")
     kc.write_text(kc.read_text().replace(cluster.url, f"https://127.0.0.1:{port}"))
-    s = start_serve("--kubeconfig", str(kc), "--upstream", "127.0.0.1:9", source=None)
+    hp = free_port()
+    s = start_serve(
+        "--kubeconfig",
+        str(kc),
+        "--upstream",
+        "127.0.0.1:9",
+        "--health-address",
+        f"127.0.0.1:{hp}",
+        source=None,
+    )
     try:
         for name in (f"kubernetes.default.svc.{Z}", f"nope.e2e.svc.{Z}"):
             assert a(s, name)[0] == "SERVFAIL"
+        status, body = readyz(hp)
+        assert status == 503 and "not ready: waiting for the first sync" in body
         eventually(lambda: "keeping the last known state" in s.log_text())
         assert s.proc.poll() is None
     finally:
@@ -196,6 +228,8 @@ def test_api_server_restart_keeps_answers_and_relists_without_flapping(
     try:
         cluster.stop_api()
         eventually(lambda: "keeping the last known state" in served.log_text(), 30)
+        status, body = readyz(served.health_port)  # type: ignore[attr-defined]
+        assert status == 200 and "degraded: the API server is unreachable" in body
         cluster.etcd_compact()  # our last resourceVersion is now compacted away
         cluster.start_api()
         later = cluster.apply(svc("after-restart"))
