@@ -240,8 +240,14 @@ class Lab:
         raise LabError("dnsmasq in the kube-dns namespace did not start")
 
     def start_agent(
-        self, source: Path, *extra: str, ready_timeout: float = 60, pin_dir: Path | None = None
+        self,
+        source: Path | None,
+        *extra: str,
+        ready_timeout: float = 60,
+        pin_dir: Path | None = None,
     ) -> Agent:
+        """The agent in the node namespace; ``source`` None means pass ``--kubeconfig`` in
+        ``extra`` instead of a YAML file."""
         pin = pin_dir or Path(f"/sys/fs/bpf/{self.prefix}")
         cmd = [
             "nsenter",
@@ -250,8 +256,7 @@ class Lab:
             "-m",
             "interceptor",
             "agent",
-            "--source",
-            str(source),
+            *(["--source", str(source)] if source is not None else []),
             "--node-name",
             "node-1",
             "--capture",

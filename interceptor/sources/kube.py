@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,6 +328,12 @@ class ClientApi:
             where = str(kubeconfig) if kubeconfig else "in-cluster (service account)"
             raise SourceError(f"Kubernetes configuration {where}: {exc}") from exc
         self.client = client.ApiClient()
+        if self.client.configuration.verify_ssl:
+            # urllib3 calls a request to an IP address "unverified" even though the CA is
+            # checked (CERT_REQUIRED); without this, every request logs a warning.
+            import urllib3
+
+            warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
 
     def _request(self, path: str, params: Mapping[str, str], timeout: float) -> Any:
         method, url, headers, _, _ = self.client.param_serialize(

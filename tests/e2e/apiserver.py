@@ -222,8 +222,11 @@ class Cluster:
         return self.raw("PUT", f"{path}/{name}", {**obj, "metadata": meta})
 
     def delete(self, obj: dict[str, Any]) -> None:
+        # Grace period 0: there is no kubelet here to confirm a pod's termination.
         try:
-            self.raw("DELETE", f"{collection_path(obj)}/{obj['metadata']['name']}")
+            self.raw(
+                "DELETE", f"{collection_path(obj)}/{obj['metadata']['name']}?gracePeriodSeconds=0"
+            )
         except HttpError as exc:
             if exc.status != 404:
                 raise
