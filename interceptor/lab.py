@@ -303,7 +303,8 @@ class Agent:
             if text in line:
                 self._drain()
                 return line
-        raise LabError(f"agent did not say {text!r}:\n" + "\n".join(self.log[-30:]))
+        useful = [ln for ln in self.log if " interceptor" in ln or "Error" in ln]
+        raise LabError(f"agent did not say {text!r}:\n" + "\n".join(useful[-30:]))
 
     def _drain(self) -> None:
         import threading

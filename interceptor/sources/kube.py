@@ -39,6 +39,7 @@ from interceptor.model.servicemap import ServiceMap
 log = logging.getLogger(__name__)
 
 WATCH_TIMEOUT = 300  # seconds the server keeps one watch open before we re-watch
+LIST_TIMEOUT = 20.0  # seconds of silence after which a list is abandoned and retried
 # How often an absent CRD (ServiceEntry without Istio) is looked for again.  The environment
 # override exists for the e2e tests, which install the CRD after the agent started.
 CRD_RECHECK = float(os.environ.get("INTERCEPTOR_CRD_RECHECK", "60"))
@@ -267,7 +268,7 @@ class ResourceWatcher:
         self.apply(lambda: self._replace(objects))
         self.state.relists += 1
         self.state.connected[kind] = True
-        log.debug("listed %d %s at resourceVersion %s", len(objects), kind, version)
+        log.info("listed %d %s at resourceVersion %s", len(objects), kind, version)
         return version
 
     def _event(self, event: Mapping[str, Any], kind: str, api_version: str) -> str | None:
@@ -356,7 +357,9 @@ class ClientApi:
         return resp
 
     def list(self, path: str, params: Mapping[str, str]) -> dict[str, Any]:
-        resp = self._request(path, params, 60)
+        # A list that stalls (a proxy or an API server mid-restart) must not stall the sync
+        # for good: time out and retry.
+        resp = self._request(path, params, LIST_TIMEOUT)
         data: dict[str, Any] = json.loads(resp.read())
         return data
 

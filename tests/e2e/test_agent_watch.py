@@ -100,7 +100,7 @@ def node(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[Lab, Agent, str]]:
         )
         run_pod(cluster, "app", "10.244.1.10")
         run_pod(cluster, "coredns-x", "10.244.1.11", labels={"k8s-app": "kube-dns"})
-        agent = lab.start_agent(None, "--kubeconfig", str(kc), pin_dir=pin)
+        agent = lab.start_agent(None, "--kubeconfig", str(kc), pin_dir=pin, ready_timeout=90)
         yield lab, agent, svc["spec"]["clusterIP"]
     finally:
         for name in ("app", "coredns-x", "late"):
