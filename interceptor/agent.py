@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from interceptor.app import Feed
+from interceptor.app import Feed, start_metrics
 from interceptor.datapath.addresses import add_address, remove_address
 from interceptor.datapath.discovery import LinkFinder, NetlinkEvents
 from interceptor.datapath.loader import Datapath, DatapathSettings
@@ -128,6 +128,7 @@ class Agent:
             original_destination=self.datapath.original_destination,
         )
         await self.feed.start(resolver)
+        start_metrics(self.settings, self.feed)
         health = (
             HealthServer(self.settings.health, self.readiness) if self.settings.health else None
         )

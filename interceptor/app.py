@@ -8,9 +8,13 @@ import contextlib
 import importlib.resources
 import logging
 import signal
+from functools import partial
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from interceptor.health import HealthServer
+from interceptor.metrics import MapCollector, WatchCollector, serve_metrics
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolver import Resolver
 from interceptor.server import DnsServer
@@ -53,7 +57,8 @@ class Feed:
             self._tasks.append(asyncio.ensure_future(self.file.follow()))
             return
         k = self.settings.kube
-        api = ClientApi(k.kubeconfig)
+        ClientApi(k.kubeconfig)  # fail fast, with a clear message, on a bad configuration
+        api = partial(ClientApi, k.kubeconfig)
         all_pods = self.settings.zone.pod_records is PodRecords.VERIFIED
         self.kube = KubeSource(api, self.smap, k.node_name, all_pods, asyncio.get_running_loop())
         resolver.ready = False
@@ -108,6 +113,18 @@ class Feed:
                 await task
 
 
+def start_metrics(settings: Settings, feed: Feed) -> CollectorRegistry | None:
+    """The Prometheus endpoint, if configured, with the collectors of this process."""
+    if settings.metrics is None:
+        return None
+    registry = CollectorRegistry()
+    registry.register(WatchCollector(lambda: feed.kube.state if feed.kube else None))
+    registry.register(MapCollector(feed.smap.stats))
+    serve_metrics(settings.metrics, registry)
+    log.info("metrics on http://%s/metrics", settings.metrics)
+    return registry
+
+
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     """Run ``interceptor serve`` until SIGTERM or SIGINT."""
     # Signals first: a supervisor may stop us as soon as we say we are serving.
@@ -120,6 +137,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     upstreams = settings.upstream.servers or resolv_conf_nameservers()
     resolver = Resolver(smap, Forwarder(settings.upstream), settings, upstreams)
     await feed.start(resolver)
+    start_metrics(settings, feed)
     server = DnsServer(resolver, settings.server)
     await server.start()
     health = HealthServer(settings.health, feed.readiness) if settings.health else None

@@ -82,6 +82,12 @@ def _positive_int(text: str) -> int:
 
 def _add_zone_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
+        "--metrics-address",
+        type=_endpoint,
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics here (the agent's default: 0.0.0.0:9253)",
+    )
+    p.add_argument(
         "--health-address",
         type=_endpoint,
         metavar="ADDR:PORT",
@@ -287,6 +293,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         kube=_kube_settings(args),
         health=args.health_address
         or (Endpoint("0.0.0.0", 8053) if args.command == "agent" else None),
+        metrics=args.metrics_address
+        or (Endpoint("0.0.0.0", 9253) if args.command == "agent" else None),
     )
 
 

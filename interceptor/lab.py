@@ -271,6 +271,8 @@ class Lab:
             str(pin),
             "--health-address",
             "127.0.0.1:0",
+            "--metrics-address",
+            "127.0.0.1:0",
             *extra,
         ]
         proc = subprocess.Popen(

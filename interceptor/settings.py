@@ -133,6 +133,8 @@ class Settings:
     """Watch the Kubernetes API instead of reading ``source``."""
     health: Endpoint | None = None
     """Where /healthz and /readyz are served; None: nowhere."""
+    metrics: Endpoint | None = None
+    """Where Prometheus metrics are served; None: nowhere."""
 
 
 def resolv_conf_nameservers(path: Path = Path("/etc/resolv.conf")) -> tuple[Endpoint, ...]:

@@ -24,6 +24,19 @@ DATA = ROOT / "tests" / "data"
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 
 
+def free_tcp_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports: all bound at once, so the kernel cannot hand out the
+    same one twice (as it may for sockets opened and closed one after another)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -382,19 +382,21 @@ class KubeSource:
 
     def __init__(
         self,
-        api: Api,
+        api: Callable[[], Api],
         smap: ServiceMap,
         node_name: str | None,
         all_pods: bool,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
+        """``api`` makes one client per resource: each watcher owns its connections, so a
+        long-lived watch can never hold up another resource's list."""
         self.smap = smap
         self.state = SyncState(first_sync=asyncio.Event())
         self.loop = loop
         self.watchers: list[ResourceWatcher] = []
         for res in resources(node_name, all_pods):
             self.state.required.add(res.kind)
-            self.watchers.append(ResourceWatcher(api, res, smap, self.state, self._apply))
+            self.watchers.append(ResourceWatcher(api(), res, smap, self.state, self._apply))
 
     def _apply(self, fn: Callable[[], None]) -> None:
         self.loop.call_soon_threadsafe(fn)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from interceptor.lab import stop
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, free_tcp_ports
 
 ADMIN_TOKEN = "e2e-admin-token"
 
@@ -46,12 +46,22 @@ class HttpError(Exception):
 @dataclass
 class Cluster:
     tmp: Path
-    etcd_port: int = field(default_factory=free_port)
-    peer_port: int = field(default_factory=free_port)
-    api_port: int = field(default_factory=free_port)
+    ports: list[int] = field(default_factory=lambda: free_tcp_ports(3))
     etcd: subprocess.Popen[bytes] | None = None
     api: subprocess.Popen[bytes] | None = None
     bins: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def etcd_port(self) -> int:
+        return self.ports[0]
+
+    @property
+    def peer_port(self) -> int:
+        return self.ports[1]
+
+    @property
+    def api_port(self) -> int:
+        return self.ports[2]
 
     @property
     def url(self) -> str:

@@ -19,7 +19,7 @@ import pytest
 
 from interceptor.lab import stop
 from tests.e2e.apiserver import Cluster
-from tests.helpers import DATA, Served, free_port, start_serve
+from tests.helpers import DATA, Served, free_tcp_ports, start_serve
 
 Z = "cluster.local"
 
@@ -45,6 +45,11 @@ def readyz(port: int) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
 
 
 def a(served: Served, name: str, rtype: str = "A") -> tuple[str, list[str]]:
@@ -87,7 +92,7 @@ def kubeconfig(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="module")
 def served(cluster: Cluster, kubeconfig: Path) -> Iterator[Served]:
     os.environ["INTERCEPTOR_CRD_RECHECK"] = "1"
-    hp = free_port()
+    hp, mp = free_tcp_ports(2)
     s = start_serve(
         "--kubeconfig",
         str(kubeconfig),
@@ -95,11 +100,17 @@ def served(cluster: Cluster, kubeconfig: Path) -> Iterator[Served]:
         "127.0.0.1:9",
         "--health-address",
         f"127.0.0.1:{hp}",
+        "--metrics-address",
+        f"127.0.0.1:{mp}",
         source=None,
     )
     s.health_port = hp  # type: ignore[attr-defined]
+    s.metrics_port = mp  # type: ignore[attr-defined]
     try:
-        eventually(lambda: "service map loaded from the Kubernetes API" in s.log_text(), 30)
+        try:
+            eventually(lambda: "service map loaded from the Kubernetes API" in s.log_text(), 30)
+        except AssertionError:
+            raise AssertionError("no first sync:\n" + s.log_text()) from None
         assert readyz(hp)[0] == 200
         yield s
     finally:
@@ -114,7 +125,7 @@ def test_servfail_until_first_sync(tmp_path: Path, cluster: Cluster) -> None:
         port = closed.getsockname()[1]
     kc = cluster.kubeconfig("x", tmp_path / "kc")
     kc.write_text(kc.read_text().replace(cluster.url, f"https://127.0.0.1:{port}"))
-    hp = free_port()
+    (hp,) = free_tcp_ports(1)
     s = start_serve(
         "--kubeconfig",
         str(kc),
@@ -230,6 +241,9 @@ def test_api_server_restart_keeps_answers_and_relists_without_flapping(
         eventually(lambda: "keeping the last known state" in served.log_text(), 30)
         status, body = readyz(served.health_port)  # type: ignore[attr-defined]
         assert status == 200 and "degraded: the API server is unreachable" in body
+        text = metrics(served.metrics_port)  # type: ignore[attr-defined]
+        assert 'interceptor_kube_api_reachable{resource="Service"} 0.0' in text
+        assert 'interceptor_kube_synced{resource="Service"} 1.0' in text
         cluster.etcd_compact()  # our last resourceVersion is now compacted away
         cluster.start_api()
         later = cluster.apply(svc("after-restart"))
@@ -244,6 +258,10 @@ def test_api_server_restart_keeps_answers_and_relists_without_flapping(
         t.join()
     assert bad == [], f"answers flapped during the outage and relist: {bad[:5]}"
     assert "410 Gone" in served.log_text()  # the restarted watch cache forced a relist
+    text = metrics(served.metrics_port)  # type: ignore[attr-defined]
+    assert 'interceptor_kube_api_reachable{resource="Service"} 1.0' in text
+    assert "interceptor_kube_watch_errors_total" in text
+    assert "interceptor_service_map_answers" in text
 
 
 def test_missing_permission_is_reported_not_a_crash(cluster: Cluster, tmp_path: Path) -> None:
