@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from interceptor.app import Feed, start_metrics
+from interceptor.app import Feed, make_cache, start_metrics
 from interceptor.datapath.addresses import add_address, remove_address
 from interceptor.datapath.discovery import LinkFinder, NetlinkEvents
 from interceptor.datapath.loader import Datapath, DatapathSettings
@@ -126,6 +126,7 @@ class Agent:
             upstreams=self.settings.upstream.servers
             or tuple(Endpoint(ip, 53) for ip in a.captures),
             original_destination=self.datapath.original_destination,
+            cache=make_cache(self.settings),
         )
         await self.feed.start(resolver)
         start_metrics(self.settings, self.feed)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from interceptor.cache import Cache
 from interceptor.health import HealthServer
 from interceptor.metrics import MapCollector, WatchCollector, serve_metrics
 from interceptor.model.servicemap import ServiceMap
@@ -113,6 +114,13 @@ class Feed:
                 await task
 
 
+def make_cache(settings: Settings) -> Cache | None:
+    c = settings.cache
+    if c.size <= 0:
+        return None
+    return Cache(max_entries=c.size, min_ttl=c.min_ttl, max_ttl=c.max_ttl, stale_for=c.stale_for)
+
+
 def start_metrics(settings: Settings, feed: Feed) -> CollectorRegistry | None:
     """The Prometheus endpoint, if configured, with the collectors of this process."""
     if settings.metrics is None:
@@ -135,7 +143,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     smap = ServiceMap(settings.zone)
     feed = Feed(settings, smap)
     upstreams = settings.upstream.servers or resolv_conf_nameservers()
-    resolver = Resolver(smap, Forwarder(settings.upstream), settings, upstreams)
+    resolver = Resolver(
+        smap, Forwarder(settings.upstream), settings, upstreams, cache=make_cache(settings)
+    )
     await feed.start(resolver)
     start_metrics(settings, feed)
     server = DnsServer(resolver, settings.server)

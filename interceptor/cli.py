@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from interceptor import __version__
 from interceptor.errors import ConfigError, InterceptorError
 from interceptor.settings import (
+    CacheSettings,
     Endpoint,
     KubeSettings,
     PodRecords,
@@ -144,6 +145,27 @@ def _add_zone_flags(p: argparse.ArgumentParser) -> None:
         default=2.0,
         metavar="SECONDS",
         help="timeout of one upstream attempt (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cache-size",
+        type=_positive_int,
+        default=10000,
+        metavar="N",
+        help="forwarded answers cached (0: no cache; default: %(default)s)",
+    )
+    p.add_argument(
+        "--cache-min-ttl",
+        type=_positive_int,
+        default=0,
+        metavar="S",
+        help="cache answers at least S seconds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cache-max-ttl",
+        type=_positive_int,
+        default=3600,
+        metavar="S",
+        help="cache answers at most S seconds (default: %(default)s)",
     )
     p.add_argument(
         "--max-udp-size",
@@ -291,6 +313,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         upstream=UpstreamSettings(servers=tuple(args.upstream), timeout=args.upstream_timeout),
         source=args.source,
         kube=_kube_settings(args),
+        cache=CacheSettings(
+            size=args.cache_size, min_ttl=args.cache_min_ttl, max_ttl=args.cache_max_ttl
+        ),
         health=args.health_address
         or (Endpoint("0.0.0.0", 8053) if args.command == "agent" else None),
         metrics=args.metrics_address

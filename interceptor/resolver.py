@@ -6,13 +6,16 @@ in, bytes out); :meth:`Resolver.resolve` is the careful path for everything else
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from enum import StrEnum
+from typing import Any
 
 import dnslib
 
+from interceptor.cache import Cache
 from interceptor.dns import wire
 from interceptor.dns.message import (
     HEADER,
@@ -61,6 +64,7 @@ class Resolver:
         settings: Settings,
         upstreams: Sequence[Endpoint],
         original_destination: OriginalDestination | None = None,
+        cache: Cache | None = None,
     ) -> None:
         self.smap = smap
         self.forwarder = forwarder
@@ -69,6 +73,9 @@ class Resolver:
         """Used when no override is set and the server the client asked is not known."""
         self.original_destination = original_destination
         self.max_udp = settings.server.max_udp_size
+        self.cache = cache
+        self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.ready = True
         """False until the source's first full sync: cluster names get SERVFAIL, because an
         NXDOMAIN for a service that does exist would be cached by clients."""
@@ -210,13 +217,44 @@ class Resolver:
     async def _forward(
         self, query: Query, limit: int | None, upstreams: Sequence[Endpoint]
     ) -> bytes | None:
+        """Through the shared cache; identical questions in flight share one upstream query;
+        when every upstream fails, a stale answer beats SERVFAIL (RFC 8767)."""
+        key = _cache_key(query, upstreams)
+        cache = self.cache
+        if cache is not None:
+            hit = cache.get(key)
+            if hit is not None:
+                reply, entry = hit
+                if cache.wants_prefetch(entry):
+                    entry.prefetching = True
+                    cache.stats.prefetches += 1
+                    self._background(self._fetch(key, query.data, upstreams))
+                return _for_client(reply, query, limit, self.max_udp)
+        pending = self._inflight.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch(key, query.data, upstreams))
+            self._inflight[key] = pending
+            pending.add_done_callback(lambda _: self._inflight.pop(key, None))
         try:
-            reply = await self.forwarder.forward(query.data, upstreams)
+            reply = await asyncio.shield(pending)
         except UpstreamFailed:
+            stale = cache.get(key, stale=True) if cache is not None else None
+            if stale is not None:
+                return _for_client(stale[0], query, limit, self.max_udp)
             return error_response(query.data, wire.SERVFAIL, query, self.max_udp)
-        if limit is not None and len(reply) > limit:
-            return _truncate(reply, query, self.max_udp)
+        return _for_client(reply, query, limit, self.max_udp)
+
+    async def _fetch(self, key: bytes, data: bytes, upstreams: Sequence[Endpoint]) -> bytes:
+        reply = await self.forwarder.forward(data, upstreams)
+        if self.cache is not None:
+            self.cache.put(key, reply)
         return reply
+
+    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def _mesh_answer(host: MeshHost, qtype: int, ttl: int, nodata: Answer) -> Answer:
@@ -243,6 +281,27 @@ def _pack_rr(record: dnslib.RR) -> bytes:
     buf = dnslib.DNSBuffer()
     record.pack(buf)
     return bytes(buf.data)
+
+
+def _cache_key(query: Query, upstreams: Sequence[Endpoint]) -> bytes:
+    """Question (lowercased name, type, class), whether the client spoke EDNS and set DO and
+    CD (they change the reply), and the servers asked (split horizons stay apart)."""
+    edns = query.edns
+    flags = (1 if edns else 0) | (2 if edns and edns.do else 0) | (4 if query.flags & 0x10 else 0)
+    servers = ",".join(map(str, upstreams)).encode()
+    return query.key + struct.pack("!HB", query.qclass, flags) + servers
+
+
+def _for_client(reply: bytes, query: Query, limit: int | None, max_udp: int) -> bytes:
+    """A cached or shared reply, made this client's: its ID and its question bytes (case
+    included), truncated if it cannot take it."""
+    qend = query.question_end
+    if reply[12:qend].lower() != query.data[12:qend].lower():
+        return error_response(query.data, wire.SERVFAIL, query, max_udp) or b""
+    out = query.data[:2] + reply[2:12] + query.data[12:qend] + reply[qend:]
+    if limit is not None and len(out) > limit:
+        return _truncate(out, query, max_udp)
+    return out
 
 
 def _truncate(reply: bytes, query: Query, max_udp: int) -> bytes:

@@ -111,6 +111,20 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True)
+class CacheSettings:
+    """The node-wide cache of forwarded answers."""
+
+    size: int = 10000
+    """Entries kept at most (0 disables the cache)."""
+    min_ttl: int = 0
+    """Answers are cached at least this long (seconds)."""
+    max_ttl: int = 3600
+    """...and at most this long."""
+    stale_for: float = 3600
+    """Expired answers are kept this long for serve-stale (RFC 8767)."""
+
+
+@dataclass(frozen=True)
 class KubeSettings:
     """Where the Kubernetes API is."""
 
@@ -133,6 +147,7 @@ class Settings:
     """Watch the Kubernetes API instead of reading ``source``."""
     health: Endpoint | None = None
     """Where /healthz and /readyz are served; None: nowhere."""
+    cache: CacheSettings = field(default_factory=CacheSettings)
     metrics: Endpoint | None = None
     """Where Prometheus metrics are served; None: nowhere."""
 

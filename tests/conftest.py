@@ -17,6 +17,7 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dnsmasq]:
     server = start_dnsmasq(
         Path(tmp),
         "--local=/upstream.test/",
+        "--local-ttl=60",
         "--host-record=www.upstream.test,192.0.2.53",
         "--host-record=other.example,192.0.2.54",
         f"--txt-record=big.upstream.test,{BIG_TXT}",

@@ -165,3 +165,46 @@ def start_dnsmasq(tmp: Path, *records: str) -> Dnsmasq:
         except Exception:
             time.sleep(0.1)
     return Dnsmasq(proc, port, logfile)
+
+
+class FakeUpstream:
+    """An in-process nameserver for fault injection: answers every A question with
+    192.0.2.99 (TTL ``ttl``) after ``delay`` seconds, counts what it receives, and can be
+    switched off (``answering = False``) to act as a blackhole."""
+
+    def __init__(self, delay: float = 0.0, ttl: int = 60) -> None:
+        self.delay = delay
+        self.ttl = ttl
+        self.answering = True
+        self.received: list[str] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self._stop = False
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        import dns.rrset
+
+        while not self._stop:
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            q = dns.message.from_wire(data)
+            self.received.append(q.question[0].name.to_text())
+            if not self.answering:
+                continue
+            r = dns.message.make_response(q)
+            r.answer.append(
+                dns.rrset.from_text(q.question[0].name, self.ttl, "IN", "A", "192.0.2.99")
+            )
+            wire = r.to_wire()
+            if self.delay:
+                threading.Timer(self.delay, self.sock.sendto, (wire, addr)).start()
+            else:
+                self.sock.sendto(wire, addr)
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()

@@ -1,0 +1,179 @@
+"""A shared cache of upstream answers for every pod on the node.
+
+* Positive answers live for their smallest TTL, negative ones (NXDOMAIN, NODATA) for the SOA's
+  min(TTL, MINIMUM) (RFC 2308 section 5), both clamped to [min_ttl, max_ttl].
+* Served TTLs count down: the TTL fields' offsets are found once, at insert, and patched on
+  the way out.
+* Bounded by entries and by bytes, least recently used first out.
+* Expired entries are kept ``stale_for`` seconds more, to be served (TTL 30 s, RFC 8767) only
+  when every upstream fails.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+STALE_TTL = 30  # RFC 8767 section 4: the TTL of a stale answer
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    stale_served: int = 0
+    prefetches: int = 0
+    inserts: int = 0
+
+
+@dataclass
+class Entry:
+    message: bytes
+    """The upstream reply with ID 0."""
+    ttl_offsets: tuple[int, ...]
+    """Offsets of every TTL field (OPT excluded)."""
+    ttls: tuple[int, ...]
+    stored: float
+    expires: float
+    hits: int = 0
+    prefetching: bool = False
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size = len(self.message) + 64
+
+
+def _skip_name(msg: bytes, i: int) -> int:
+    while True:
+        n = msg[i]
+        if n == 0:
+            return i + 1
+        if n & 0xC0 == 0xC0:
+            return i + 2
+        i += n + 1
+
+
+def ttl_fields(msg: bytes) -> tuple[list[int], list[int], int | None]:
+    """(TTL offsets, TTL values, negative TTL from an SOA in authority or None).  Raises
+    ValueError/IndexError on a malformed message."""
+    qd, an, ns, ar = struct.unpack_from("!HHHH", msg, 4)
+    i = 12
+    for _ in range(qd):
+        i = _skip_name(msg, i) + 4
+    offsets: list[int] = []
+    values: list[int] = []
+    negative: int | None = None
+    for section, count in ((0, an), (1, ns), (2, ar)):
+        for _ in range(count):
+            i = _skip_name(msg, i)
+            rtype, _, ttl, rdlen = struct.unpack_from("!HHIH", msg, i)
+            if rtype != 41:  # OPT's "TTL" is flags
+                offsets.append(i + 4)
+                values.append(ttl)
+            if section == 1 and rtype == 6:  # SOA: MINIMUM is the rdata's last 4 bytes
+                (minimum,) = struct.unpack_from("!I", msg, i + 10 + rdlen - 4)
+                negative = min(ttl, minimum)
+            i += 10 + rdlen
+    if i > len(msg):
+        raise ValueError("truncated message")
+    return offsets, values, negative
+
+
+class Cache:
+    def __init__(
+        self,
+        max_entries: int = 10000,
+        max_bytes: int = 64 << 20,
+        min_ttl: int = 0,
+        max_ttl: int = 3600,
+        negative_ttl: int = 30,
+        stale_for: float = 3600,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.min_ttl = min_ttl
+        self.max_ttl = max_ttl
+        self.negative_ttl = negative_ttl
+        self.stale_for = stale_for
+        self.clock = clock
+        self.entries: OrderedDict[bytes, Entry] = OrderedDict()
+        self.bytes = 0
+        self.stats = CacheStats()
+
+    def put(self, key: bytes, reply: bytes) -> None:
+        """Cache an upstream reply (NOERROR or NXDOMAIN, not truncated); others are ignored."""
+        if len(reply) < 12 or reply[2] & 0x02:
+            return
+        rcode = reply[3] & 0x0F
+        if rcode not in (0, 3):
+            return  # SERVFAIL, REFUSED...: never cached
+        try:
+            offsets, values, negative = ttl_fields(reply)
+        except (ValueError, IndexError, struct.error):
+            return
+        an = struct.unpack_from("!H", reply, 6)[0]
+        if rcode == 0 and an:
+            ttl = min(values[:an]) if values else 0
+        else:
+            ttl = negative if negative is not None else self.negative_ttl
+        ttl = max(self.min_ttl, min(self.max_ttl, ttl))
+        if ttl <= 0:
+            return
+        now = self.clock()
+        entry = Entry(b"\x00\x00" + reply[2:], tuple(offsets), tuple(values), now, now + ttl)
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old.size
+        self.entries[key] = entry
+        self.bytes += entry.size
+        self.stats.inserts += 1
+        while len(self.entries) > self.max_entries or self.bytes > self.max_bytes:
+            _, gone = self.entries.popitem(last=False)
+            self.bytes -= gone.size
+            self.stats.evictions += 1
+
+    def get(self, key: bytes, stale: bool = False) -> tuple[bytes, Entry] | None:
+        """A fresh reply with TTLs counted down (ID zero); with ``stale``, also an expired
+        one within the stale window, with TTL 30."""
+        entry = self.entries.get(key)
+        now = self.clock()
+        if entry is None:
+            if not stale:
+                self.stats.misses += 1
+            return None
+        if now >= entry.expires:
+            if now >= entry.expires + self.stale_for:
+                del self.entries[key]
+                self.bytes -= entry.size
+                entry = None
+            if not stale or entry is None:
+                if not stale:
+                    self.stats.misses += 1
+                return None
+            self.stats.stale_served += 1
+            return self._render(entry, lambda ttl: STALE_TTL), entry
+        self.entries.move_to_end(key)
+        entry.hits += 1
+        self.stats.hits += 1
+        age = int(now - entry.stored)
+        left = int(entry.expires - now)
+        return self._render(entry, lambda ttl: max(0, min(ttl - age, left))), entry
+
+    @staticmethod
+    def _render(entry: Entry, ttl_of: Callable[[int], int]) -> bytes:
+        out = bytearray(entry.message)
+        for off, ttl in zip(entry.ttl_offsets, entry.ttls, strict=True):
+            struct.pack_into("!I", out, off, ttl_of(ttl))
+        return bytes(out)
+
+    def wants_prefetch(self, entry: Entry, min_hits: int = 2) -> bool:
+        """A popular entry in the last 10% of its lifetime is refreshed ahead of expiry."""
+        if entry.prefetching or entry.hits < min_hits:
+            return False
+        life = entry.expires - entry.stored
+        return self.clock() >= entry.expires - life * 0.1
