@@ -129,7 +129,7 @@ class Agent:
             cache=make_cache(self.settings),
         )
         await self.feed.start(resolver)
-        start_metrics(self.settings, self.feed)
+        start_metrics(self.settings, self.feed, resolver)
         health = (
             HealthServer(self.settings.health, self.readiness) if self.settings.health else None
         )

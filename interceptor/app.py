@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from interceptor.cache import Cache
 from interceptor.health import HealthServer
-from interceptor.metrics import MapCollector, WatchCollector, serve_metrics
+from interceptor.metrics import CacheCollector, MapCollector, WatchCollector, serve_metrics
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolver import Resolver
 from interceptor.server import DnsServer
@@ -121,13 +121,20 @@ def make_cache(settings: Settings) -> Cache | None:
     return Cache(max_entries=c.size, min_ttl=c.min_ttl, max_ttl=c.max_ttl, stale_for=c.stale_for)
 
 
-def start_metrics(settings: Settings, feed: Feed) -> CollectorRegistry | None:
+def start_metrics(settings: Settings, feed: Feed, resolver: Resolver) -> CollectorRegistry | None:
     """The Prometheus endpoint, if configured, with the collectors of this process."""
     if settings.metrics is None:
         return None
     registry = CollectorRegistry()
     registry.register(WatchCollector(lambda: feed.kube.state if feed.kube else None))
     registry.register(MapCollector(feed.smap.stats))
+    cache = resolver.cache
+    registry.register(
+        CacheCollector(
+            lambda: cache.stats if cache is not None else None,
+            lambda: (len(cache.entries), cache.bytes) if cache is not None else (0, 0),
+        )
+    )
     serve_metrics(settings.metrics, registry)
     log.info("metrics on http://%s/metrics", settings.metrics)
     return registry
@@ -147,7 +154,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         smap, Forwarder(settings.upstream), settings, upstreams, cache=make_cache(settings)
     )
     await feed.start(resolver)
-    start_metrics(settings, feed)
+    start_metrics(settings, feed, resolver)
     server = DnsServer(resolver, settings.server)
     await server.start()
     health = HealthServer(settings.health, feed.readiness) if settings.health else None

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from interceptor.cache import CacheStats
 from interceptor.settings import Endpoint
 from interceptor.sources.kube import SyncState
 
@@ -76,6 +77,38 @@ class MapCollector(Collector):
             "interceptor_service_map_answers",
             "Precomputed answers in the hot-path table",
             value=float(stats["answers"]),
+        )
+
+
+class CacheCollector(Collector):
+    """The node cache: hits, misses, evictions, stale answers served, prefetches, size."""
+
+    def __init__(
+        self, cache: Callable[[], CacheStats | None], size: Callable[[], tuple[int, int]]
+    ) -> None:
+        self.cache = cache
+        self.size = size
+
+    def collect(self) -> Iterable[Metric]:
+        st = self.cache()
+        if st is None:
+            return
+        for name, value, doc in (
+            ("hits", st.hits, "Forwarded questions answered from the cache"),
+            ("misses", st.misses, "Forwarded questions not in the cache"),
+            ("evictions", st.evictions, "Entries dropped to stay within the bounds"),
+            (
+                "stale_served",
+                st.stale_served,
+                "Expired answers served because every upstream failed (RFC 8767)",
+            ),
+            ("prefetches", st.prefetches, "Popular entries refreshed before expiry"),
+        ):
+            yield CounterMetricFamily(f"interceptor_cache_{name}", doc, value=value)
+        entries, size = self.size()
+        yield GaugeMetricFamily("interceptor_cache_entries", "Entries in the cache", value=entries)
+        yield GaugeMetricFamily(
+            "interceptor_cache_bytes", "Approximate bytes held by the cache", value=size
         )
 
 

@@ -176,6 +176,8 @@ class FakeUpstream:
         self.delay = delay
         self.ttl = ttl
         self.answering = True
+        self.spoof = False
+        """First send forged replies (wrong ID; right ID but another question)."""
         self.received: list[str] = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
@@ -200,6 +202,19 @@ class FakeUpstream:
                 dns.rrset.from_text(q.question[0].name, self.ttl, "IN", "A", "192.0.2.99")
             )
             wire = r.to_wire()
+            if self.spoof:
+                forged = dns.message.make_response(q)
+                forged.id = (q.id + 1) & 0xFFFF
+                forged.answer.append(
+                    dns.rrset.from_text(q.question[0].name, 60, "IN", "A", "203.0.113.66")
+                )
+                self.sock.sendto(forged.to_wire(), addr)
+                other = dns.message.make_response(dns.message.make_query("evil.example", "A"))
+                other.id = q.id
+                other.answer.append(
+                    dns.rrset.from_text("evil.example.", 60, "IN", "A", "203.0.113.67")
+                )
+                self.sock.sendto(other.to_wire(), addr)
             if self.delay:
                 threading.Timer(self.delay, self.sock.sendto, (wire, addr)).start()
             else:

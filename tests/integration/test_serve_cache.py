@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import dns.rcode
 import pytest
 
 from interceptor.lab import stop
-from tests.helpers import Dnsmasq, FakeUpstream, Served, ask, start_serve
+from tests.helpers import Dnsmasq, FakeUpstream, Served, ask, free_tcp_ports, start_serve
 
 
 @pytest.fixture
@@ -65,5 +66,34 @@ def test_blackholed_upstream_serves_stale_then_servfail_for_new_names(fake: Fake
         t0 = time.monotonic()
         assert ask(s.host, s.port, "never-seen.example", timeout=5).rcode() == dns.rcode.SERVFAIL
         assert time.monotonic() - t0 < 1.0  # 2 attempts x 0.2 s
+    finally:
+        stop(s.proc)
+
+
+def test_forged_upstream_replies_are_ignored(fake: FakeUpstream) -> None:
+    fake.delay, fake.spoof = 0.05, True
+    s = start_serve("--upstream", f"127.0.0.1:{fake.port}")
+    try:
+        m = ask(s.host, s.port, "target.example", timeout=5)
+        assert [r.to_text() for rr in m.answer for r in rr] == ["192.0.2.99"]
+        assert "possible spoofing" in "\n".join(s.log)
+    finally:
+        stop(s.proc)
+
+
+def test_cache_figures_are_exported(fake: FakeUpstream) -> None:
+    fake.delay = 0.0
+    (mport,) = free_tcp_ports(1)
+    s = start_serve(
+        "--upstream", f"127.0.0.1:{fake.port}", "--metrics-address", f"127.0.0.1:{mport}"
+    )
+    try:
+        for _ in range(3):
+            ask(s.host, s.port, "metered.example")
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert "interceptor_cache_hits_total 2.0" in text
+        assert "interceptor_cache_misses_total 1.0" in text
+        assert "interceptor_cache_entries 1.0" in text
     finally:
         stop(s.proc)
