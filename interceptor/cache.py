@@ -17,6 +17,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from interceptor.dns.message import skip_name
+
 STALE_TTL = 30  # RFC 8767 section 4: the TTL of a stale answer
 
 
@@ -47,29 +49,19 @@ class Entry:
         self.size = len(self.message) + 64
 
 
-def _skip_name(msg: bytes, i: int) -> int:
-    while True:
-        n = msg[i]
-        if n == 0:
-            return i + 1
-        if n & 0xC0 == 0xC0:
-            return i + 2
-        i += n + 1
-
-
 def ttl_fields(msg: bytes) -> tuple[list[int], list[int], int | None]:
     """(TTL offsets, TTL values, negative TTL from an SOA in authority or None).  Raises
     ValueError/IndexError on a malformed message."""
     qd, an, ns, ar = struct.unpack_from("!HHHH", msg, 4)
     i = 12
     for _ in range(qd):
-        i = _skip_name(msg, i) + 4
+        i = skip_name(msg, i) + 4
     offsets: list[int] = []
     values: list[int] = []
     negative: int | None = None
     for section, count in ((0, an), (1, ns), (2, ar)):
         for _ in range(count):
-            i = _skip_name(msg, i)
+            i = skip_name(msg, i)
             rtype, _, ttl, rdlen = struct.unpack_from("!HHIH", msg, i)
             if rtype != 41:  # OPT's "TTL" is flags
                 offsets.append(i + 4)

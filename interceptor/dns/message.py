@@ -175,7 +175,7 @@ def _parse_additional(data: bytes, offset: int, count: int) -> Edns | None:
     edns: Edns | None = None
     for _ in range(count):
         try:
-            _, offset = _skip_name(data, offset)
+            offset = skip_name(data, offset)
             rtype, rclass, ttl, rdlen = struct.unpack_from("!HHIH", data, offset)
         except (ValueError, IndexError, struct.error) as exc:
             raise Malformed("bad additional record", FORMERR) from exc
@@ -193,13 +193,14 @@ def _parse_additional(data: bytes, offset: int, count: int) -> Edns | None:
     return edns
 
 
-def _skip_name(data: bytes, offset: int) -> tuple[None, int]:
+def skip_name(data: bytes, offset: int) -> int:
+    """The offset just past a (possibly compressed) name.  Raises IndexError/ValueError."""
     while True:
         length = data[offset]
         if length == 0:
-            return None, offset + 1
+            return offset + 1
         if length & 0xC0 == 0xC0:
-            return None, offset + 2
+            return offset + 2
         if length > 63:
             raise ValueError("extended label")
         offset += length + 1

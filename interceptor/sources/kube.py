@@ -232,7 +232,9 @@ class ResourceWatcher:
                         CRD_RECHECK,
                     )
                     self._absent_logged = True
-                self._mark_synced()
+                # Through the loop, like every other change: asyncio.Event is not
+                # thread-safe, and setting it from this thread may never wake the waiter.
+                self.apply(self._mark_synced)
                 self.state.connected[kind] = True
                 self.sleep(CRD_RECHECK)
                 return
