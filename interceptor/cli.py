@@ -71,6 +71,17 @@ def _endpoint(text: str) -> Endpoint:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _forward_zone(text: str) -> tuple[str, tuple[Endpoint, ...]]:
+    zone, sep, servers = text.partition("=")
+    zone = zone.strip().strip(".").lower()
+    if not sep or not zone or not servers:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ZONE=ADDR[:PORT][,ADDR[:PORT]]")
+    try:
+        return zone, tuple(Endpoint.parse(s) for s in servers.split(","))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -138,6 +149,14 @@ def _add_zone_flags(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="ADDR:PORT",
         help="forward other names here (repeatable; default: /etc/resolv.conf)",
+    )
+    p.add_argument(
+        "--forward",
+        type=_forward_zone,
+        action="append",
+        default=[],
+        metavar="ZONE=ADDR[:PORT],...",
+        help="send names under ZONE to these servers (repeatable; like stubDomains)",
     )
     p.add_argument(
         "--upstream-timeout",
@@ -310,7 +329,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
             tcp_idle_timeout=args.tcp_idle_timeout,
             tcp_max_connections=args.tcp_max_connections,
         ),
-        upstream=UpstreamSettings(servers=tuple(args.upstream), timeout=args.upstream_timeout),
+        upstream=UpstreamSettings(
+            servers=tuple(args.upstream), timeout=args.upstream_timeout, zones=tuple(args.forward)
+        ),
         source=args.source,
         kube=_kube_settings(args),
         cache=CacheSettings(

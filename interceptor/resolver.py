@@ -24,6 +24,7 @@ from interceptor.dns.message import (
     Query,
     assemble,
     badvers_response,
+    cap_edns,
     error_response,
     fast_response,
     opt_record,
@@ -74,15 +75,22 @@ class Resolver:
         self.original_destination = original_destination
         self.max_udp = settings.server.max_udp_size
         self.cache = cache
+        self._zones = sorted(settings.upstream.zones, key=lambda z: -len(z[0]))
         self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.ready = True
         """False until the source's first full sync: cluster names get SERVFAIL, because an
         NXDOMAIN for a service that does exist would be cached by clients."""
 
-    def upstreams_for(self, client: Client | None, tcp: bool) -> Sequence[Endpoint]:
-        """``--upstream`` when given; else the server the pod asked (its packet's original
-        destination, so the pod's choice of server is respected); else the defaults."""
+    def upstreams_for(
+        self, client: Client | None, tcp: bool, qname: str = ""
+    ) -> Sequence[Endpoint]:
+        """``--forward`` for the longest matching zone (stubDomains); else ``--upstream``;
+        else the server the pod asked (its packet's original destination, so the pod's
+        choice of server is respected); else the defaults."""
+        for zone, servers in self._zones:
+            if qname == zone or qname.endswith("." + zone):
+                return servers
         if self.settings.upstream.servers:
             return self.settings.upstream.servers
         if client is not None and self.original_destination is not None:
@@ -120,8 +128,8 @@ class Resolver:
             return assemble(query, answer, self.max_udp, limit)
         target = self.smap.cname(query.qname)
         if target is not None:
-            return await self._chase(query, target, limit, self.upstreams_for(client, tcp))
-        return await self._forward(query, limit, self.upstreams_for(client, tcp))
+            return await self._chase(query, target, limit, self.upstreams_for(client, tcp, target))
+        return await self._forward(query, limit, self.upstreams_for(client, tcp, query.qname))
 
     def lookup(self, query: Query) -> Answer | None:
         """The local answer for a query, or None if it is not ours (or needs a CNAME chase)."""
@@ -228,11 +236,13 @@ class Resolver:
                 if cache.wants_prefetch(entry):
                     entry.prefetching = True
                     cache.stats.prefetches += 1
-                    self._background(self._fetch(key, query.data, upstreams))
+                    self._background(self._fetch(key, cap_edns(query, self.max_udp), upstreams))
                 return _for_client(reply, query, limit, self.max_udp)
         pending = self._inflight.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._fetch(key, query.data, upstreams))
+            pending = asyncio.ensure_future(
+                self._fetch(key, cap_edns(query, self.max_udp), upstreams)
+            )
             self._inflight[key] = pending
             pending.add_done_callback(lambda _: self._inflight.pop(key, None))
         try:

@@ -108,6 +108,8 @@ class UpstreamSettings:
     """Seconds to wait for one attempt."""
     attempts: int = 2
     """Attempts per query, spread over the servers."""
+    zones: tuple[tuple[str, tuple[Endpoint, ...]], ...] = ()
+    """Per-zone servers (``--forward``, like kube-dns stubDomains): zone -> servers."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ import logging
 import secrets
 import socket
 import struct
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from interceptor.dns.wire import encode_name
 from interceptor.logutil import RateLimitedLog
@@ -70,11 +72,54 @@ class _UdpExchange(asyncio.DatagramProtocol):
             self.done.set_exception(exc)
 
 
+@dataclass
+class Health:
+    """What we know of one upstream: a server that keeps failing is skipped for a while
+    (5 s, doubling to 60 s) so that it does not make every query wait for its timeout."""
+
+    failures: int = 0
+    down_until: float = 0.0
+
+    def up(self, now: float) -> bool:
+        return now >= self.down_until
+
+
 class Forwarder:
     """Sends a client's query to upstream servers and returns the reply for that client."""
 
-    def __init__(self, settings: UpstreamSettings) -> None:
+    def __init__(
+        self, settings: UpstreamSettings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.settings = settings
+        self.clock = clock
+        self.health: dict[Endpoint, Health] = {}
+
+    def order(self, servers: Sequence[Endpoint]) -> list[Endpoint]:
+        """Servers that are up first (in the configured order), then the others: when all
+        are down we still try, which is also how a recovered server is noticed."""
+        now = self.clock()
+        up = [s for s in servers if self.health.get(s, Health()).up(now)]
+        return up + [s for s in servers if s not in up]
+
+    def _failed(self, server: Endpoint) -> None:
+        h = self.health.setdefault(server, Health())
+        h.failures += 1
+        if h.failures >= 2:
+            backoff = min(60.0, 5.0 * 2 ** (h.failures - 2))
+            h.down_until = self.clock() + backoff
+            _rl.warning(
+                f"upstream-down-{server}",
+                "upstream %s is not answering: skipping it for %.0fs",
+                server,
+                backoff,
+            )
+
+    def _worked(self, server: Endpoint) -> None:
+        h = self.health.get(server)
+        if h is not None and h.failures:
+            if h.failures >= 2:
+                log.info("upstream %s answers again", server)
+            self.health[server] = Health()
 
     async def forward(self, query: bytes, servers: Sequence[Endpoint]) -> bytes:
         """The upstream reply to ``query`` (client's ID restored).  Raises UpstreamFailed."""
@@ -82,17 +127,20 @@ class Forwarder:
             raise UpstreamFailed("no upstream servers configured")
         client_id = query[:2]
         last: Exception | None = None
+        order = self.order(servers)
         for attempt in range(self.settings.attempts):
-            server = servers[attempt % len(servers)]
+            server = order[attempt % len(order)]
             msg = secrets.token_bytes(2) + query[2:]
             try:
                 reply = await self._udp(msg, server)
                 if reply[2] & 0x02:  # TC: ask again over TCP (RFC 7766 section 5)
                     msg = secrets.token_bytes(2) + query[2:]
                     reply = await self._tcp(msg, server)
+                self._worked(server)
                 return client_id + reply[2:]
             except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
                 last = exc
+                self._failed(server)
                 _rl.warning(
                     f"upstream-{server}",
                     "upstream %s failed: %s",

@@ -276,6 +276,16 @@ def badvers_response(query: Query, max_udp: int) -> bytes:
     return header + query.data[12 : query.question_end] + opt
 
 
+def cap_edns(query: Query, max_udp: int) -> bytes:
+    """The query as sent upstream: its EDNS payload size capped at ``max_udp``, so an
+    upstream never sends a fragmented answer we would have to carry (DNS flag day 2020)."""
+    data = query.data
+    q = query.question_end
+    if query.edns is None or query.edns.udp_size <= max_udp or data[q : q + 3] != OPT_HEAD:
+        return data
+    return data[: q + 3] + struct.pack("!H", max_udp) + data[q + 5 :]
+
+
 def udp_limit(edns: Edns | None, max_udp: int) -> int:
     """Largest UDP response this client can take: 512 without EDNS (RFC 1035 4.2.1)."""
     if edns is None:

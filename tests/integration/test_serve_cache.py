@@ -5,6 +5,7 @@ slowness and blackholing."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -95,5 +96,49 @@ def test_cache_figures_are_exported(fake: FakeUpstream) -> None:
         assert "interceptor_cache_hits_total 2.0" in text
         assert "interceptor_cache_misses_total 1.0" in text
         assert "interceptor_cache_entries 1.0" in text
+    finally:
+        stop(s.proc)
+
+
+def test_dead_upstream_is_skipped_after_it_keeps_failing(fake: FakeUpstream) -> None:
+    fake.delay = 0.0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        dead = blackhole.getsockname()[1]
+        s = start_serve(
+            "--upstream",
+            f"127.0.0.1:{dead}",
+            "--upstream",
+            f"127.0.0.1:{fake.port}",
+            "--upstream-timeout",
+            "0.4",
+        )
+        try:
+            took = []
+            for i in range(6):
+                t0 = time.monotonic()
+                m = ask(s.host, s.port, f"n{i}.example", timeout=5)  # distinct: no cache hits
+                took.append(time.monotonic() - t0)
+                assert m.answer[0][0].to_text() == "192.0.2.99"
+            assert took[0] >= 0.4 and took[1] >= 0.4  # the dead server's timeout, twice
+            assert max(took[2:]) < 0.2, took  # then it is skipped
+            assert "is not answering: skipping it" in "\n".join(s.log)
+        finally:
+            stop(s.proc)
+
+
+def test_forward_zone_goes_to_its_own_servers(fake: FakeUpstream, upstream: Dnsmasq) -> None:
+    fake.delay = 0.0
+    s = start_serve(
+        "--upstream",
+        f"127.0.0.1:{upstream.port}",
+        "--forward",
+        f"corp.example=127.0.0.1:{fake.port}",
+    )
+    try:
+        assert ask(s.host, s.port, "a.b.corp.example").answer[0][0].to_text() == "192.0.2.99"
+        assert fake.received == ["a.b.corp.example."]
+        assert ask(s.host, s.port, "www.upstream.test").answer[0][0].to_text() == "192.0.2.53"
+        assert fake.received == ["a.b.corp.example."]  # other names: the default upstream
     finally:
         stop(s.proc)

@@ -90,3 +90,13 @@ def test_parse_query_errors() -> None:
     with pytest.raises(Malformed) as e:
         parse_query(twice)
     assert e.value.rcode == dns.rcode.FORMERR
+
+
+def test_cap_edns_payload_sent_upstream() -> None:
+    from interceptor.dns.message import cap_edns
+
+    big = parse_query(dns.message.make_query("a.example", "A", use_edns=0, payload=4096).to_wire())
+    capped = dns.message.from_wire(cap_edns(big, 1232))
+    assert capped.payload == 1232 and capped.id == big.id
+    small = parse_query(dns.message.make_query("a.example", "A", use_edns=0, payload=800).to_wire())
+    assert cap_edns(small, 1232) == small.data
