@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,7 @@ from interceptor.model.nodepods import NodePod, node_pods
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolver import Resolver
 from interceptor.server import DnsServer
-from interceptor.settings import Endpoint, ServerSettings, Settings
+from interceptor.settings import Endpoint, Settings
 from interceptor.upstream import Forwarder
 
 log = logging.getLogger(__name__)
@@ -148,12 +149,7 @@ class Agent:
                     self.added.append(ip)
                 server = DnsServer(
                     resolver,
-                    ServerSettings(
-                        listen=Endpoint(ip, 53),
-                        max_udp_size=self.settings.server.max_udp_size,
-                        tcp_idle_timeout=self.settings.server.tcp_idle_timeout,
-                        tcp_max_connections=self.settings.server.tcp_max_connections,
-                    ),
+                    dataclasses.replace(self.settings.server, listen=Endpoint(ip, 53)),
                 )
                 await server.start()
                 servers.append(server)

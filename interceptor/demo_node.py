@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,7 +52,6 @@ def dig(lab: Lab, pod: str, *args: str) -> str:
 def run_node_demo() -> int:
     lab = Lab("demo", [PodSpec(POD, "10.244.1.10", "shop"), PodSpec("db-0", "10.244.1.20", "shop")])
     pin = Path("/sys/fs/bpf/interceptor-demo")
-    tmp = Path(tempfile.mkdtemp(prefix="interceptor-demo-"))
     try:
         say("1. A node with two pods, built from network namespaces")
         lab.up()
@@ -122,4 +120,3 @@ def run_node_demo() -> int:
     finally:
         lab.down()
         shutil.rmtree(pin, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import struct
 from collections.abc import Callable, Coroutine, Sequence
-from enum import StrEnum
 from typing import Any
 
 import dnslib
@@ -46,15 +45,6 @@ Client = tuple[str, int]
 """The client's (address, port) as the listener saw it."""
 OriginalDestination = Callable[[str, int, bool], str | None]
 """(client address, client port, tcp) -> the server address the client's packet was for."""
-
-
-class Source(StrEnum):
-    """Where an answer came from (for metrics and the ``query`` explanation)."""
-
-    AUTHORITATIVE = "authoritative"
-    MESH = "mesh"
-    UPSTREAM = "upstream"
-    LOCAL_ERROR = "error"
 
 
 class Resolver:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from interceptor.dns.message import skip_name
 from interceptor.dns.wire import encode_name
 from interceptor.logutil import RateLimitedLog
 from interceptor.settings import Endpoint, UpstreamSettings
@@ -29,21 +30,12 @@ class UpstreamFailed(Exception):
     """No upstream gave a usable answer in time."""
 
 
-def _question_end(msg: bytes) -> int:
-    i = 12
-    while msg[i]:
-        if msg[i] > 63:
-            raise ValueError("compressed question")
-        i += msg[i] + 1
-    return i + 5
-
-
 def _matches(reply: bytes, query: bytes) -> bool:
     """Same ID, QR set, and the same question (names compared case-insensitively)."""
     if len(reply) < 12 or reply[:2] != query[:2] or not reply[2] & 0x80:
         return False
     try:
-        end = _question_end(query)
+        end = skip_name(query, 12) + 4
     except (ValueError, IndexError):
         return False
     if reply[4:6] != b"\x00\x01":

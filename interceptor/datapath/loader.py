@@ -77,6 +77,8 @@ class Datapath:
         self._free_ids: list[int] = []
         self._next_id = 0
         self._ipr: Any = None
+        self._config = maps.Config()
+        """What CONFIG[0] holds; the heartbeat rewrites it with a new timestamp."""
         self.maps: dict[str, PinnedMap] = {}  # type: ignore[type-arg]
 
     # ------------------------------------------------------------ loading

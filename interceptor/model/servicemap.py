@@ -329,9 +329,6 @@ class ServiceMap:
         target, _ = wire.decode_name_plain(rdata, 0)
         return target
 
-    def has_records(self, name: str, rtype: int) -> bool:
-        return bool(self._rrs.get(name, {}).get(rtype))
-
     def namespace_exists(self, namespace: str) -> bool:
         return ("Namespace", "", namespace) in self.objects or namespace in self._ns_refs
 

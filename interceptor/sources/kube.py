@@ -215,7 +215,7 @@ class ResourceWatcher:
                 self.api.list(path, {"limit": "1"})
                 return path
             except ApiError as exc:
-                if exc.status != 404:
+                if exc.status != 404 or not self.resource.optional:
                     raise
         return None
 
