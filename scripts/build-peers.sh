@@ -48,3 +48,16 @@ build() {  # build NAME PACKAGE MODULE VERSION
 
 build etcd go.etcd.io/etcd/server/v3 go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes "$K8S_VERSION"
+
+# kustomize renders deploy/ for the manifest tests.  Its module has no replace directives, so
+# a plain `go install` builds it; v5.8.1 still builds with Go 1.24 (v5.8.2+ need Go 1.26+).
+KUSTOMIZE_VERSION=v5.8.1
+kustomize_bin=$BIN/kustomize-$KUSTOMIZE_VERSION
+if [[ ! -x $kustomize_bin ]]; then
+  say "building kustomize $KUSTOMIZE_VERSION from the Go module proxy (once per machine)"
+  kwork=$(mktemp -d "$CACHE/build-kustomize.XXXX")
+  GOBIN=$kwork CGO_ENABLED=0 go install -trimpath "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION" >&2
+  mv "$kwork/kustomize" "$kustomize_bin"
+  rm -rf "$kwork"
+fi
+echo "$kustomize_bin"
