@@ -61,3 +61,20 @@ if [[ ! -x $kustomize_bin ]]; then
   rm -rf "$kwork"
 fi
 echo "$kustomize_bin"
+
+# CoreDNS is a benchmark peer (tests/bench/peers.py), built only when asked for
+# (`build-peers.sh coredns`), so the test tiers never wait for it.  Its module has no replace
+# directives, so a plain `go install` builds it; v1.14.7 needs Go 1.25+ (`go` fetches that
+# toolchain through the proxy if the local one is older).
+COREDNS_VERSION=v1.14.7
+if [[ " $* " == *" coredns "* ]]; then
+  coredns_bin=$BIN/coredns-$COREDNS_VERSION
+  if [[ ! -x $coredns_bin ]]; then
+    say "building CoreDNS $COREDNS_VERSION from the Go module proxy (once per machine; minutes on 2 cores)"
+    cwork=$(mktemp -d "$CACHE/build-coredns.XXXX")
+    GOBIN=$cwork CGO_ENABLED=0 go install -trimpath "github.com/coredns/coredns@$COREDNS_VERSION" >&2
+    mv "$cwork/coredns" "$coredns_bin"
+    rm -rf "$cwork"
+  fi
+  echo "$coredns_bin"
+fi
