@@ -215,6 +215,45 @@ static __always_inline int __rewrite(struct __sk_buff *skb, struct pkt *p, int d
 #endif /* ENABLE_IPV6 */
 }
 
+#ifdef ENABLE_FASTPATH
+#include "lib/fastpath.h"
+
+/* Declared here, not in the header: bcc rewrites map operations in the main file only. */
+BPF_TABLE_PINNED("hash", struct fp_key, struct fp_answer, FP_ANSWERS, FP_MAX_ENTRIES,
+		 PIN_DIR "/FP_ANSWERS", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, FP_STATS, FP_RESULT_MAX, PIN_DIR "/FP_STATS");
+BPF_ARRAY(FP_SCRATCH, struct fp_scratch, 1);
+
+static __always_inline void __fp_count(__u32 result)
+{
+	__u64 *v = FP_STATS.lookup(&result);
+
+	if (v)
+		*v += 1;
+}
+
+/* TC_ACT_REDIRECT when answered in the kernel; a negative fp_result otherwise. */
+static __always_inline int __fastpath(struct __sk_buff *skb, struct pkt *p, struct config *cfg)
+{
+	struct fp_query q = {};
+	struct fp_scratch *s;
+	struct fp_answer *ans;
+	__u32 zero = 0;
+	int ret;
+
+	s = FP_SCRATCH.lookup(&zero);
+	if (!s)
+		return -FP_FALLTHROUGH;
+	ret = __fp_question(skb, p, s, &q);
+	if (ret < 0)
+		return ret;
+	ans = FP_ANSWERS.lookup(&s->key);
+	if (!ans)
+		return -FP_MISS;
+	return __fp_answer(skb, p, cfg, s, &q, ans);
+}
+#endif /* ENABLE_FASTPATH */
+
 int dnsi_from_pod(struct __sk_buff *skb)
 {
 	struct pkt p = {};
@@ -255,11 +294,31 @@ int dnsi_from_pod(struct __sk_buff *skb)
 	if (ps)
 		ps->queries += 1;
 
+	now = bpf_ktime_get_ns();
+#ifdef ENABLE_FASTPATH
+	/* Answers only while the agent is alive: its heartbeat and its resolver socket vouch
+	 * for the answer map, so a killed agent fails open at once here too. */
+	if (p.proto == IPPROTO_UDP && now - cfg->heartbeat_ns <= cfg->heartbeat_timeout &&
+	    __resolver_listening(skb, &p, cfg)) {
+		int ret = __fastpath(skb, &p, cfg);
+
+		if (ret >= 0) {
+			__fp_count(FP_HIT);
+			if (ps)
+				ps->answered += 1;
+			return ret;
+		}
+		if (ret == -FP_RESULT_MAX) {
+			__count(REASON_CSUM_ERROR);
+			return TC_ACT_SHOT;
+		}
+		__fp_count(-ret);
+	}
+#endif /* ENABLE_FASTPATH */
 	fk.pod = p.saddr;
 	fk.pod_port = p.sport;
 	fk.proto = p.proto;
 	fk.family = p.family;
-	now = bpf_ktime_get_ns();
 	if (p.proto == IPPROTO_TCP && !p.syn_only) {
 		/* A segment of a connection: follow the decision taken at its SYN. */
 		struct flow_val *known = FLOWS.lookup(&fk);

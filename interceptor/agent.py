@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import TypeVar
 
 from interceptor.app import Feed, make_cache, start_metrics
 from interceptor.datapath.addresses import add_address, remove_address
+from interceptor.datapath.answers import AnswerMap
 from interceptor.datapath.discovery import LinkFinder, NetlinkEvents
 from interceptor.datapath.loader import Datapath, DatapathSettings
 from interceptor.health import HealthServer
@@ -164,6 +166,7 @@ class Agent:
                 await _first(self.feed.kube.state.first_sync.wait(), stop.wait())
                 if stop.is_set():
                     return
+            self._start_fastpath()
             finder = await self._netlink(LinkFinder.open)
             try:
                 await self.reconcile(finder)
@@ -210,6 +213,20 @@ class Agent:
             self._nl_thread.shutdown()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+
+    def _start_fastpath(self) -> None:
+        """Fill the kernel's answer map from the synced service map, then keep it in step
+        event by event (on the loop thread, right after the map itself changed)."""
+        pinned = self.datapath.maps.get("FP_ANSWERS")
+        if pinned is None:
+            return
+        answers = AnswerMap(pinned, self.agent.datapath.fastpath_entries)
+        t0 = time.monotonic()
+        n = answers.load(self.smap.answers)
+        log.info(
+            "fast path: %d answers loaded into the kernel in %.2fs", n, time.monotonic() - t0
+        )
+        self.smap.subscribe(lambda changed: answers.apply(self.smap.answers, changed))
 
     def readiness(self) -> tuple[bool, str]:
         ok, why = self.feed.readiness()

@@ -305,6 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
         "the resolver (0: unlimited; default: %(default)s)",
     )
     agent.add_argument("--no-ipv6", action="store_true", help="build the datapath without IPv6")
+    agent.add_argument(
+        "--no-fastpath",
+        action="store_true",
+        help="do not answer cluster names in the kernel (every query goes to the resolver)",
+    )
+    agent.add_argument(
+        "--fastpath-entries",
+        type=_positive_int,
+        default=65536,
+        metavar="N",
+        help="capacity of the in-kernel answer map (default: %(default)s)",
+    )
     agent.add_argument("--dump-bpf", action="store_true", help=argparse.SUPPRESS)
 
     sub.add_parser("demo", help="run the guided demo (root: builds network namespaces)")
@@ -381,6 +393,9 @@ def agent_settings_from(args: argparse.Namespace) -> AgentSettings:
             tc_handle=args.tc_handle,
             enable_ipv6=not args.no_ipv6,
             flow_rate=args.flow_rate,
+            fastpath=not args.no_fastpath,
+            fastpath_entries=args.fastpath_entries,
+            max_udp=args.max_udp_size,
         ),
     )
 
@@ -393,6 +408,8 @@ def _run_agent(args: argparse.Namespace) -> int:
     if args.dump_bpf:
         print("// cflags:", " ".join(Datapath(agent_settings.datapath).cflags()))
         print((bpf_source_dir() / "redirect.c").read_text())
+        if agent_settings.datapath.fastpath:
+            print((bpf_source_dir() / "lib" / "fastpath.h").read_text())
         return 0
     asyncio.run(Agent(settings_from(args), agent_settings).run())
     return 0

@@ -23,7 +23,7 @@ struct config {
 	__u32 flags;		  /* CFG_* */
 	__u32 flow_rate;	  /* new flows per second a pod may open (0: unlimited) */
 	__u32 flow_burst;	  /* token bucket depth for flow_rate */
-	__u32 _pad;
+	__u32 max_udp;		  /* our EDNS payload size (the resolver's), for fast-path OPT */
 };
 
 #define CFG_CAPTURE_ALL (1U << 0) /* any destination on port 53, not only CAPTURE entries */
@@ -81,10 +81,46 @@ struct pod_stats {
 	__u64 redirected; /* steered to the resolver */
 	__u64 passed;	  /* left untouched (fail-open, rate limit) */
 	__u64 replies;	  /* replies whose source was restored */
+	__u64 answered;	  /* answered in the kernel by the fast path */
+};
+
+/* FP_ANSWERS: the in-kernel fast path's answers, a copy of the resolver's precomputed table
+ * for the names that fit.  The key is the question name exactly as the resolver keys it
+ * (lowercased wire form, zero-padded) and the QTYPE; the value is everything of the response
+ * that does not come from the query itself. */
+#define FP_NAME_MAX 128 /* longer names fall through to the resolver */
+#define FP_BODY_MAX 256 /* answer+authority+additional bytes; bigger answers fall through */
+
+struct fp_key {
+	__u8 name[FP_NAME_MAX];
+	__u16 qtype; /* network order */
+	__u16 _pad;
+};
+
+struct fp_answer {
+	__u8 flag_hi; /* header byte 2 before the query's RD bit is or-ed in */
+	__u8 flag_lo; /* header byte 3 before the query's CD bit is or-ed in */
+	__u16 an;     /* network order */
+	__u16 ns;     /* network order */
+	__u16 ar;     /* network order, without our OPT record */
+	__u16 len;    /* bytes used in body */
+	__u16 _pad;
+	__u8 body[FP_BODY_MAX];
+};
+
+/* FP_STATS slots (PERCPU_ARRAY).  Keep in step with maps.py FASTPATH_RESULTS. */
+enum fp_result {
+	FP_HIT = 0,	    /* answered in the kernel */
+	FP_MISS = 1,	    /* not in FP_ANSWERS: the resolver answers */
+	FP_FALLTHROUGH = 2, /* in scope but unusual (EDNS DO, size, flags, long name...) */
+	FP_RESULT_MAX = 3,
 };
 
 #define MAX_PODS    4096
 #define MAX_FLOWS   65536
 #define MAX_CAPTURE 64
+#ifndef FP_MAX_ENTRIES
+#define FP_MAX_ENTRIES 65536
+#endif
 
 #endif /* __INTERCEPTOR_MAPS_H */

@@ -51,6 +51,12 @@ class DatapathSettings:
     flow_rate: int = 2000
     """New DNS flows per second one pod may open before the excess passes untouched."""
     flow_burst: int = 4000
+    fastpath: bool = True
+    """Answer hot cluster names in the kernel (bpf/lib/fastpath.h, ENABLE_FASTPATH)."""
+    fastpath_entries: int = 65536
+    """Capacity of the fast-path answer map (allocated as used, ~420 bytes per entry)."""
+    max_udp: int = 1232
+    """Our EDNS payload size, as the resolver announces it (the fast path must match)."""
 
 
 @dataclass
@@ -90,6 +96,8 @@ class Datapath:
             flags.append("-DENABLE_TCP")
         if s.enable_ipv6:
             flags.append("-DENABLE_IPV6")
+        if s.fastpath:
+            flags += ["-DENABLE_FASTPATH", f"-DFP_MAX_ENTRIES={s.fastpath_entries}"]
         return flags
 
     def load(self) -> None:
@@ -100,6 +108,9 @@ class Datapath:
             log.info("mounted bpffs at %s", self.settings.pin_dir.parent)
         self.settings.pin_dir.mkdir(parents=True, exist_ok=True)
         self._drop_incompatible_pins()
+        if not self.settings.fastpath:
+            for name in ("FP_ANSWERS", "FP_STATS"):  # a previous run's: not ours to serve now
+                (self.settings.pin_dir / name).unlink(missing_ok=True)
         src = bpf_source_dir() / "redirect.c"
         t0 = time.monotonic()
         try:
@@ -123,7 +134,9 @@ class Datapath:
     def _drop_incompatible_pins(self) -> None:
         """A pin left by a version with another layout would make the load fail (bcc reuses
         pins as they are): unpin it, losing that map's state but not the node's DNS."""
-        for name, (key, value, entries) in MAP_SHAPES.items():
+        shapes = dict(MAP_SHAPES)
+        shapes["FP_ANSWERS"] = (maps.FpKey, maps.FpAnswer, self.settings.fastpath_entries)
+        for name, (key, value, entries) in shapes.items():
             path = self.settings.pin_dir / name
             shape = pinned_map_shape(path)
             if shape is not None and shape != (ct.sizeof(key), ct.sizeof(value), entries):
@@ -159,6 +172,7 @@ class Datapath:
         )
         cfg.flow_rate = self.settings.flow_rate
         cfg.flow_burst = self.settings.flow_burst
+        cfg.max_udp = self.settings.max_udp
         cfg.heartbeat_ns = time.monotonic_ns()
         self._config = cfg
         self.maps["CONFIG"].put(ct.c_uint32(0), cfg)
@@ -340,13 +354,15 @@ MAP_SHAPES: dict[str, tuple[Any, Any, int]] = {
     "FLOWS": (maps.FlowKey, maps.FlowVal, maps.MAX_FLOWS),
     "REASONS": (ct.c_uint32, ct.c_uint64, len(maps.REASONS)),
     "POD_STATS": (ct.c_uint32, maps.PodStats, maps.MAX_PODS),
+    "FP_STATS": (ct.c_uint32, ct.c_uint64, len(maps.FASTPATH_RESULTS)),
 }
 """name -> (key type, value type, max entries), as bpf/redirect.c declares them."""
 
 
 def open_maps(pin_dir: Path) -> dict[str, PinnedMap]:  # type: ignore[type-arg]
-    """Every pinned map of ours, typed by its ctypes mirror."""
-    return {
+    """Every pinned map of ours, typed by its ctypes mirror (the fast path's only when the
+    programs were built with it)."""
+    out: dict[str, PinnedMap] = {  # type: ignore[type-arg]
         "CONFIG": PinnedMap(pin_dir / "CONFIG", ct.c_uint32, maps.Config),
         "CAPTURE": PinnedMap(pin_dir / "CAPTURE", maps.CaptureKey, ct.c_uint32),
         "PODS": PinnedMap(pin_dir / "PODS", maps.PodKey, maps.PodInfo),
@@ -355,3 +371,7 @@ def open_maps(pin_dir: Path) -> dict[str, PinnedMap]:  # type: ignore[type-arg]
         "REASONS": PinnedMap(pin_dir / "REASONS", ct.c_uint32, ct.c_uint64, percpu=True),
         "POD_STATS": PinnedMap(pin_dir / "POD_STATS", ct.c_uint32, maps.PodStats, percpu=True),
     }
+    if (pin_dir / "FP_ANSWERS").exists():
+        out["FP_ANSWERS"] = PinnedMap(pin_dir / "FP_ANSWERS", maps.FpKey, maps.FpAnswer)
+        out["FP_STATS"] = PinnedMap(pin_dir / "FP_STATS", ct.c_uint32, ct.c_uint64, percpu=True)
+    return out

@@ -66,7 +66,7 @@ class Config(ct.Structure):
         ("flags", ct.c_uint32),
         ("flow_rate", ct.c_uint32),
         ("flow_burst", ct.c_uint32),
-        ("_pad", ct.c_uint32),
+        ("max_udp", ct.c_uint32),
     ]
 
 
@@ -132,6 +132,39 @@ class PodStats(ct.Structure):
         ("redirected", ct.c_uint64),
         ("passed", ct.c_uint64),
         ("replies", ct.c_uint64),
+        ("answered", ct.c_uint64),
+    ]
+
+
+FP_NAME_MAX = 128
+FP_BODY_MAX = 256
+
+# Keep in step with enum fp_result in bpf/lib/maps.h.
+FASTPATH_RESULTS = ("hit", "miss", "fallthrough")
+
+
+class FpKey(ct.Structure):
+    """struct fp_key"""
+
+    _fields_ = [
+        ("name", ct.c_uint8 * FP_NAME_MAX),
+        ("qtype", ct.c_uint16),
+        ("_pad", ct.c_uint16),
+    ]
+
+
+class FpAnswer(ct.Structure):
+    """struct fp_answer"""
+
+    _fields_ = [
+        ("flag_hi", ct.c_uint8),
+        ("flag_lo", ct.c_uint8),
+        ("an", ct.c_uint16),
+        ("ns", ct.c_uint16),
+        ("ar", ct.c_uint16),
+        ("len", ct.c_uint16),
+        ("_pad", ct.c_uint16),
+        ("body", ct.c_uint8 * FP_BODY_MAX),
     ]
 
 
@@ -145,6 +178,8 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "flow_key": FlowKey,
     "flow_val": FlowVal,
     "pod_stats": PodStats,
+    "fp_key": FpKey,
+    "fp_answer": FpAnswer,
 }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from interceptor.dns import wire
@@ -66,6 +66,8 @@ class ServiceMap:
         """Bumped by every event that changed anything (watchers of the map poll it)."""
         self.answers: dict[bytes, Answer] = {}
         """(lowercased qname wire + qtype) -> precomputed answer: the hot-path table."""
+        self._dirty: set[bytes] | None = None
+        self._listeners: list[Callable[[set[bytes]], None]] = []
         self._mesh: dict[str, MeshHost] = {}
         self._mesh_wild: dict[str, MeshHost] = {}
         soa = wire.rr(self.zone_wire, wire.SOA, self.ttl, records.soa_rdata(self.zone, self.ttl))
@@ -76,6 +78,22 @@ class ServiceMap:
 
     # ----------------------------------------------------------------- events
 
+    def subscribe(self, listener: Callable[[set[bytes]], None]) -> None:
+        """Call ``listener`` after every event with the :attr:`answers` keys it added, changed
+        or removed (a copy of the table elsewhere, such as the kernel's fast-path map, stays
+        in step without rescanning it).  The listener runs on the caller's thread, after the
+        map is consistent again."""
+        self._listeners.append(listener)
+        if self._dirty is None:
+            self._dirty = set()
+
+    def _notify(self) -> None:
+        if not self._dirty:
+            return
+        changed, self._dirty = self._dirty, set()
+        for listener in self._listeners:
+            listener(changed)
+
     def upsert(self, obj: KubeObject) -> Change:
         """Add or replace one object (a watch ADDED or MODIFIED event)."""
         old = self.objects.get(obj.key)
@@ -83,7 +101,9 @@ class ServiceMap:
             return Change(0)
         self.objects[obj.key] = obj
         self.generation += 1
-        return self._changed(obj, old)
+        change = self._changed(obj, old)
+        self._notify()
+        return change
 
     def delete(self, key: Key) -> Change:
         """Remove one object (a watch DELETED event); unknown keys are a no-op."""
@@ -91,7 +111,9 @@ class ServiceMap:
         if old is None:
             return Change(0)
         self.generation += 1
-        return self._changed(None, old)
+        change = self._changed(None, old)
+        self._notify()
+        return change
 
     def replace(self, objects: Iterable[KubeObject], kinds: Iterable[str] | None = None) -> int:
         """Make the map hold exactly ``objects`` (of ``kinds``, default all) by applying the
@@ -260,8 +282,11 @@ class ServiceMap:
 
     def _compile(self, name: str) -> None:
         """Rebuild every precomputed answer of one name."""
+        dirty = self._dirty
         for key in self._keys_of.pop(name, ()):
             self.answers.pop(key, None)
+            if dirty is not None:
+                dirty.add(key)
         types = self._rrs.get(name)
         if not types:
             return
@@ -272,6 +297,8 @@ class ServiceMap:
             key = owner + struct.pack("!H", qtype)
             self.answers[key] = answer
             keys.append(key)
+            if dirty is not None:
+                dirty.add(key)
 
         in_zone = self._in_zone(name)
         if wire.CNAME in types:

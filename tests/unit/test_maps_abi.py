@@ -49,3 +49,12 @@ def test_reason_names_match_metrics_h() -> None:
     for i, name in enumerate(maps.REASONS):
         assert f"REASON_{name.upper()} = {i}," in text
     assert f"REASON_MAX = {len(maps.REASONS)}," in text
+
+
+def test_fastpath_constants_match_maps_h() -> None:
+    text = (ROOT / "bpf" / "lib" / "maps.h").read_text()
+    for i, name in enumerate(maps.FASTPATH_RESULTS):
+        assert f"FP_{name.upper()} = {i}," in text
+    assert f"FP_RESULT_MAX = {len(maps.FASTPATH_RESULTS)}," in text
+    assert f"#define FP_NAME_MAX {maps.FP_NAME_MAX} " in text
+    assert f"#define FP_BODY_MAX {maps.FP_BODY_MAX} " in text
