@@ -1,6 +1,8 @@
 /* dns-interceptor: steer pod DNS to the node-local resolver by address rewrite, in tc.
  *
  * dnsi_from_pod (host veth ingress = packets the pod sends):
+ *   With ENABLE_FASTPATH, a plain UDP query for a name in FP_ANSWERS is answered right here
+ *   and sent back out of the veth to the pod (bpf/lib/fastpath.h).  Otherwise:
  *   UDP/TCP to port 53 of a captured server, from the veth's own pod, while the resolver is
  *   alive: record the flow (pod addr, pod port, proto) -> original server in FLOWS, rewrite the
  *   destination to the resolver address.  The node's stack then delivers it locally.
