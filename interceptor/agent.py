@@ -9,19 +9,24 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
+from interceptor import __version__
 from interceptor.app import Feed, make_cache, start_metrics
 from interceptor.datapath.addresses import add_address, remove_address
 from interceptor.datapath.answers import AnswerMap
 from interceptor.datapath.discovery import LinkFinder, NetlinkEvents
 from interceptor.datapath.loader import Datapath, DatapathSettings
-from interceptor.health import HealthServer
+from interceptor.health import HealthServer, self_query
+from interceptor.inspect.agentops import AgentOps
+from interceptor.inspect.state import ADMIN_SOCKET, DEFAULT_STATE_DIR
 from interceptor.model.nodepods import NodePod, node_pods
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolver import Resolver
@@ -53,6 +58,10 @@ class AgentSettings:
     resync_interval: float = 2.0
     """Seconds between full reconciliations (netlink events trigger them sooner)."""
     datapath: DatapathSettings = field(default_factory=DatapathSettings)
+    state_dir: Path = DEFAULT_STATE_DIR
+    """Where the state file (pod names of counter slots, for the inspection CLI) is kept."""
+    admin_socket: Path | None = DEFAULT_STATE_DIR / ADMIN_SOCKET
+    """Root-only Unix socket for ``interceptor services`` and ``query``; None: none."""
 
 
 async def _first(*aws: Awaitable[object]) -> None:
@@ -75,6 +84,21 @@ class Agent:
         self._last_desired: dict[int, tuple[str, tuple[str, ...]]] = {}
         self._nl_thread = ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self._programs_ready = False
+        dp = agent.datapath
+        self.ops = AgentOps(
+            agent.state_dir,
+            agent.admin_socket,
+            AgentOps.info(
+                agent.node_name,
+                __version__,
+                dp.pin_dir,
+                agent.admin_socket,
+                agent.resolver_addresses,
+                agent.captures,
+                dp.tc_prio,
+                dp.tc_handle,
+            ),
+        )
 
     def desired(
         self, pods: list[NodePod], finder: LinkFinder
@@ -96,7 +120,8 @@ class Agent:
         """On the netlink thread: find the veths and bring the datapath in step."""
         desired = self.desired(pods, finder)
         if desired != self._last_desired:
-            self.datapath.reconcile(desired)
+            with self.ops.programming(pods, self.datapath.attached):
+                self.datapath.reconcile(desired)
             self._last_desired = desired
             log.info(
                 "capturing DNS of %d pod address(es) on %d veth(s)",
@@ -122,6 +147,7 @@ class Agent:
     async def run(self) -> None:
         a = self.agent
         await self._netlink(self.datapath.load)
+        self.ops.publish([], self.datapath.attached)
         resolver = Resolver(
             self.smap,
             Forwarder(self.settings.upstream),
@@ -132,12 +158,16 @@ class Agent:
             cache=make_cache(self.settings),
         )
         await self.feed.start(resolver)
-        start_metrics(self.settings, self.feed, resolver)
+        registry = start_metrics(self.settings, self.feed, resolver)
+        self.ops.register_metrics(registry, a.datapath.pin_dir)
         health = (
-            HealthServer(self.settings.health, self.readiness) if self.settings.health else None
+            HealthServer(self.settings.health, self.readiness, self._alive)
+            if self.settings.health
+            else None
         )
         if health is not None:
             await health.start()
+        await self.ops.start_admin(resolver, self.status)
         servers: list[DnsServer] = []
         loop = self._loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -196,6 +226,7 @@ class Agent:
         finally:
             if health is not None:
                 await health.close()
+            await self.ops.close()
             await self.feed.stop()
             for t in tasks:
                 t.cancel()
@@ -227,6 +258,24 @@ class Agent:
             "fast path: %d answers loaded into the kernel in %.2fs", n, time.monotonic() - t0
         )
         self.smap.subscribe(lambda changed: answers.apply(self.smap.answers, changed))
+
+    async def _alive(self) -> tuple[bool, str]:
+        """/healthz: the resolver answers a real query on its own address."""
+        where = Endpoint(self.agent.resolver_addresses[0], 53)
+        return await self_query(where, self.settings.zone.cluster_domain)
+
+    def status(self) -> dict[str, object]:
+        """For ``interceptor`` verbs over the admin socket."""
+        ready, why = self.readiness()
+        return {
+            "pid": os.getpid(),
+            "node": self.agent.node_name,
+            "version": __version__,
+            "ready": ready,
+            "readiness": why,
+            "interfaces": len(self.datapath.attached),
+            "pod_addresses": sum(len(a.pods) for a in self.datapath.attached.values()),
+        }
 
     def readiness(self) -> tuple[bool, str]:
         ok, why = self.feed.readiness()

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import importlib.resources
 import logging
+import os
 import signal
 from functools import partial
 from pathlib import Path
@@ -14,12 +15,13 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from interceptor.cache import Cache
-from interceptor.health import HealthServer
+from interceptor.health import HealthServer, self_query
+from interceptor.inspect.admin import AdminServer
 from interceptor.metrics import CacheCollector, MapCollector, WatchCollector, serve_metrics
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolver import Resolver
 from interceptor.server import DnsServer
-from interceptor.settings import PodRecords, Settings, resolv_conf_nameservers
+from interceptor.settings import Endpoint, PodRecords, Settings, resolv_conf_nameservers
 from interceptor.sources.kube import ClientApi, KubeSource
 from interceptor.sources.yamlfile import FileSource
 from interceptor.upstream import Forwarder
@@ -140,7 +142,9 @@ def start_metrics(settings: Settings, feed: Feed, resolver: Resolver) -> Collect
     return registry
 
 
-async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+async def serve(
+    settings: Settings, ready: asyncio.Event | None = None, admin_socket: Path | None = None
+) -> None:
     """Run ``interceptor serve`` until SIGTERM or SIGINT."""
     # Signals first: a supervisor may stop us as soon as we say we are serving.
     stop = asyncio.Event()
@@ -157,10 +161,26 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     start_metrics(settings, feed, resolver)
     server = DnsServer(resolver, settings.server)
     await server.start()
-    health = HealthServer(settings.health, feed.readiness) if settings.health else None
+    host, port = server.address
+    listening = Endpoint(host, port)
+    health = (
+        HealthServer(
+            settings.health,
+            feed.readiness,
+            lambda: self_query(listening, settings.zone.cluster_domain),
+        )
+        if settings.health
+        else None
+    )
     if health is not None:
         await health.start()
-    host, port = server.address
+    admin = (
+        AdminServer(admin_socket, resolver, lambda: {"pid": os.getpid(), "ready": resolver.ready})
+        if admin_socket is not None
+        else None
+    )
+    if admin is not None:
+        await admin.start()
     log.info(
         "serving DNS on %s port %d (UDP and TCP) for zone %s; forwarding other names to %s",
         host,
@@ -178,5 +198,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         await server.close()
         if health is not None:
             await health.close()
+        if admin is not None:
+            await admin.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from interceptor import __version__
+from interceptor.console import verbs
 from interceptor.errors import ConfigError, InterceptorError
+from interceptor.inspect.state import ADMIN_SOCKET, DEFAULT_STATE_DIR
 from interceptor.settings import (
     CacheSettings,
     Endpoint,
@@ -29,11 +31,17 @@ from interceptor.settings import (
 if TYPE_CHECKING:
     from interceptor.agent import AgentSettings
 
-EPILOG = """examples:
+EPILOG = (
+    """examples:
   interceptor serve --listen 127.0.0.1:5353
   interceptor serve --source cluster.yaml --listen 127.0.0.1:53 --upstream 10.0.0.2:53
   interceptor demo
+  interceptor net show
+  interceptor query kubernetes.default.svc.cluster.local --from 10.244.1.10
+
 """
+    + verbs.VERBS_EPILOG
+)
 
 
 AGENT_EPILOG = """examples:
@@ -224,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    verbs.add_global_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser(
@@ -240,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=Endpoint("127.0.0.1", 53),
         metavar="ADDR:PORT",
         help="UDP and TCP listen address (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--admin-socket",
+        type=Path,
+        metavar="PATH",
+        help="serve `interceptor services`/`query` on this root-only Unix socket (default: off)",
     )
 
     agent = sub.add_parser(
@@ -317,9 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="capacity of the in-kernel answer map (default: %(default)s)",
     )
+    agent.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help="state file for the inspection verbs (pod names) (default: %(default)s)",
+    )
+    agent.add_argument(
+        "--admin-socket",
+        type=Path,
+        metavar="PATH",
+        help="root-only Unix socket for `interceptor services`/`query` "
+        "(default: <state-dir>/admin.sock; 'none': off)",
+    )
     agent.add_argument("--dump-bpf", action="store_true", help=argparse.SUPPRESS)
 
     sub.add_parser("demo", help="run the guided demo (root: builds network namespaces)")
+    verbs.add_parsers(sub)
     return parser
 
 
@@ -380,7 +410,10 @@ def agent_settings_from(args: argparse.Namespace) -> AgentSettings:
     resolvers = tuple(args.resolver_address) or ("169.254.20.10",)
     if len({Endpoint.parse(ip).family_v6 for ip in resolvers}) != len(resolvers):
         raise ConfigError("give at most one --resolver-address per address family")
+    admin = args.admin_socket or args.state_dir / ADMIN_SOCKET
     return AgentSettings(
+        state_dir=args.state_dir,
+        admin_socket=None if str(admin) == "none" else admin,
         node_name=args.node_name,
         resolver_addresses=resolvers,
         resolver_device=args.resolver_device,
@@ -424,10 +457,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             from interceptor.app import serve
 
-            asyncio.run(serve(settings_from(args)))
+            asyncio.run(serve(settings_from(args), admin_socket=args.admin_socket))
             return 0
         if args.command == "agent":
             return _run_agent(args)
+        if args.command in verbs.COMMANDS:
+            return verbs.run(args, parser)
         if args.command == "demo":
             from interceptor.demo import run_demo
 

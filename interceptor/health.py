@@ -1,6 +1,8 @@
 """``/healthz`` and ``/readyz`` for the DaemonSet's probes, on a small asyncio HTTP server.
 
-* ``/healthz``: the process is alive and its event loop answers.
+* ``/healthz``: the process is alive and its resolver answers: a real DNS query for
+  ``dns-version.<zone>`` TXT to its own listener, over UDP, with a short timeout (any reply
+  counts, even SERVFAIL before the first sync: the resolver is answering).
 * ``/readyz``: the service map has had its first full sync (and, for the agent, the
   programs are attached).  While the API server is unreachable the answers keep coming from
   the last known state; readiness stays up (pods must keep resolving) and says so in its
@@ -11,15 +13,77 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
-from collections.abc import Callable
+import secrets
+import struct
+import time
+from collections.abc import Awaitable, Callable
 
+from interceptor.dns import wire
 from interceptor.settings import Endpoint
 
 log = logging.getLogger(__name__)
 
-Check = Callable[[], tuple[bool, str]]
-"""() -> (ok, one line saying why)."""
+Check = Callable[[], tuple[bool, str] | Awaitable[tuple[bool, str]]]
+"""() -> (ok, one line saying why), or a coroutine of it."""
+
+SELF_QUERY_TIMEOUT = 1.0
+RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+
+
+class _Reply(asyncio.DatagramProtocol):
+    def __init__(self, query_id: int) -> None:
+        self.query_id = query_id
+        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        if len(data) >= 12 and struct.unpack_from("!H", data)[0] == self.query_id:
+            if not self.done.done():
+                self.done.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable: nothing listens, say so now rather than after the timeout.
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
+async def self_query(
+    where: Endpoint, zone: str, timeout: float = SELF_QUERY_TIMEOUT
+) -> tuple[bool, str]:
+    """Ask our own resolver ``dns-version.<zone>`` TXT: the liveness of the thing that
+    matters, through the same socket and code as a pod's query."""
+    host = where.host
+    if host in ("0.0.0.0", "::"):  # bound to every address: ask over loopback
+        host = "::1" if host == "::" else "127.0.0.1"
+    qid = secrets.randbelow(0x10000)
+    question = wire.encode_name(f"dns-version.{zone}") + struct.pack("!HH", wire.TXT, 1)
+    data = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + question
+    loop = asyncio.get_running_loop()
+    t0 = time.monotonic()
+    try:
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: _Reply(qid), remote_addr=(host, where.port)
+        )
+    except OSError as exc:
+        return False, f"self-query to {Endpoint(host, where.port)} failed: {exc.strerror}"
+    try:
+        transport.sendto(data)
+        reply = await asyncio.wait_for(proto.done, timeout)
+    except TimeoutError:
+        return False, (
+            f"resolver at {Endpoint(host, where.port)} did not answer dns-version.{zone} TXT "
+            f"within {timeout:g}s"
+        )
+    except OSError as exc:
+        return False, f"self-query to {Endpoint(host, where.port)} failed: {exc.strerror}"
+    finally:
+        transport.close()
+    rcode = struct.unpack_from("!H", reply, 2)[0] & 0xF
+    return True, (
+        f"ok: resolver answered dns-version.{zone} TXT ({RCODES.get(rcode, rcode)}) in "
+        f"{(time.monotonic() - t0) * 1000:.1f} ms"
+    )
 
 
 class HealthServer:
@@ -46,7 +110,10 @@ class HealthServer:
             if check is None:
                 status, body = "404 Not Found", "not found"
             else:
-                ok, why = check()
+                result = check()
+                if inspect.isawaitable(result):
+                    result = await result
+                ok, why = result
                 status, body = ("200 OK" if ok else "503 Service Unavailable"), why
             data = body.encode() + b"\n"
             writer.write(

@@ -77,6 +77,12 @@ class Lab:
     def dns(self) -> str:
         return f"{self.prefix}-dns"
 
+    @property
+    def state_dir(self) -> Path:
+        """The agent's --state-dir: one per lab, so labs side by side never share a state
+        file or an admin socket."""
+        return Path(f"/run/{self.prefix}-interceptor")
+
     def pod_ns(self, pod: str) -> str:
         return f"{self.prefix}-{pod}"
 
@@ -188,6 +194,7 @@ class Lab:
         for ns in [*(self.pod_ns(p.name) for p in self.pods), self.dns, self.node]:
             sh("ip", "netns", "del", ns, check=False)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
         self._up = False
 
     # ------------------------------------------------------------ processes
@@ -269,6 +276,8 @@ class Lab:
             RESOLVER_IP6,
             "--pin-path",
             str(pin),
+            "--state-dir",
+            str(self.state_dir),
             "--health-address",
             "127.0.0.1:0",
             "--metrics-address",
