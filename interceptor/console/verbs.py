@@ -297,8 +297,8 @@ def net_show(ctx: Ctx) -> None:
     foreign = [r for r in rows if r[7] == "FOREIGN"]
     if foreign:
         lines.append(
-            "\nFOREIGN: another program shares the hook; tcx programs and tc filters with a "
-            "lower prio run before ours."
+            "\nFOREIGN: another program shares the hook; tcx programs and tc filters\n"
+            "with a lower prio run before ours."
         )
     ctx.emit(data, "\n".join(lines))
 

@@ -93,7 +93,7 @@ class ProgInfo(ct.Structure):
         ("map_ids", ct.c_uint64),
         ("name", ct.c_char * 16),
         ("ifindex", ct.c_uint32),
-        ("gpl_compatible", ct.c_uint32),
+        ("_gpl_compatible", ct.c_uint32),  # a bitfield in C: bit 0
         ("netns_dev", ct.c_uint64),
         ("netns_ino", ct.c_uint64),
         ("nr_jited_ksyms", ct.c_uint32),

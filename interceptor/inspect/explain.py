@@ -49,7 +49,10 @@ def qtype_code(text: str) -> int:
         return int(t)
     if t.startswith("TYPE") and t[4:].isdigit():
         return int(t[4:])
-    code = getattr(dnslib.QTYPE, t, None)
+    try:
+        code = getattr(dnslib.QTYPE, t)
+    except (dnslib.DNSError, AttributeError):
+        code = None
     if not isinstance(code, int):
         raise ValueError(f"unknown query type {text!r}")
     return code
@@ -163,7 +166,9 @@ def _nxdomain(resolver: Resolver, name: str) -> Explanation:
     for suffix in sorted(_search_suffixes(resolver), key=len, reverse=True):
         if name.endswith("." + suffix):
             head = name[: -len(suffix) - 1]
-            if "." in head or suffix != f"svc.{zone}":
+            # A dotted name plus a search suffix is what ndots:5 makes of "example.com";
+            # a single label is just a name that does not exist.
+            if "." in head:
                 return Explanation(
                     "search-path-junk",
                     f"NXDOMAIN, answered locally and never forwarded: {head!r} with the "
