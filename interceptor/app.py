@@ -14,14 +14,31 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from interceptor import __version__
 from interceptor.cache import Cache
+from interceptor.errors import ConfigError
 from interceptor.health import HealthServer, self_query
 from interceptor.inspect.admin import AdminServer
-from interceptor.metrics import CacheCollector, MapCollector, WatchCollector, serve_metrics
+from interceptor.metrics import (
+    BuildCollector,
+    CacheCollector,
+    MapCollector,
+    RequestCollector,
+    UpstreamCollector,
+    WatchCollector,
+    serve_metrics,
+)
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolver import Resolver
 from interceptor.server import DnsServer
-from interceptor.settings import Endpoint, PodRecords, Settings, resolv_conf_nameservers
+from interceptor.settings import (
+    Endpoint,
+    KubeDnsConfig,
+    PodRecords,
+    Settings,
+    load_kube_dns_config,
+    resolv_conf_nameservers,
+)
 from interceptor.sources.kube import ClientApi, KubeSource
 from interceptor.sources.yamlfile import FileSource
 from interceptor.upstream import Forwarder
@@ -53,6 +70,13 @@ class Feed:
         return str(self.settings.source or example_cluster())
 
     async def start(self, resolver: Resolver) -> None:
+        kube_dns = self.settings.upstream.kube_dns_config
+        if kube_dns is not None:
+            self._tasks.append(
+                asyncio.ensure_future(
+                    follow_kube_dns_config(resolver, kube_dns, self.settings.upstream.kube_dns)
+                )
+            )
         if self.settings.kube is None:
             self.file = FileSource(self.settings.source or example_cluster(), self.smap)
             self.file.load()
@@ -123,6 +147,29 @@ def make_cache(settings: Settings) -> Cache | None:
     return Cache(max_entries=c.size, min_ttl=c.min_ttl, max_ttl=c.max_ttl, stale_for=c.stale_for)
 
 
+async def follow_kube_dns_config(
+    resolver: Resolver, path: Path, current: KubeDnsConfig | None, interval: float = 5.0
+) -> None:
+    """Re-read the kube-dns ConfigMap every ``interval`` seconds (a mounted ConfigMap
+    volume is updated in place by kubelet) and apply a changed one; a broken edit is logged
+    and the last good configuration stays."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            new = load_kube_dns_config(path)
+        except ConfigError as exc:
+            log.error("kube-dns ConfigMap not applied, keeping the previous one: %s", exc)
+            continue
+        if new != current:
+            resolver.reconfigure(new)
+            current = new
+            log.info(
+                "kube-dns ConfigMap applied: %d stub domain(s), upstream %s",
+                len(new.zones),
+                ", ".join(map(str, new.servers)) or "unchanged",
+            )
+
+
 def start_metrics(settings: Settings, feed: Feed, resolver: Resolver) -> CollectorRegistry | None:
     """The Prometheus endpoint, if configured, with the collectors of this process."""
     if settings.metrics is None:
@@ -137,6 +184,10 @@ def start_metrics(settings: Settings, feed: Feed, resolver: Resolver) -> Collect
             lambda: (len(cache.entries), cache.bytes) if cache is not None else (0, 0),
         )
     )
+    registry.register(RequestCollector(lambda: resolver.stats))
+    forwarder = resolver.forwarder
+    registry.register(UpstreamCollector(lambda: forwarder.stats, forwarder.healthy))
+    registry.register(BuildCollector(__version__))
     serve_metrics(settings.metrics, registry)
     log.info("metrics on http://%s/metrics", settings.metrics)
     return registry
@@ -153,7 +204,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     smap = ServiceMap(settings.zone)
     feed = Feed(settings, smap)
-    upstreams = settings.upstream.servers or resolv_conf_nameservers()
+    upstreams = settings.upstream.servers or resolv_conf_nameservers(settings.resolv_conf)
     resolver = Resolver(
         smap, Forwarder(settings.upstream), settings, upstreams, cache=make_cache(settings)
     )
@@ -186,7 +237,7 @@ async def serve(
         host,
         port,
         smap.zone,
-        ", ".join(map(str, upstreams)) or "nowhere",
+        ", ".join(map(str, resolver.default_servers or upstreams)) or "nowhere",
     )
     if ready is not None:
         ready.set()
@@ -196,6 +247,7 @@ async def serve(
     finally:
         await feed.stop()
         await server.close()
+        resolver.forwarder.close()
         if health is not None:
             await health.close()
         if admin is not None:

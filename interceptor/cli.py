@@ -18,6 +18,7 @@ from interceptor.console import verbs
 from interceptor.errors import ConfigError, InterceptorError
 from interceptor.inspect.state import ADMIN_SOCKET, DEFAULT_STATE_DIR
 from interceptor.settings import (
+    AutopathSettings,
     CacheSettings,
     Endpoint,
     KubeSettings,
@@ -26,6 +27,8 @@ from interceptor.settings import (
     Settings,
     UpstreamSettings,
     ZoneSettings,
+    load_kube_dns_config,
+    resolv_conf_search,
 )
 
 if TYPE_CHECKING:
@@ -172,6 +175,33 @@ def _add_zone_flags(p: argparse.ArgumentParser) -> None:
         default=2.0,
         metavar="SECONDS",
         help="timeout of one upstream attempt (default: %(default)s)",
+    )
+    p.add_argument(
+        "--force-tcp",
+        action="store_true",
+        help="ask upstreams over TCP only, on persistent pipelined connections",
+    )
+    p.add_argument(
+        "--kube-dns-config",
+        type=Path,
+        metavar="PATH",
+        help="kube-dns ConfigMap (YAML file or mounted directory): its stubDomains and "
+        "upstreamNameservers are followed, re-read on change",
+    )
+    p.add_argument(
+        "--autopath",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="complete a known pod's search path on the server: one round trip instead of "
+        "up to five (default: on)",
+    )
+    p.add_argument(
+        "--resolv-conf",
+        type=Path,
+        default=Path("/etc/resolv.conf"),
+        metavar="PATH",
+        help="the node's resolv.conf: serve's default upstreams and the node search domains "
+        "pods inherit (default: %(default)s)",
     )
     p.add_argument(
         "--cache-size",
@@ -372,8 +402,17 @@ def settings_from(args: argparse.Namespace) -> Settings:
             tcp_max_connections=args.tcp_max_connections,
         ),
         upstream=UpstreamSettings(
-            servers=tuple(args.upstream), timeout=args.upstream_timeout, zones=tuple(args.forward)
+            servers=tuple(args.upstream),
+            timeout=args.upstream_timeout,
+            zones=tuple(args.forward),
+            force_tcp=args.force_tcp,
+            kube_dns_config=args.kube_dns_config,
+            kube_dns=load_kube_dns_config(args.kube_dns_config) if args.kube_dns_config else None,
         ),
+        autopath=AutopathSettings(
+            enabled=args.autopath, node_search=resolv_conf_search(args.resolv_conf)
+        ),
+        resolv_conf=args.resolv_conf,
         source=args.source,
         kube=_kube_settings(args),
         cache=CacheSettings(

@@ -8,12 +8,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from interceptor.cache import CacheStats
 from interceptor.settings import Endpoint
 from interceptor.sources.kube import SyncState
+from interceptor.stats import DURATION_BUCKETS, SOURCES, RequestStats, UpstreamStats
 
 
 class WatchCollector(Collector):
@@ -114,3 +120,111 @@ class CacheCollector(Collector):
 
 def serve_metrics(listen: Endpoint, registry: CollectorRegistry) -> None:
     start_http_server(listen.port, addr=listen.host, registry=registry)
+
+
+def _histogram(
+    family: HistogramMetricFamily, labels: list[str], hist: tuple[list[int], float]
+) -> None:
+    counts, total = hist
+    buckets: list[tuple[str, float]] = []
+    acc = 0
+    for bound, n in zip((*DURATION_BUCKETS, float("inf")), counts, strict=True):
+        acc += n
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(acc)))
+    family.add_metric(labels, buckets, total)
+
+
+class RequestCollector(Collector):
+    """What the resolver answered (both paths), how long it took, and autopath's outcomes,
+    from the plain counters the resolver keeps (:mod:`interceptor.stats`)."""
+
+    def __init__(self, stats: Callable[[], RequestStats]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        st = self.stats()
+        requests = CounterMetricFamily(
+            "interceptor_requests",
+            "Queries answered by the userspace resolver, by where the answer came from",
+            labels=["proto", "qtype", "rcode", "source"],
+        )
+        for labels, n in sorted(st.totals().items()):
+            requests.add_metric(list(labels), float(n))
+        yield requests
+        durations = HistogramMetricFamily(
+            "interceptor_request_duration_seconds",
+            "Time to answer a query, from its arrival to its reply (hot-path answers: the "
+            "time of their receive batch divided by its queries)",
+            labels=["source"],
+        )
+        for source in SOURCES:
+            _histogram(durations, [source], st.durations[source].snapshot())
+        yield durations
+        autopath = CounterMetricFamily(
+            "interceptor_autopath",
+            "First search expansions completed on the server (hit) or left to the client (miss)",
+            labels=["result"],
+        )
+        for result, n in sorted(st.autopath.copy().items()):
+            autopath.add_metric([result], float(n))
+        yield autopath
+
+
+class UpstreamCollector(Collector):
+    """Attempts per upstream server by outcome, their duration, and whether each is healthy."""
+
+    def __init__(
+        self, stats: Callable[[], UpstreamStats], healthy: Callable[[], dict[str, bool]]
+    ) -> None:
+        self.stats = stats
+        self.healthy = healthy
+
+    def collect(self) -> Iterable[Metric]:
+        st = self.stats()
+        attempts = CounterMetricFamily(
+            "interceptor_upstream_requests",
+            "Attempts sent to upstream servers by outcome (truncated: a UDP answer with TC, "
+            "asked again over TCP)",
+            labels=["server", "outcome"],
+        )
+        for (server, outcome), n in sorted(st.attempts.copy().items()):
+            attempts.add_metric([server, outcome], float(n))
+        yield attempts
+        durations = HistogramMetricFamily(
+            "interceptor_upstream_duration_seconds",
+            "Duration of one upstream attempt, up to its timeout",
+            labels=["server"],
+        )
+        for server, hist in sorted(st.durations.copy().items()):
+            _histogram(durations, [server], hist.snapshot())
+        yield durations
+        connects = CounterMetricFamily(
+            "interceptor_upstream_tcp_connections",
+            "TCP connections opened to upstream servers (pooled and reused)",
+            labels=["server"],
+        )
+        for server, n in sorted(st.tcp_connects.copy().items()):
+            connects.add_metric([server], float(n))
+        yield connects
+        healthy = GaugeMetricFamily(
+            "interceptor_upstream_healthy",
+            "1 while an upstream server is used; 0 while it is skipped after failing",
+            labels=["server"],
+        )
+        for server, up in sorted(self.healthy().items()):
+            healthy.add_metric([server], 1.0 if up else 0.0)
+        yield healthy
+
+
+class BuildCollector(Collector):
+    """``interceptor_build_info{version}``: always 1, for joining versions onto other series."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    def collect(self) -> Iterable[Metric]:
+        g = GaugeMetricFamily(
+            "interceptor_build_info", "The running interceptor's version", labels=["version"]
+        )
+        g.add_metric([self.version], 1.0)
+        yield g

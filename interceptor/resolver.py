@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import dnslib
 
+from interceptor.autopath import ClientIndex, candidate_wires, expansion
 from interceptor.cache import Cache
 from interceptor.dns import wire
 from interceptor.dns.message import (
@@ -28,12 +30,14 @@ from interceptor.dns.message import (
     fast_response,
     opt_record,
     parse_query,
+    skip_name,
     udp_limit,
 )
 from interceptor.logutil import RateLimitedLog
 from interceptor.model.records import MeshHost
 from interceptor.model.servicemap import ServiceMap
-from interceptor.settings import Endpoint, PodRecords, Settings
+from interceptor.settings import Endpoint, KubeDnsConfig, PodRecords, Settings, forwarding
+from interceptor.stats import RequestStats
 from interceptor.upstream import Forwarder, UpstreamFailed, build_query
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,10 @@ Client = tuple[str, int]
 """The client's (address, port) as the listener saw it."""
 OriginalDestination = Callable[[str, int, bool], str | None]
 """(client address, client port, tcp) -> the server address the client's packet was for."""
+Result = tuple[bytes | None, str]
+"""A response (None: send nothing) and where it came from (the ``source`` metric label)."""
+
+ARPA_TAIL = b"\x04arpa\x00"
 
 
 class Resolver:
@@ -65,24 +73,52 @@ class Resolver:
         self.original_destination = original_destination
         self.max_udp = settings.server.max_udp_size
         self.cache = cache
-        self._zones = sorted(settings.upstream.zones, key=lambda z: -len(z[0]))
+        self._zones: list[tuple[str, tuple[Endpoint, ...]]] = []
+        self._servers: tuple[Endpoint, ...] = ()
+        self.reconfigure(settings.upstream.kube_dns)
         self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.ready = True
         """False until the source's first full sync: cluster names get SERVFAIL, because an
         NXDOMAIN for a service that does exist would be cached by clients."""
+        self.stats = RequestStats()
+        self._fast_mesh = 0
+        """Hot-path mesh answers since the listener last reported its batch timing."""
+        self._zone_tail = smap.zone_wire
+        self.clients = (
+            ClientIndex(smap, settings.autopath.node_search) if settings.autopath.enabled else None
+        )
+
+    def reconfigure(self, kube_dns: KubeDnsConfig | None) -> None:
+        """Per-zone and default servers from the flags and a kube-dns ConfigMap (also when
+        the ConfigMap changes while we run)."""
+        zones, servers = forwarding(self.settings.upstream, kube_dns)
+        self._zones = sorted(zones, key=lambda z: -len(z[0]))
+        self._servers = servers
+
+    @property
+    def forward_zones(self) -> list[tuple[str, tuple[Endpoint, ...]]]:
+        """Per-zone servers in effect (flags and ConfigMap), longest zone first."""
+        return self._zones
+
+    @property
+    def default_servers(self) -> tuple[Endpoint, ...]:
+        """``--upstream`` or the ConfigMap's upstreamNameservers; () means the server each
+        pod asked (or :attr:`upstreams`)."""
+        return self._servers
 
     def upstreams_for(
         self, client: Client | None, tcp: bool, qname: str = ""
     ) -> Sequence[Endpoint]:
-        """``--forward`` for the longest matching zone (stubDomains); else ``--upstream``;
-        else the server the pod asked (its packet's original destination, so the pod's
-        choice of server is respected); else the defaults."""
+        """``--forward`` for the longest matching zone (stubDomains); else ``--upstream``
+        (or the ConfigMap's upstreamNameservers); else the server the pod asked (its
+        packet's original destination, so the pod's choice of server is respected); else
+        the defaults."""
         for zone, servers in self._zones:
             if qname == zone or qname.endswith("." + zone):
                 return servers
-        if self.settings.upstream.servers:
-            return self.settings.upstream.servers
+        if self._servers:
+            return self._servers
         if client is not None and self.original_destination is not None:
             orig = self.original_destination(client[0], client[1], tcp)
             if orig is not None:
@@ -93,33 +129,178 @@ class Resolver:
         """Hot path for UDP: a precomputed answer, or None to take the careful path."""
         if not self.ready:
             return None
-        return fast_response(data, self.smap.answers, self.max_udp)
+        reply = fast_response(data, self.smap.answers, self.max_udp)
+        if reply is not None:
+            # Counted by the raw QTYPE bytes (decoded at scrape time): the cheapest key to
+            # build per query.  Every table answer is NOERROR, so the RCODE needs no look.
+            z = data.find(0, 12)
+            key = data[z + 1 : z + 3]
+            zt = self._zone_tail
+            tail = data[z + 1 - len(zt) : z + 1]
+            if tail != zt and tail.lower() != zt and data[z - 5 : z + 1].lower() != ARPA_TAIL:
+                key += b"m"  # neither the cluster zone nor a reverse name: a mesh host
+                self._fast_mesh += 1
+            counts = self.stats.fast
+            counts[key] = counts.get(key, 0) + 1
+        return reply
+
+    def fast_batch(self, answered: int, seconds: float) -> None:
+        """The listener answered ``answered`` hot-path queries taking ``seconds`` each (its
+        batch time over its queries: timing every answer would cost more than answering)."""
+        mesh, self._fast_mesh = self._fast_mesh, 0
+        durations = self.stats.durations
+        if answered > mesh:
+            durations["authoritative"].observe(seconds, answered - mesh)
+        if mesh:
+            durations["mesh"].observe(seconds, mesh)
 
     async def resolve(self, data: bytes, tcp: bool, client: Client | None = None) -> bytes | None:
         """The response to one message, or None when it must not be answered at all."""
+        t0 = time.perf_counter()
+        reply, source = await self._answer(data, tcp, client)
+        if reply is not None and len(reply) >= 12:
+            qtype = 0
+            if reply[4:6] == b"\x00\x01":
+                try:
+                    end = wire_question_end(reply)
+                    qtype = (reply[end - 4] << 8) | reply[end - 3]
+                except (ValueError, IndexError):
+                    pass
+            self.stats.count(
+                "tcp" if tcp else "udp", qtype, reply[3] & 15, source, time.perf_counter() - t0
+            )
+        return reply
+
+    async def _answer(
+        self, data: bytes, tcp: bool, client: Client | None, autopath: bool = True
+    ) -> Result:
+        """The response and its source.  ``autopath`` False: a candidate of an autopath
+        walk, answered in full (the walk's own answer is sized for the client)."""
         try:
             query = parse_query(data)
         except Malformed as exc:
             if exc.rcode is None:
                 _rl.warning("drop", "dropped a message: %s", exc.reason)
-                return None
+                return None, "error"
             _rl.warning(f"rcode-{exc.rcode}", "answered rcode %d: %s", exc.rcode, exc.reason)
-            return error_response(data, exc.rcode, max_udp=self.max_udp)
-        limit = None if tcp else udp_limit(query.edns, self.max_udp)
+            return error_response(data, exc.rcode, max_udp=self.max_udp), "error"
+        limit = None if tcp or not autopath else udp_limit(query.edns, self.max_udp)
         if query.edns is not None and query.edns.version != 0:
-            return badvers_response(query, self.max_udp)
+            return badvers_response(query, self.max_udp), "error"
         if query.qclass != wire.CLASS_IN or query.qtype in (wire.AXFR, wire.IXFR):
             # Zone transfers of a cluster zone would hand out every service in one go.
-            return error_response(data, wire.REFUSED, query, self.max_udp)
-        if not self.ready and self.smap.in_zone(query.qname):
-            return error_response(data, wire.SERVFAIL, query, self.max_udp)
+            return error_response(data, wire.REFUSED, query, self.max_udp), "error"
+        smap = self.smap
+        if not self.ready and smap.in_zone(query.qname):
+            return error_response(data, wire.SERVFAIL, query, self.max_udp), "error"
         answer = self.lookup(query)
         if answer is not None:
-            return assemble(query, answer, self.max_udp, limit)
-        target = self.smap.cname(query.qname)
+            if answer is smap.nxdomain and autopath and client is not None and self.clients:
+                done = await self._autopath(query, tcp, client, limit)
+                if done is not None:
+                    return done
+            mesh = not smap.in_zone(query.qname) and (
+                smap.mesh_host(query.qname) is not None or smap.mesh_wildcard(query.qname)
+            )
+            return assemble(query, answer, self.max_udp, limit), "mesh" if mesh else "authoritative"
+        target = smap.cname(query.qname)
         if target is not None:
             return await self._chase(query, target, limit, self.upstreams_for(client, tcp, target))
         return await self._forward(query, limit, self.upstreams_for(client, tcp, query.qname))
+
+    async def _autopath(
+        self, query: Query, tcp: bool, client: Client, limit: int | None
+    ) -> Result | None:
+        """``query`` is NXDOMAIN here; if it is the first search expansion of a known pod,
+        answer with the first candidate of that pod's search list that exists.
+
+        Each candidate is resolved as the pod itself would ask it (same flags and EDNS), so
+        cluster candidates come from the map and the others share the cache with the pod's
+        own queries; the upstream ones are asked together, not one after another.  Then, in
+        the pod's order, the first candidate that is not NXDOMAIN decides:
+
+        * it has records: CNAME from the asked name to it, then its records (a hit);
+        * it is NODATA and every later candidate is NXDOMAIN: CNAME plus that NODATA, which
+          is where the pod's own search would end too, whatever its stub resolver;
+        * anything else (SERVFAIL, or NODATA with more to find later, where glibc searches
+          on and musl stops): the asked name's own NXDOMAIN, so the pod's own search goes on
+          exactly as without autopath (a miss).  Nothing found is a miss too.
+        """
+        assert self.clients is not None
+        search = self.clients.search(client[0])
+        if search is None:
+            return None
+        base = expansion(query.qname, search, self.smap.zone)
+        if base is None:
+            return None
+        qname_wire = query.data[12 : query.question_end - 4]
+        tail = query.data[query.question_end - 4 :]  # QTYPE, QCLASS, the client's OPT
+        candidates = candidate_wires(qname_wire, search[0], search[1:])
+        local = [self.smap.in_zone(name) for _, name in candidates]
+        tasks: dict[int, asyncio.Future[Result]] = {}
+
+        def start(i: int) -> None:
+            synthetic = query.data[:12] + candidates[i][0] + tail
+            tasks[i] = asyncio.ensure_future(self._answer(synthetic, tcp, client, False))
+
+        results: list[Result] = []
+        decided: int | None = None
+        try:
+            for i in range(len(candidates)):
+                if i not in tasks:
+                    if local[i]:
+                        start(i)  # from the map: no I/O, nothing to overlap
+                    else:
+                        # The first upstream candidate: ask it and every later one at once,
+                        # one round trip in all instead of one each.
+                        for j in range(i, len(candidates)):
+                            if not local[j]:
+                                start(j)
+                results.append(await tasks[i])
+                decided = _autopath_choice(results, len(candidates))
+                if decided is not None:
+                    break
+        finally:
+            for task in tasks.values():
+                task.cancel()  # their upstream queries still complete, into the cache
+        if decided is None:
+            decided = -1
+        if decided < 0:
+            self.stats.autopath["miss"] += 1
+            return None
+        reply, source = results[decided]
+        assert reply is not None
+        composed = self._cname_to(query, reply, limit)
+        if composed is None:
+            self.stats.autopath["miss"] += 1
+            return None
+        self.stats.autopath["hit"] += 1
+        return composed, source
+
+    def _cname_to(self, query: Query, reply: bytes, limit: int | None) -> bytes | None:
+        """The answer to ``query``: a CNAME to the question of ``reply`` (a full response for
+        the candidate), then ``reply``'s records.  The CNAME lives no longer than the
+        cluster's negative TTL: a service created meanwhile under an earlier candidate would
+        have ended the pod's own search there."""
+        try:
+            msg = dnslib.DNSRecord.parse(reply)
+        except (dnslib.DNSError, ValueError, IndexError, struct.error):
+            return None
+        target = reply[12 : wire_question_end(reply) - 4]
+        answers = [_pack_rr(r) for r in msg.rr]
+        authority = [_pack_rr(r) for r in msg.auth]
+        additional = [_pack_rr(r) for r in msg.ar if r.rtype != wire.OPT]
+        ttls = [r.ttl for r in msg.rr] or [
+            min(r.ttl, r.rdata.times[4]) for r in msg.auth if r.rtype == wire.SOA
+        ]
+        ttl = min([self.smap.ttl, *ttls])
+        cname = wire.rr(wire.QNAME_POINTER, wire.CNAME, ttl, target)
+        body = cname + b"".join(answers) + b"".join(authority) + b"".join(additional)
+        aa = bool(msg.header.aa)
+        answer = Answer(
+            msg.header.rcode, aa, 1 + len(answers), len(authority), len(additional), body
+        )
+        return assemble(query, answer, self.max_udp, limit)
 
     def lookup(self, query: Query) -> Answer | None:
         """The local answer for a query, or None if it is not ours (or needs a CNAME chase)."""
@@ -165,7 +346,7 @@ class Resolver:
 
     async def _chase(
         self, query: Query, target: str, limit: int | None, upstreams: Sequence[Endpoint]
-    ) -> bytes | None:
+    ) -> Result:
         """ExternalName: the CNAME first, then the target's records (spec section 2.5).
 
         In-cluster targets come from the map; others from upstream.  The final rcode is the
@@ -186,7 +367,8 @@ class Resolver:
             )
             owner = nxt
         else:
-            return error_response(query.data, wire.SERVFAIL, query, self.max_udp)
+            return error_response(query.data, wire.SERVFAIL, query, self.max_udp), "error"
+        source = "authoritative"
         if smap.in_zone(owner):
             tail = smap.address_rrs(owner, (query.qtype,))
             if not tail:
@@ -195,6 +377,7 @@ class Resolver:
         else:
             mesh = smap.mesh_host(owner)
             if mesh is not None and query.qtype in (wire.A, wire.AAAA):
+                source = "mesh"
                 ips = mesh.v4 if query.qtype == wire.A else mesh.v6
                 tail = [
                     wire.rr(
@@ -203,18 +386,19 @@ class Resolver:
                     for ip in ips
                 ]
             else:
+                source = "upstream"
                 try:
                     reply = await self.forwarder.forward(build_query(owner, query.qtype), upstreams)
                 except UpstreamFailed:
-                    return error_response(query.data, wire.SERVFAIL, query, self.max_udp)
+                    return error_response(query.data, wire.SERVFAIL, query, self.max_udp), "error"
                 tail, authority, rcode = _sections(reply)
         body = b"".join(chain) + b"".join(tail) + b"".join(authority)
         answer = Answer(rcode, True, len(chain) + len(tail), len(authority), 0, body)
-        return assemble(query, answer, self.max_udp, limit)
+        return assemble(query, answer, self.max_udp, limit), source
 
     async def _forward(
         self, query: Query, limit: int | None, upstreams: Sequence[Endpoint]
-    ) -> bytes | None:
+    ) -> Result:
         """Through the shared cache; identical questions in flight share one upstream query;
         when every upstream fails, a stale answer beats SERVFAIL (RFC 8767)."""
         key = _cache_key(query, upstreams)
@@ -227,7 +411,7 @@ class Resolver:
                     entry.prefetching = True
                     cache.stats.prefetches += 1
                     self._background(self._fetch(key, cap_edns(query, self.max_udp), upstreams))
-                return _for_client(reply, query, limit, self.max_udp)
+                return _for_client(reply, query, limit, self.max_udp), "cache"
         pending = self._inflight.get(key)
         if pending is None:
             pending = asyncio.ensure_future(
@@ -240,9 +424,9 @@ class Resolver:
         except UpstreamFailed:
             stale = cache.get(key, stale=True) if cache is not None else None
             if stale is not None:
-                return _for_client(stale[0], query, limit, self.max_udp)
-            return error_response(query.data, wire.SERVFAIL, query, self.max_udp)
-        return _for_client(reply, query, limit, self.max_udp)
+                return _for_client(stale[0], query, limit, self.max_udp), "stale"
+            return error_response(query.data, wire.SERVFAIL, query, self.max_udp), "error"
+        return _for_client(reply, query, limit, self.max_udp), "upstream"
 
     async def _fetch(self, key: bytes, data: bytes, upstreams: Sequence[Endpoint]) -> bytes:
         reply = await self.forwarder.forward(data, upstreams)
@@ -255,6 +439,32 @@ class Resolver:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+def _autopath_choice(results: list[Result], total: int) -> int | None:
+    """Which candidate answers (its index), -1 for none (the asked name's NXDOMAIN stands),
+    or None while the results so far (in search order) cannot tell yet."""
+    for i, (reply, _) in enumerate(results):
+        if reply is None or len(reply) < 12:
+            return -1
+        rcode = reply[3] & 15
+        if rcode == wire.NXDOMAIN:
+            continue
+        if rcode != wire.NOERROR:
+            return -1
+        if reply[6:8] != b"\x00\x00":
+            return i  # records (or a CNAME chain): the pod's search would stop here
+        # NODATA: final only if nothing after it exists (glibc searches on, musl stops).
+        later = results[i + 1 :]
+        if any(r is None or len(r) < 12 or r[3] & 15 != wire.NXDOMAIN for r, _ in later):
+            return -1
+        return i if len(results) == total else None
+    return None if len(results) < total else -1
+
+
+def wire_question_end(msg: bytes) -> int:
+    """Offset just past the first question of a message.  Raises ValueError/IndexError."""
+    return skip_name(msg, 12) + 4
 
 
 def _mesh_answer(host: MeshHost, qtype: int, ttl: int, nodata: Answer) -> Answer:
@@ -277,8 +487,16 @@ def _sections(reply: bytes) -> tuple[list[bytes], list[bytes], int]:
     return ([_pack_rr(r) for r in msg.rr], [_pack_rr(r) for r in msg.auth], msg.header.rcode)
 
 
+class _FlatBuffer(dnslib.DNSBuffer):  # type: ignore[misc]
+    """No name compression: a record packed alone is spliced into another message, where a
+    pointer to an offset of its own buffer would point into that message's header."""
+
+    def encode_name(self, name: object) -> None:
+        self.encode_name_nocompress(name)
+
+
 def _pack_rr(record: dnslib.RR) -> bytes:
-    buf = dnslib.DNSBuffer()
+    buf = _FlatBuffer()
     record.pack(buf)
     return bytes(buf.data)
 

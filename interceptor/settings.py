@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from interceptor.errors import ConfigError
 
@@ -99,6 +104,16 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class KubeDnsConfig:
+    """The forwarding part of a kube-dns ConfigMap (``kube-system/kube-dns``)."""
+
+    zones: tuple[tuple[str, tuple[Endpoint, ...]], ...] = ()
+    """``stubDomains``: zone -> its name servers."""
+    servers: tuple[Endpoint, ...] = ()
+    """``upstreamNameservers``: replace the node's resolv.conf for every other name."""
+
+
+@dataclass(frozen=True)
 class UpstreamSettings:
     """Where names that are not ours go."""
 
@@ -110,6 +125,27 @@ class UpstreamSettings:
     """Attempts per query, spread over the servers."""
     zones: tuple[tuple[str, tuple[Endpoint, ...]], ...] = ()
     """Per-zone servers (``--forward``, like kube-dns stubDomains): zone -> servers."""
+    force_tcp: bool = False
+    """Ask upstreams over TCP only (pooled, pipelined connections), as NodeLocal DNSCache
+    does, so that no answer is lost to UDP drops on the way to the cluster's DNS."""
+    kube_dns_config: Path | None = None
+    """A kube-dns ConfigMap (YAML file, or the directory a ConfigMap volume mounts) whose
+    ``stubDomains`` and ``upstreamNameservers`` add to ``zones`` and ``servers``; flags win.
+    Re-read while running."""
+    kube_dns: KubeDnsConfig | None = None
+    """Its content as read at start-up."""
+
+
+@dataclass(frozen=True)
+class AutopathSettings:
+    """Server-side search-path completion (CoreDNS's ``autopath``)."""
+
+    enabled: bool = True
+    """Answer the first search-path expansion of a name from a known pod with a CNAME to
+    the first candidate of that pod's search list that exists."""
+    node_search: tuple[str, ...] = ()
+    """The node's own search domains (kubelet appends them to every ClusterFirst pod's
+    search list, after the three cluster ones)."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +188,10 @@ class Settings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     metrics: Endpoint | None = None
     """Where Prometheus metrics are served; None: nowhere."""
+    autopath: AutopathSettings = field(default_factory=AutopathSettings)
+    resolv_conf: Path = Path("/etc/resolv.conf")
+    """The node's resolv.conf: ``serve``'s default upstreams, and the node search domains
+    (read into ``autopath.node_search`` when the settings are built)."""
 
 
 def resolv_conf_nameservers(path: Path = Path("/etc/resolv.conf")) -> tuple[Endpoint, ...]:
@@ -169,3 +209,110 @@ def resolv_conf_nameservers(path: Path = Path("/etc/resolv.conf")) -> tuple[Endp
             except ConfigError:
                 continue
     return tuple(servers)
+
+
+def resolv_conf_search(path: Path = Path("/etc/resolv.conf")) -> tuple[str, ...]:
+    """The search domains of a resolv.conf (the last ``search`` or ``domain`` line wins, as
+    in glibc), lowercased, without trailing dots; () when the file cannot be read."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return ()
+    search: tuple[str, ...] = ()
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("search", "domain"):
+            search = tuple(d.strip(".").lower() for d in parts[1:] if d.strip("."))
+    return search
+
+
+KUBE_DNS_KEYS = ("stubDomains", "upstreamNameservers")
+
+
+def load_kube_dns_config(path: Path) -> KubeDnsConfig:
+    """Read a kube-dns ConfigMap: a YAML file holding the ConfigMap (``kubectl get cm
+    kube-dns -o yaml``), or a directory with one file per key (a mounted ConfigMap volume).
+    Both keys are JSON, as kube-dns reads them.  Raises ConfigError naming what is wrong."""
+    data: Mapping[str, Any]
+    if path.is_dir():
+        data = {}
+        for key in KUBE_DNS_KEYS:
+            try:
+                data[key] = (path / key).read_text()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise ConfigError(f"{path / key}: {exc.strerror}") from exc
+    else:
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(doc, Mapping) or not isinstance(doc.get("data", {}), Mapping):
+            raise ConfigError(f"{path}: expected a ConfigMap with a 'data' mapping")
+        if doc.get("kind", "ConfigMap") != "ConfigMap":
+            raise ConfigError(f"{path}: expected kind ConfigMap, got {doc.get('kind')!r}")
+        data = doc.get("data") or {}
+    return parse_kube_dns_data(data, str(path))
+
+
+def parse_kube_dns_data(
+    data: Mapping[str, Any], origin: str = "kube-dns ConfigMap"
+) -> KubeDnsConfig:
+    """``stubDomains`` (``{"acme.local": ["1.2.3.4", "1.2.3.5:5353"]}``) and
+    ``upstreamNameservers`` (``["8.8.8.8"]``, at most three, as kube-dns allows).  Other keys
+    (``federations``) are not forwarding and are ignored."""
+
+    def decode(key: str) -> Any:
+        raw = data.get(key)
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        if not isinstance(raw, str):
+            raise ConfigError(f"{origin}: {key}: expected a JSON string, got {type(raw).__name__}")
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{origin}: {key}: not valid JSON: {exc}") from exc
+
+    def servers(key: str, value: Any) -> tuple[Endpoint, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f'{origin}: {key}: expected a list of "IP[:PORT]" strings')
+        if not value:
+            raise ConfigError(f"{origin}: {key}: the list is empty")
+        try:
+            return tuple(Endpoint.parse(v) for v in value)
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: {key}: {exc.detail}") from exc
+
+    zones: list[tuple[str, tuple[Endpoint, ...]]] = []
+    stub = decode("stubDomains")
+    if stub is not None:
+        if not isinstance(stub, dict):
+            raise ConfigError(f"{origin}: stubDomains: expected a JSON object of zone -> list")
+        for zone, value in stub.items():
+            name = zone.strip().strip(".").lower()
+            if not name:
+                raise ConfigError(f"{origin}: stubDomains: empty zone name {zone!r}")
+            zones.append((name, servers(f"stubDomains[{zone!r}]", value)))
+    upstream: tuple[Endpoint, ...] = ()
+    value = decode("upstreamNameservers")
+    if value is not None:
+        upstream = servers("upstreamNameservers", value)
+        if len(upstream) > 3:
+            raise ConfigError(f"{origin}: upstreamNameservers: at most 3 servers (kube-dns)")
+    return KubeDnsConfig(tuple(zones), upstream)
+
+
+def forwarding(
+    settings: UpstreamSettings, config: KubeDnsConfig | None
+) -> tuple[tuple[tuple[str, tuple[Endpoint, ...]], ...], tuple[Endpoint, ...]]:
+    """(per-zone servers, default servers) from the flags and the ConfigMap: a zone given
+    with ``--forward`` wins over the same stub domain, and ``--upstream`` over
+    ``upstreamNameservers``."""
+    if config is None:
+        return settings.zones, settings.servers
+    flagged = {zone for zone, _ in settings.zones}
+    zones = settings.zones + tuple((z, s) for z, s in config.zones if z not in flagged)
+    return zones, settings.servers or config.servers

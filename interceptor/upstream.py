@@ -1,29 +1,47 @@
-"""Forwarding to upstream servers: UDP first, TCP when the answer is truncated.
+"""Forwarding to upstream servers: UDP first, TCP when the answer is truncated, or TCP only
+(``--force-tcp``) over persistent, pipelined connections.
 
-Every attempt uses a fresh random transaction ID and a fresh socket (so a fresh random source
-port from the kernel), and a reply is only accepted when it comes from the server asked (the
-socket is connected), carries our ID, is a response, and repeats our question (RFC 5452
-section 9.1).  Anything else is ignored and the attempt keeps waiting.
+Every UDP attempt uses a fresh random transaction ID and a fresh socket (so a fresh random
+source port from the kernel), and a reply is only accepted when it comes from the server
+asked (the socket is connected), carries our ID, is a response, and repeats our question
+(RFC 5452 section 9.1).  Anything else is ignored and the attempt keeps waiting.
+
+TCP goes through a small pool of connections per server (:class:`TcpPool`): queries are
+pipelined on them with IDs unique per connection, and replies are matched by ID in whatever
+order they arrive (RFC 7766 sections 6.2.1.1 and 7), with the same question check as UDP.
+Idle connections are closed; a connection the server closed under a query is replaced once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from interceptor.dns.message import skip_name
 from interceptor.dns.wire import encode_name
 from interceptor.logutil import RateLimitedLog
 from interceptor.settings import Endpoint, UpstreamSettings
+from interceptor.stats import MAX_UPSTREAM_LABELS, UpstreamStats
 
 log = logging.getLogger(__name__)
 _rl = RateLimitedLog(log)
+
+TCP_POOL_SIZE = 4
+"""Connections per upstream at most: a few, so one slow reply does not hold up the rest
+(head-of-line blocking) and a burst spreads, without a connection per query."""
+TCP_PIPELINE = 32
+"""Queries in flight on one connection before another connection is opened."""
+TCP_IDLE = 10.0
+"""Seconds a pooled connection may carry nothing before we close it (RFC 7766 section 6.2.3
+leaves the value to the client; CoreDNS's forward plugin also expires after 10 s)."""
 
 
 class UpstreamFailed(Exception):
@@ -44,6 +62,13 @@ def _matches(reply: bytes, query: bytes) -> bool:
     return reply[12:end].lower() == query[12:end].lower()
 
 
+def _spoof_warning() -> None:
+    _rl.warning(
+        "upstream-mismatch",
+        "ignored a reply that does not match its query (wrong ID or question): possible spoofing",
+    )
+
+
 class _UdpExchange(asyncio.DatagramProtocol):
     def __init__(self, query: bytes) -> None:
         self.query = query
@@ -53,15 +78,184 @@ class _UdpExchange(asyncio.DatagramProtocol):
         if not self.done.done() and _matches(data, self.query):
             self.done.set_result(data)
         elif not self.done.done():
-            _rl.warning(
-                "upstream-mismatch",
-                "ignored a reply that does not match its query "
-                "(wrong ID or question): possible spoofing",
-            )
+            _spoof_warning()
 
     def error_received(self, exc: Exception) -> None:
         if not self.done.done():
             self.done.set_exception(exc)
+
+
+class _TcpConnection:
+    """One connection to an upstream carrying pipelined queries, matched to replies by ID."""
+
+    def __init__(
+        self,
+        server: Endpoint,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        idle: float,
+        gone: Callable[[_TcpConnection], None],
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.idle = idle
+        self.gone = gone
+        self.pending: dict[int, tuple[bytes, asyncio.Future[bytes]]] = {}
+        self.closed = False
+        self.answered = 0
+        """Replies received so far: a connection that answered before may have been closed
+        by the server meanwhile, so a query lost on it deserves a second connection."""
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        self.task = asyncio.ensure_future(self._read())
+        # One timer per connection instead of a timeout around every read: cheaper per reply.
+        self.timer = self.loop.call_later(idle, self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self.closed:
+            return
+        due = self.last + self.idle
+        if not self.pending and self.loop.time() >= due:
+            self.close()  # idle: close it ourselves, before the server does
+        else:
+            self.timer = self.loop.call_later(max(0.1, due - self.loop.time()), self._check_idle)
+
+    async def exchange(self, query: bytes) -> bytes:
+        """Send ``query`` under an ID free on this connection; the matching reply."""
+        qid = secrets.randbits(16)
+        while qid in self.pending:
+            qid = secrets.randbits(16)
+        msg = qid.to_bytes(2, "big") + query[2:]
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.pending[qid] = (msg, fut)
+        self.last = self.loop.time()
+        try:
+            self.writer.write(struct.pack("!H", len(msg)) + msg)
+            await self.writer.drain()
+            return await fut
+        finally:
+            entry = self.pending.get(qid)
+            if entry is not None and entry[1] is fut:
+                del self.pending[qid]  # timed out or cancelled: a late reply is dropped
+
+    async def _read(self) -> None:
+        error: BaseException | None = None
+        try:
+            while True:
+                (size,) = struct.unpack("!H", await self.reader.readexactly(2))
+                reply = await self.reader.readexactly(size)
+                self.answered += 1
+                self.last = self.loop.time()
+                qid = int.from_bytes(reply[:2], "big")
+                entry = self.pending.get(qid) if size >= 2 else None
+                if entry is None:
+                    # Its query timed out (and may have been answered by another attempt).
+                    log.debug("upstream %s: reply for no pending query (late)", self.server)
+                    continue
+                msg, fut = entry
+                if not _matches(reply, msg):
+                    _spoof_warning()
+                    continue
+                del self.pending[qid]
+                if not fut.done():
+                    fut.set_result(reply)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            error = exc
+        finally:
+            self._close(error)
+
+    def _close(self, error: BaseException | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.timer.cancel()
+        self.writer.close()
+        why = f"connection to {self.server} closed" + (f": {error}" if error else "")
+        for _, fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionResetError(why))
+        self.pending.clear()
+        self.gone(self)
+
+    def close(self) -> None:
+        self.task.cancel()
+        self._close(None)
+
+
+class TcpPool:
+    """A few persistent connections to one upstream (RFC 7766 section 6.2.1: reuse and
+    pipelining), opened on demand and closed when idle."""
+
+    def __init__(
+        self,
+        server: Endpoint,
+        stats: UpstreamStats | None = None,
+        size: int = TCP_POOL_SIZE,
+        pipeline: int = TCP_PIPELINE,
+        idle: float = TCP_IDLE,
+    ) -> None:
+        self.server = server
+        self.stats = stats
+        self.size = size
+        self.pipeline = pipeline
+        self.idle = idle
+        self.conns: list[_TcpConnection] = []
+        self._opening: asyncio.Future[_TcpConnection] | None = None
+
+    async def query(self, query: bytes) -> bytes:
+        """The reply to ``query`` (its ID is replaced by one free on the connection used and
+        restored by the caller).  Raises OSError, IncompleteReadError, ConnectionError."""
+        conn = await self._connection()
+        try:
+            return await conn.exchange(query)
+        except ConnectionError:
+            if not conn.answered:
+                raise
+        # The server closed a connection it had served on before (its idle timeout, a
+        # restart): the query never had a fair chance, so it gets one fresh connection.
+        conn = await self._connection(fresh=True)
+        return await conn.exchange(query)
+
+    async def _connection(self, fresh: bool = False) -> _TcpConnection:
+        live = [c for c in self.conns if not c.closed]
+        best = min(live, key=lambda c: len(c.pending), default=None)
+        if best is not None and not fresh:
+            if len(best.pending) < self.pipeline or len(live) >= self.size:
+                return best
+        if self._opening is None:
+            # One connect at a time, shared by everyone who needs it: a burst of 100 queries
+            # on a cold pool opens one connection and pipelines on it, not 100.
+            self._opening = asyncio.ensure_future(self._open())
+            self._opening.add_done_callback(self._opened)
+        return await asyncio.shield(self._opening)
+
+    def _opened(self, fut: asyncio.Future[_TcpConnection]) -> None:
+        self._opening = None
+        if not fut.cancelled():
+            fut.exception()  # retrieved: waiters get it; no "never retrieved" noise
+
+    async def _open(self) -> _TcpConnection:
+        reader, writer = await asyncio.open_connection(self.server.host, self.server.port)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _TcpConnection(self.server, reader, writer, self.idle, self._gone)
+        self.conns.append(conn)
+        if self.stats is not None:
+            self.stats.connected(str(self.server))
+        return conn
+
+    def _gone(self, conn: _TcpConnection) -> None:
+        with contextlib.suppress(ValueError):
+            self.conns.remove(conn)
+
+    def close(self) -> None:
+        for conn in list(self.conns):
+            conn.close()
+        if self._opening is not None:
+            self._opening.cancel()
 
 
 @dataclass
@@ -80,11 +274,18 @@ class Forwarder:
     """Sends a client's query to upstream servers and returns the reply for that client."""
 
     def __init__(
-        self, settings: UpstreamSettings, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: UpstreamSettings,
+        clock: Callable[[], float] = time.monotonic,
+        stats: UpstreamStats | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.health: dict[Endpoint, Health] = {}
+        self.stats = stats if stats is not None else UpstreamStats()
+        self.pools: dict[Endpoint, TcpPool] = {}
+        self.seen: dict[Endpoint, None] = {}
+        """Servers asked so far (insertion-ordered, bounded), for the health gauge."""
 
     def order(self, servers: Sequence[Endpoint]) -> list[Endpoint]:
         """Servers that are up first (in the configured order), then the others: when all
@@ -92,6 +293,11 @@ class Forwarder:
         now = self.clock()
         up = [s for s in servers if self.health.get(s, Health()).up(now)]
         return up + [s for s in servers if s not in up]
+
+    def healthy(self) -> dict[str, bool]:
+        """Every server asked so far: False while it is being skipped."""
+        now = self.clock()
+        return {str(s): self.health.get(s, Health()).up(now) for s in self.seen}
 
     def _failed(self, server: Endpoint) -> None:
         h = self.health.setdefault(server, Health())
@@ -122,12 +328,15 @@ class Forwarder:
         order = self.order(servers)
         for attempt in range(self.settings.attempts):
             server = order[attempt % len(order)]
-            msg = secrets.token_bytes(2) + query[2:]
+            if server not in self.seen and len(self.seen) < MAX_UPSTREAM_LABELS:
+                self.seen[server] = None
             try:
-                reply = await self._udp(msg, server)
-                if reply[2] & 0x02:  # TC: ask again over TCP (RFC 7766 section 5)
-                    msg = secrets.token_bytes(2) + query[2:]
-                    reply = await self._tcp(msg, server)
+                if self.settings.force_tcp:
+                    reply = await self._timed(self._tcp, query, server)
+                else:
+                    reply = await self._timed(self._udp, query, server)
+                    if reply[2] & 0x02:  # TC: ask again over TCP (RFC 7766 section 5)
+                        reply = await self._timed(self._tcp, query, server)
                 self._worked(server)
                 return client_id + reply[2:]
             except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
@@ -141,7 +350,27 @@ class Forwarder:
                 )
         raise UpstreamFailed(str(last))
 
-    async def _udp(self, msg: bytes, server: Endpoint) -> bytes:
+    async def _timed(
+        self,
+        exchange: Callable[[bytes, Endpoint], Coroutine[Any, Any, bytes]],
+        query: bytes,
+        server: Endpoint,
+    ) -> bytes:
+        """One attempt within the per-attempt timeout, counted by outcome."""
+        t0 = time.perf_counter()
+        outcome = "error"
+        try:
+            reply = await asyncio.wait_for(exchange(query, server), self.settings.timeout)
+            outcome = "truncated" if reply[2] & 0x02 else "ok"
+            return reply
+        except TimeoutError:
+            outcome = "timeout"
+            raise
+        finally:
+            self.stats.record(str(server), outcome, time.perf_counter() - t0)
+
+    async def _udp(self, query: bytes, server: Endpoint) -> bytes:
+        msg = secrets.token_bytes(2) + query[2:]
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if server.family_v6 else socket.AF_INET
         transport, proto = await loop.create_datagram_endpoint(
@@ -149,25 +378,26 @@ class Forwarder:
         )
         try:
             transport.sendto(msg)
-            return await asyncio.wait_for(proto.done, self.settings.timeout)
+            return await proto.done
         finally:
             transport.close()
 
-    async def _tcp(self, msg: bytes, server: Endpoint) -> bytes:
-        async def exchange() -> bytes:
-            reader, writer = await asyncio.open_connection(server.host, server.port)
-            try:
-                writer.write(struct.pack("!H", len(msg)) + msg)
-                await writer.drain()
-                while True:
-                    (size,) = struct.unpack("!H", await reader.readexactly(2))
-                    reply = await reader.readexactly(size)
-                    if _matches(reply, msg):
-                        return reply
-            finally:
-                writer.close()
+    async def _tcp(self, query: bytes, server: Endpoint) -> bytes:
+        pool = self.pools.get(server)
+        if pool is None:
+            if len(self.pools) >= MAX_UPSTREAM_LABELS:
+                # Any address a pod asks may be an upstream (--capture-all): drop pools that
+                # hold no connection rather than keep one per address ever seen.
+                for ep in [ep for ep, p in self.pools.items() if not p.conns]:
+                    del self.pools[ep]
+            pool = self.pools[server] = TcpPool(server, self.stats)
+        return await pool.query(query)
 
-        return await asyncio.wait_for(exchange(), self.settings.timeout)
+    def close(self) -> None:
+        """Close every pooled connection."""
+        for pool in self.pools.values():
+            pool.close()
+        self.pools.clear()
 
 
 def build_query(name: str, qtype: int, udp_size: int = 1232) -> bytes:

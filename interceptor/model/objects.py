@@ -83,6 +83,11 @@ class Pod:
     host_network: bool
     labels: tuple[tuple[str, str], ...] = ()
     annotations: tuple[tuple[str, str], ...] = ()
+    dns_policy: str = "ClusterFirst"
+    """``spec.dnsPolicy``: with ``dns_searches``, what kubelet wrote into the pod's
+    resolv.conf search line (the resolver's autopath follows it)."""
+    dns_searches: tuple[str, ...] = ()
+    """``spec.dnsConfig.searches``."""
 
     @property
     def key(self) -> Key:
@@ -336,6 +341,8 @@ def _pod(r: _Reader, obj: Mapping[str, Any], namespace: str, name: str) -> Pod:
         r.get(obj, "spec.hostNetwork", bool, default=False),
         r.mapping(obj, "metadata.labels"),
         r.mapping(obj, "metadata.annotations"),
+        r.get(obj, "spec.dnsPolicy", str, default="ClusterFirst") or "ClusterFirst",
+        tuple(d.strip(".").lower() for d in r.strings(obj, "spec.dnsConfig.searches")),
     )
 
 
