@@ -18,10 +18,24 @@ from typing import TextIO
 
 from interceptor.console.table import render
 from interceptor.errors import InterceptorError
-from interceptor.inspect.counters import CounterReader, Snapshot, rates
+from interceptor.inspect.counters import COUNTS, CounterReader, Snapshot, rates
 from interceptor.inspect.state import NodeState, agent_alive, read_state
 
 CLEAR = "\x1b[H\x1b[2J"
+
+
+# Per-second columns: (counter, header).  "answered" exists when the programs have the
+# in-kernel fast path (queries answered without reaching the resolver).
+COLUMNS = [
+    (c, h)
+    for c, h in (
+        ("queries", "queries/s"),
+        ("redirected", "redir/s"),
+        ("answered", "kernel/s"),
+        ("passed", "passed/s"),
+    )
+    if c in COUNTS
+]
 
 
 def frame(before: Snapshot, after: Snapshot, state: NodeState | None, interval: float) -> str:
@@ -30,10 +44,7 @@ def frame(before: Snapshot, after: Snapshot, state: NodeState | None, interval: 
         (
             r.pod.pod,
             ",".join(r.pod.ifnames),
-            round(r.rate("queries"), 1),
-            round(r.rate("redirected"), 1),
-            round(r.rate("passed"), 1),
-            round(r.rate("replies"), 1),
+            *(round(r.rate(c), 1) for c, _ in COLUMNS),
             r.pod.count("queries"),
         )
         for r in rs
@@ -41,11 +52,11 @@ def frame(before: Snapshot, after: Snapshot, state: NodeState | None, interval: 
     total = sum(r.rate("queries") for r in rs)
     agent = "agent running" if agent_alive(state) else "AGENT NOT RUNNING"
     head = (
-        f"interceptor top: {len(rows)} pod(s), {total:.1f} queries/s, {agent}, "
-        f"every {interval:g}s  {time.strftime('%H:%M:%S')}"
+        f"interceptor top: {len(rows)} pods, {total:.1f} q/s, {agent}, "
+        f"every {interval:g}s, {time.strftime('%H:%M:%S')}"
     )
     table = render(
-        ["pod", "iface", "queries/s", "redir/s", "passed/s", "replies/s", "queries"],
+        ["pod", "iface", *(h for _, h in COLUMNS), "queries"],
         rows,
         sort=False,  # busiest first, as rates() orders them
     )

@@ -189,11 +189,15 @@ class AdminServer:
             elif cache.stats.hits > hits:
                 why.rule = "cached"
                 why.detail = "answered from the node cache (" + why.detail + ")"
-        if why.rule in ("search-path-junk", "nxdomain") and any(
-            r["type"] == "CNAME" for r in answer["answer"]
-        ):
+        cnames = [r["data"] for r in answer["answer"] if r["type"] == "CNAME"]
+        if why.rule in ("search-path-junk", "nxdomain") and cnames:
+            # The resolver completed the pod's search list itself (autopath): the NXDOMAIN
+            # the map gives this name became a CNAME to the first candidate that exists.
             why.rule = "autopath"
-            why.detail = "the client's search path was completed on the server (autopath)"
+            why.detail = (
+                f"the rest of the client's search list was tried on the server; CNAME "
+                f"to the first name that exists, {cnames[0].rstrip('.')}"
+            )
         return {
             "question": {
                 "name": name,

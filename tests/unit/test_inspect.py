@@ -469,3 +469,19 @@ def test_bad_usage_is_one_line_not_a_traceback(capsys: pytest.CaptureFixture[str
     rc = main(["map", "dump", "FLOWS", "--pin-path", "/nonexistent", "--state-dir", "/x"])
     err = capsys.readouterr().err
     assert rc == 1 and "/nonexistent does not exist" in err and "Traceback" not in err
+
+
+def test_top_frame_busiest_pod_first_within_80_columns() -> None:
+    from interceptor.console.top import frame
+
+    before = Snapshot(0, (pod("quiet", 10), pod("busy", 0, ns="a-rather-long-namespace-name")))
+    after = Snapshot(
+        1_000_000_000, (pod("quiet", 11), pod("busy", 250, ns="a-rather-long-namespace-name"))
+    )
+    text = frame(before, after, state(), 1.0)
+    lines = text.splitlines()
+    assert lines[0].startswith("interceptor top: 2 pods, 251.0 q/s")
+    assert "AGENT NOT RUNNING" in lines[0]  # pid 1 is not an interceptor
+    assert lines[2].split()[:3] == ["POD", "IFACE", "QUERIES/S"]
+    assert lines[3].startswith("a-rather-long-namespace") and lines[4].startswith("ns1/quiet")
+    assert max(len(ln) for ln in lines) <= 80
