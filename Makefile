@@ -29,10 +29,15 @@ test: lint peers
 peers:
 	@bash scripts/build-peers.sh >/dev/null
 
-# Benchmarks print their figures; they are not pass/fail tests.  The datapath one needs root.
+# Benchmarks print their figures; they are not pass/fail tests.  All but the first need root.
+# peers (issue 7: vs dnsmasq, unbound, CoreDNS; builds CoreDNS once) and ndots (issue 5) also
+# write docs/bench/{peers.md,latency.png,ndots.md}; a quick look without touching them:
+#   .venv/bin/python -m tests.bench.peers --seconds 3 --out /tmp/bench
 bench: setup
 	$(PY) -m tests.bench.serve_vs_dnsmasq
 	$(PY) -m tests.bench.datapath
+	$(PY) -m tests.bench.peers
+	$(PY) -m tests.bench.ndots
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
