@@ -12,14 +12,15 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from interceptor.lab import sh
-from tests.helpers import ROOT
+from interceptor.lab import sh, stop
+from tests.helpers import ROOT, free_tcp_ports, start_serve
 from tests.integration.conftest import Node, make_node
 
 METRICS = "127.0.0.1:9253"
@@ -346,3 +347,26 @@ def test_map_net_prog_verbs_after_sigkill(node: Node) -> None:
         r = cli(node, *verb, check=False)
         assert r.returncode == 1 and "not running" in r.stderr and "Traceback" not in r.stderr
     assert os.path.exists(node.lab.state_dir / "state.json")
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def test_serve_admin_socket_and_healthz(tmp_path: Path) -> None:
+    """``interceptor serve`` has the same admin endpoint (opt-in) and the same /healthz."""
+    sock = tmp_path / "admin.sock"
+    (health,) = free_tcp_ports(1)
+    served = start_serve("--admin-socket", str(sock), "--health-address", f"127.0.0.1:{health}")
+    try:
+        cmd = [sys.executable, "-m", "interceptor", "-j", "query", "--admin-socket", str(sock)]
+        r = subprocess.run([*cmd, SVC1], capture_output=True, text=True, cwd=ROOT, timeout=30)
+        assert r.returncode == 0, r.stderr
+        q = json.loads(r.stdout)
+        assert [a["data"] for a in q["answer"]["answer"]] == ["10.96.1.1"]
+        assert q["explanation"]["rule"] == "clusterip-service"
+        with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=5) as resp:
+            assert resp.status == 200
+            assert b"resolver answered dns-version.cluster.local TXT" in resp.read()
+    finally:
+        stop(served.proc)
+    assert not sock.exists()  # removed on a clean stop
