@@ -76,6 +76,10 @@ class IntrospectError(BpfError):
     """cannot read BPF objects from the kernel."""
 
 
+class NeedRoot(IntrospectError):
+    """permission denied: reading BPF objects needs root (CAP_SYS_ADMIN, or CAP_BPF)."""
+
+
 class ProgInfo(ct.Structure):
     """The kernel's struct bpf_prog_info (uapi/linux/bpf.h), up to attach_btf_id."""
 
@@ -179,7 +183,7 @@ def _get_u32(attr: ct.Array[ct.c_ubyte], offset: int) -> int:
 
 def _need_root(exc: OSError, what: str) -> IntrospectError:
     if exc.errno in (errno.EPERM, errno.EACCES):
-        return IntrospectError(f"{what}: permission denied (needs root: CAP_SYS_ADMIN/CAP_BPF)")
+        return NeedRoot(what)
     return IntrospectError(f"{what}: {exc.strerror}")
 
 

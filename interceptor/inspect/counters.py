@@ -119,6 +119,8 @@ class CounterReader:
             raise IntrospectError(f"no pinned maps at {self.pin_dir} (is --pin-path right?)")
         state = self.state()
         stats = self._map("POD_STATS")
+        if stats is None and self._map("REASONS") is None:
+            raise IntrospectError(f"no interceptor counters pinned in {self.pin_dir}")
         grouped: dict[tuple[str, str], list[tuple[_Slot, maps.PodStats]]] = {}
         for slot in self._slots(state).values():
             counts = maps.PodStats()

@@ -20,6 +20,7 @@ from interceptor.datapath.hooks import LinkHooks, link_hooks, link_names
 from interceptor.datapath.introspect import (
     IntrospectError,
     MapMeta,
+    NeedRoot,
     Program,
     RawMap,
     program,
@@ -48,6 +49,8 @@ def pinned_maps(pin_dir: Path) -> dict[str, MapMeta]:
         try:
             with RawMap.pinned(path) as m:
                 out[path.name] = m.meta
+        except NeedRoot:
+            raise
         except IntrospectError:
             continue  # a pinned program or link, not a map
     if not out:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -251,6 +253,63 @@ def test_top_shows_live_rates(node: Node) -> None:
     assert "\x1b[" not in text  # not a terminal: plain frames, no escapes
 
 
+def _top_on_a_terminal(node: Node) -> tuple[subprocess.Popen[bytes], int]:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [
+            "nsenter",
+            f"--net=/run/netns/{node.lab.node}",
+            sys.executable,
+            "-m",
+            "interceptor",
+            "top",
+            "--interval",
+            "0.2",
+            "--state-dir",
+            str(node.lab.state_dir),
+        ],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        cwd=ROOT,
+    )
+    os.close(slave)
+    return proc, master
+
+
+def _read_all(fd: int) -> bytes:
+    out = b""
+    while select.select([fd], [], [], 0.2)[0]:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def test_top_on_a_terminal_refreshes_in_place_and_quits_on_q_or_ctrl_c(node: Node) -> None:
+    proc, master = _top_on_a_terminal(node)
+    try:
+        time.sleep(1.5)
+        os.write(master, b"q")
+        assert proc.wait(5) == 0
+        screen = _read_all(master)
+    finally:
+        os.close(master)
+    assert screen.count(b"\x1b[H\x1b[2J") >= 2 and b"ns1/client1" in screen
+    proc, master = _top_on_a_terminal(node)
+    try:
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert proc.wait(5) == 0
+        assert b"Traceback" not in _read_all(master)
+    finally:
+        os.close(master)
+
+
 def test_services_and_query_over_the_admin_socket(node: Node) -> None:
     sock = node.lab.state_dir / "admin.sock"
     assert oct(sock.stat().st_mode & 0o777) == "0o600"
@@ -304,6 +363,20 @@ def test_health_endpoints(node: Node) -> None:
     assert status == 200 and "resolver answered dns-version.cluster.local TXT" in body
     status, body = http_get(node, f"http://{HEALTH}/readyz")
     assert status == 200 and "capturing on 2 veth(s)" in body
+
+
+def test_not_root_is_told_so(node: Node) -> None:
+    for verb in (["map", "show"], ["stats"], ["prog", "show"]):
+        r = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+            + ["-m", "interceptor", *verb, "--pin-path", str(node.pin_dir)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=30,
+        )
+        assert r.returncode == 1 and "needs root" in r.stderr, (verb, r.stderr)
+        assert "Traceback" not in r.stderr
 
 
 def test_help_has_examples(node: Node) -> None:

@@ -485,3 +485,12 @@ def test_top_frame_busiest_pod_first_within_80_columns() -> None:
     assert lines[2].split()[:3] == ["POD", "IFACE", "QUERIES/S"]
     assert lines[3].startswith("a-rather-long-namespace") and lines[4].startswith("ns1/quiet")
     assert max(len(ln) for ln in lines) <= 80
+
+
+def test_stats_on_a_directory_without_our_maps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from interceptor.cli import main
+
+    rc = main(["stats", "--pin-path", str(tmp_path), "--state-dir", str(tmp_path)])
+    assert rc == 1 and "no interceptor counters pinned" in capsys.readouterr().err
