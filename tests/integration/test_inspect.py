@@ -38,7 +38,12 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     for n in make_node("ptp", tmp_path_factory.mktemp("inspect")):
         n.start_agent("--metrics-address", METRICS, "--health-address", HEALTH)
         _attach_foreign_filter(n)
-        yield n
+        link = Path(f"/sys/fs/bpf/{n.lab.prefix}-tcx")
+        try:
+            _attach_tcx(n, link)
+            yield n
+        finally:
+            link.unlink(missing_ok=True)  # the last reference: the link detaches
 
 
 def _attach_foreign_filter(node: Node) -> None:
@@ -63,6 +68,37 @@ def _attach_foreign_filter(node: Node) -> None:
             prio=FOREIGN_PRIO,
         )
     prog.cleanup()  # the filter keeps the program loaded; the lab's netns takes it away
+
+
+TCX_SCRIPT = """
+import ctypes as ct, socket, struct, sys
+from bcc import BPF
+
+BPF_OBJ_PIN, BPF_LINK_CREATE, BPF_TCX_INGRESS, SYS_BPF = 6, 28, 46, 321
+libc = ct.CDLL(None, use_errno=True)
+prog = BPF(text=b"int tcx_policy(struct __sk_buff *skb) { return -1; }")  # TCX_NEXT
+fn = prog.load_func(b"tcx_policy", BPF.SCHED_CLS)
+attr = (ct.c_ubyte * 128)()
+struct.pack_into("=IIII", attr, 0, fn.fd, socket.if_nametoindex(sys.argv[1]), BPF_TCX_INGRESS, 0)
+link = libc.syscall(SYS_BPF, BPF_LINK_CREATE, ct.byref(attr), 128)
+assert link >= 0, ct.get_errno()
+path = ct.create_string_buffer(sys.argv[2].encode())
+attr = (ct.c_ubyte * 128)()
+struct.pack_into("=QI", attr, 0, ct.addressof(path), link)
+assert libc.syscall(SYS_BPF, BPF_OBJ_PIN, ct.byref(attr), 128) == 0, ct.get_errno()
+"""
+
+
+def _attach_tcx(node: Node, pin: Path) -> None:
+    """A tcx program (kernel >= 6.6, as newer Cilium uses) on client1's veth, pinned as a
+    link so it outlives the process that made it.  It returns TCX_NEXT: our filters run."""
+    subprocess.run(
+        ["nsenter", f"--net=/run/netns/{node.lab.node}", sys.executable, "-c", TCX_SCRIPT]
+        + [node.lab.host_veth("client1"), str(pin)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
 
 
 def cli(node: Node, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -132,12 +168,15 @@ def test_net_show_our_programs_their_pods_and_a_foreign_filter(node: Node) -> No
     rows = [ln.split() for ln in text.splitlines() if ln.strip()]
     assert ["dvh0", "ingress", "tc", "1", "0x1d5"] == rows_for(rows, "dvh0", "ingress")[:5]
     assert "dnsi_from_pod" in text and "dnsi_to_pod" in text
-    dvh0 = [r for r in rows if r[0] == "dvh0"]
+    dvh0 = [r for r in rows if r[0] == "dvh0" and "dnsi" in r[6]]
     assert len(dvh0) == 2 and all(r[-1] == "ns1/client1" and r[-2] == "ours" for r in dvh0)
     foreign = [r for r in rows if "cni_policy" in r]
     assert foreign and foreign[0][:4] == ["dvh1", "ingress", "tc", str(FOREIGN_PRIO)]
     assert "FOREIGN" in foreign[0] and "FOREIGN:" in text
     assert not any(r[0] in ("dvh2", "dvh3", "dvh4") for r in rows)  # pods not captured
+    tcx = [r for r in rows if "tcx_policy" in r]
+    assert tcx and tcx[0][:5] == ["dvh0", "ingress", "tcx", "-", "-"] and "FOREIGN" in tcx[0]
+    assert node.answer("client1", SVC1) == ["10.96.1.1"]  # TCX_NEXT: our filter still runs
 
     data = cli_json(node, "net", "show", "dev", "dvh1")
     assert [i["ifname"] for i in data["interfaces"]] == ["dvh1"]
