@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from interceptor.console.table import cell, fields, render
+from interceptor.console.table import fields, render
 from interceptor.errors import InterceptorError
 from interceptor.inspect.state import ADMIN_SOCKET, DEFAULT_STATE_DIR, NodeState, read_state
 
@@ -463,6 +463,3 @@ def query(ctx: Ctx) -> None:
     if why["upstreams"]:
         out.append("servers: " + ", ".join(why["upstreams"]))
     ctx.emit(data, "\n".join(out))
-
-
-__all__ = ["COMMANDS", "VERBS_EPILOG", "add_global_flags", "add_parsers", "cell", "run"]

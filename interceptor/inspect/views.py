@@ -44,8 +44,8 @@ def pinned_maps(pin_dir: Path) -> dict[str, MapMeta]:
         raise NoPins(f"{pin_dir} does not exist (is --pin-path right? the agent creates it)")
     out = {}
     for path in sorted(pin_dir.iterdir()):
-        if path.name.startswith("."):
-            continue
+        if path.name.startswith(".") or path.is_dir():
+            continue  # bpf(2) calls a directory EACCES, which would read as "not root"
         try:
             with RawMap.pinned(path) as m:
                 out[path.name] = m.meta
