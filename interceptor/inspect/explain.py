@@ -196,11 +196,12 @@ def _search_suffixes(resolver: Resolver) -> set[str]:
 
 
 def _forward_reason(resolver: Resolver, name: str, client: Client | None) -> str:
-    for zone, _servers in sorted(resolver.settings.upstream.zones, key=lambda z: -len(z[0])):
+    # The zones and servers in effect: flags plus the kube-dns ConfigMap, if one is followed.
+    for zone, _servers in resolver.forward_zones:
         if name == zone or name.endswith("." + zone):
-            return f"not ours: forwarded to the servers of --forward {zone}"
-    if resolver.settings.upstream.servers:
-        return "not ours: forwarded to --upstream"
+            return f"not ours: forwarded to the servers of zone {zone} (--forward, stubDomains)"
+    if resolver.default_servers:
+        return "not ours: forwarded to --upstream (or upstreamNameservers)"
     if client is not None and resolver.original_destination is not None:
         return (
             "not ours: forwarded to the server the pod asked (its flow's original destination; "

@@ -38,7 +38,7 @@ from interceptor.inspect.state import (
 )
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolver import Resolver
-from interceptor.settings import Endpoint, Settings, ZoneSettings
+from interceptor.settings import Endpoint, Settings, UpstreamSettings, ZoneSettings
 from interceptor.sources.yamlfile import load_file
 from interceptor.upstream import Forwarder
 from tests.helpers import DATA
@@ -494,3 +494,18 @@ def test_stats_on_a_directory_without_our_maps(
 
     rc = main(["stats", "--pin-path", str(tmp_path), "--state-dir", str(tmp_path)])
     assert rc == 1 and "no interceptor counters pinned" in capsys.readouterr().err
+
+
+def test_forwarding_explanations_follow_the_servers_in_effect() -> None:
+    m = ServiceMap(ZoneSettings())
+    s = Settings(
+        upstream=UpstreamSettings(
+            servers=(Endpoint("192.0.2.1", 53),),
+            zones=(("corp.example", (Endpoint("192.0.2.9", 5353),)),),
+        )
+    )
+    r = Resolver(m, Forwarder(s.upstream), s, [Endpoint("127.0.0.1", 9)])
+    why = explain(r, "db.corp.example", A, None)
+    assert "corp.example" in why.detail and why.upstreams == ["192.0.2.9:5353"]
+    why = explain(r, "www.example.org", A, ("10.244.1.10", 0))
+    assert "--upstream" in why.detail and why.upstreams == ["192.0.2.1:53"]
