@@ -25,6 +25,11 @@ from interceptor.model.servicemap import ServiceMap
 MAX_SEARCH = 32
 """kubelet's limit on search domains (MaxDNSSearchPaths since Kubernetes 1.28)."""
 
+MAX_UPSTREAM_CANDIDATES = 6
+"""Candidates outside the cluster zone one walk may ask upstream (the bare name, the node's
+search domains, a pod's own ones).  A pod whose list has more gets no autopath: its own
+spec must not turn each of its packets into dozens of upstream queries."""
+
 REBUILD_INTERVAL = 1.0
 """Seconds between rebuilds of the client index while the map keeps changing.  A pod's IP
 reaches the map with the pod's sandbox, before its containers start and ask anything."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import dnslib
 
-from interceptor.autopath import ClientIndex, candidate_wires, expansion
+from interceptor.autopath import MAX_UPSTREAM_CANDIDATES, ClientIndex, candidate_wires, expansion
 from interceptor.cache import Cache
 from interceptor.dns import wire
 from interceptor.dns.message import (
@@ -84,7 +84,9 @@ class Resolver:
         self.stats = RequestStats()
         self._fast_mesh = 0
         """Hot-path mesh answers since the listener last reported its batch timing."""
+        self._fast_counts = self.stats.fast
         self._zone_tail = smap.zone_wire
+        self._zone_tail_start = 1 - len(smap.zone_wire)
         self.clients = (
             ClientIndex(smap, settings.autopath.node_search) if settings.autopath.enabled else None
         )
@@ -136,11 +138,11 @@ class Resolver:
             z = data.find(0, 12)
             key = data[z + 1 : z + 3]
             zt = self._zone_tail
-            tail = data[z + 1 - len(zt) : z + 1]
+            tail = data[z + self._zone_tail_start : z + 1]
             if tail != zt and tail.lower() != zt and data[z - 5 : z + 1].lower() != ARPA_TAIL:
                 key += b"m"  # neither the cluster zone nor a reverse name: a mesh host
                 self._fast_mesh += 1
-            counts = self.stats.fast
+            counts = self._fast_counts
             counts[key] = counts.get(key, 0) + 1
         return reply
 
@@ -237,6 +239,8 @@ class Resolver:
         tail = query.data[query.question_end - 4 :]  # QTYPE, QCLASS, the client's OPT
         candidates = candidate_wires(qname_wire, search[0], search[1:])
         local = [self.smap.in_zone(name) for _, name in candidates]
+        if local.count(False) > MAX_UPSTREAM_CANDIDATES:
+            return None  # one packet must not become dozens of upstream queries
         tasks: dict[int, asyncio.Future[Result]] = {}
 
         def start(i: int) -> None:

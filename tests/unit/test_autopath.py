@@ -320,6 +320,21 @@ def test_custom_search_list_is_followed() -> None:
     assert sorted(fwd.asked) == [("db", "A"), ("db.corp.test", "A")]
 
 
+def test_long_custom_search_lists_get_no_autopath() -> None:
+    searches = ["ns2.svc.cluster.local"] + [f"d{i}.test" for i in range(6)]
+    custom = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "custom", "namespace": "ns2"},
+        "spec": {"dnsPolicy": "None", "dnsConfig": {"searches": searches}},
+        "status": {"podIP": "10.244.0.78"},
+    }
+    resolver, fwd = make(extra=[custom])
+    m = ask(resolver, "db.ns2.svc.cluster.local", client="10.244.0.78")
+    assert m.rcode() == dns.rcode.NXDOMAIN
+    assert fwd.asked == []  # six domains and the bare name: seven, over the bound
+
+
 def test_udp_limit_truncates_the_composed_answer() -> None:
     big = {"big.example.org": {"TXT": [f'"{i}{"x" * 200}"' for i in range(5)]}}
     resolver, fwd = make()
