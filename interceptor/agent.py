@@ -254,9 +254,7 @@ class Agent:
         answers = AnswerMap(pinned, self.agent.datapath.fastpath_entries)
         t0 = time.monotonic()
         n = answers.load(self.smap.answers)
-        log.info(
-            "fast path: %d answers loaded into the kernel in %.2fs", n, time.monotonic() - t0
-        )
+        log.info("fast path: %d answers loaded into the kernel in %.2fs", n, time.monotonic() - t0)
         self.smap.subscribe(lambda changed: answers.apply(self.smap.answers, changed))
 
     async def _alive(self) -> tuple[bool, str]:
