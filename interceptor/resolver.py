@@ -37,7 +37,7 @@ from interceptor.logutil import RateLimitedLog
 from interceptor.model.records import MeshHost
 from interceptor.model.servicemap import ServiceMap
 from interceptor.settings import Endpoint, KubeDnsConfig, PodRecords, Settings, forwarding
-from interceptor.stats import RequestStats
+from interceptor.stats import DURATION_BUCKETS, RequestStats
 from interceptor.upstream import Forwarder, UpstreamFailed, build_query
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ Result = tuple[bytes | None, str]
 """A response (None: send nothing) and where it came from (the ``source`` metric label)."""
 
 ARPA_TAIL = b"\x04arpa\x00"
+FIRST_BUCKET = DURATION_BUCKETS[0]
 
 
 class Resolver:
@@ -85,6 +86,7 @@ class Resolver:
         self._fast_mesh = 0
         """Hot-path mesh answers since the listener last reported its batch timing."""
         self._fast_counts = self.stats.fast
+        self._fast_hist = self.stats.durations["authoritative"]
         self._zone_tail = smap.zone_wire
         self._zone_tail_start = 1 - len(smap.zone_wire)
         self.clients = (
@@ -146,15 +148,23 @@ class Resolver:
             counts[key] = counts.get(key, 0) + 1
         return reply
 
-    def fast_batch(self, answered: int, seconds: float) -> None:
-        """The listener answered ``answered`` hot-path queries taking ``seconds`` each (its
-        batch time over its queries: timing every answer would cost more than answering)."""
-        mesh, self._fast_mesh = self._fast_mesh, 0
-        durations = self.stats.durations
-        if answered > mesh:
-            durations["authoritative"].observe(seconds, answered - mesh)
+    def fast_batch(self, answered: int, elapsed_ns: int, received: int) -> None:
+        """The listener answered ``answered`` hot-path queries in a batch of ``received``
+        that took ``elapsed_ns``: each answer is timed as the batch's time over its queries
+        (timing every answer would cost more than answering)."""
+        seconds = elapsed_ns / received / 1e9
+        mesh = self._fast_mesh
         if mesh:
-            durations["mesh"].observe(seconds, mesh)
+            self._fast_mesh = 0
+            self.stats.durations["mesh"].observe(seconds, mesh)
+            answered -= mesh
+        if answered:
+            hist = self._fast_hist
+            if seconds <= FIRST_BUCKET:  # nearly always: skip the bucket search
+                hist.counts[0] += answered
+                hist.total += seconds * answered
+            else:
+                hist.observe(seconds, answered)
 
     async def resolve(self, data: bytes, tcp: bool, client: Client | None = None) -> bytes | None:
         """The response to one message, or None when it must not be answered at all."""

@@ -353,7 +353,7 @@ def test_request_figures(rtype: str) -> None:
     assert resolver.fast(q) is not None
     mesh = dns.message.make_query("auto.mesh.test", "A").to_wire()
     assert resolver.fast(mesh) is not None
-    resolver.fast_batch(2, 0.00002)
+    resolver.fast_batch(2, 40_000, 2)  # 20 µs each
     ask(resolver, "www.example.org", rtype)
     ask(resolver, "www.example.org", rtype)
     ask(resolver, "junk.svc.cluster.local", rtype)
@@ -365,6 +365,8 @@ def test_request_figures(rtype: str) -> None:
     assert totals[("udp", rtype, "NXDOMAIN", "authoritative")] == 1
     assert resolver.stats.durations["authoritative"].counts[0] == 2  # <= 100 µs
     assert resolver.stats.durations["mesh"].counts[0] == 1
+    resolver.fast_batch(1, 2_000_000, 1)  # a stalled loop: 2 ms
+    assert resolver.stats.durations["authoritative"].counts[4] == 1  # le=0.0025
 
 
 def test_every_precomputed_answer_is_noerror() -> None:
