@@ -122,7 +122,7 @@ def test_getaddrinfo_of_a_v4_only_name_takes_one_query_per_family(node: Node) ->
     assert asked == 2
 
 
-def test_cluster_short_name_of_another_namespace(node: Node) -> None:
+def test_namespace_qualified_short_name(node: Node) -> None:
     rc, out, asked, _ = getent(node, "ahostsv4", "svc1.ns1")
     assert rc == 0 and out.split()[0] == "10.96.1.1", out
     assert asked == 1
