@@ -123,6 +123,8 @@ class _TcpConnection:
 
     async def exchange(self, query: bytes) -> bytes:
         """Send ``query`` under an ID free on this connection; the matching reply."""
+        if self.closed:  # the server hung up while we were waiting for it to connect
+            raise ConnectionResetError(f"connection to {self.server} closed")
         qid = secrets.randbits(16)
         while qid in self.pending:
             qid = secrets.randbits(16)
