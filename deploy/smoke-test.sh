@@ -14,15 +14,18 @@
 #
 # Environment: KUBECTL (default "kubectl"; e.g. "kubectl --context kind-dns-interceptor"),
 # IMAGE (the agent image, default dns-interceptor:dev: the test pod uses its dig and getent),
-# SMOKE_EXTERNAL (default 1), SMOKE_TIMEOUT (seconds per wait, default 300).
+# SMOKE_EXTERNAL (default 1), SMOKE_TIMEOUT (seconds per wait, default 300),
+# SMOKE_CAPTURE_WAIT (seconds until the new pod must be captured, default 60),
+# SMOKE_NAMESPACE and SMOKE_POD (the test pod, default dnsi-smoke; the namespace is deleted).
 set -euo pipefail
 
 read -r -a KUBECTL <<<"${KUBECTL:-kubectl}"
 IMAGE=${IMAGE:-dns-interceptor:dev}
 EXTERNAL=${SMOKE_EXTERNAL:-1}
 TIMEOUT=${SMOKE_TIMEOUT:-300}
-NS=dnsi-smoke
-POD=dnsi-smoke
+CAPTURE_WAIT=${SMOKE_CAPTURE_WAIT:-60}
+NS=${SMOKE_NAMESPACE:-dnsi-smoke}
+POD=${SMOKE_POD:-dnsi-smoke}
 AGENTS=app.kubernetes.io/name=dns-interceptor
 
 k() { "${KUBECTL[@]}" "$@"; }
@@ -91,12 +94,12 @@ ok "pods ask $nameserver, the agent captures it"
 
 # The agent attaches to a new pod's veth on the netlink event (or its 2 s resync); until
 # then the pod's queries go straight to kube-dns.  Wait until the BPF program counts one.
-deadline=$((SECONDS + 60))
+deadline=$((SECONDS + CAPTURE_WAIT))
 while :; do
   in_pod dig +short +time=2 +tries=1 kubernetes.default.svc.cluster.local >/dev/null || true
   proxy "$agent:9253" metrics >"$work/m"
   (($(metric "$work/m" interceptor_bpf_pod_queries_total "namespace=\"$NS\"" "pod=\"$POD\"") > 0)) && break
-  ((SECONDS < deadline)) || fail "after 60 s the agent has counted no query from $NS/$POD: its veth is not captured (agent log: ${KUBECTL[*]} -n kube-system logs $agent)"
+  ((SECONDS < deadline)) || fail "after $CAPTURE_WAIT s the agent has counted no query from $NS/$POD: its veth is not captured (agent log: ${KUBECTL[*]} -n kube-system logs $agent)"
   sleep 1
 done
 ok "the agent sees $NS/$POD's queries"

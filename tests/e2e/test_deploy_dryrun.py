@@ -67,9 +67,9 @@ def test_api_server_accepts_every_rendered_object(cluster: Cluster, overlay: str
     assert sc["readOnlyRootFilesystem"] is True
     assert pod["hostNetwork"] is True and pod["priorityClassName"] == "system-node-critical"
     # Dry run: nothing was stored.
-    with pytest.raises(HttpError) as exc:
+    with pytest.raises(HttpError) as missing:
         cluster.raw("GET", resource_path(cluster, one(objs, "DaemonSet")))
-    assert exc.value.status == 404
+    assert missing.value.status == 404
 
 
 def test_api_server_rejects_a_broken_daemonset(cluster: Cluster) -> None:
