@@ -16,6 +16,7 @@ APT_PACKAGES=(
   dnsmasq-base unbound                 # real DNS servers: test upstreams and benchmark peers
   clang-format                         # style check for bpf/
   nftables iptables                    # tests prove no rules are ever created
+  shellcheck ruby                      # tests check deploy/ scripts and the Vagrantfile
 )
 
 missing=()
