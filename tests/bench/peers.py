@@ -564,11 +564,16 @@ def client_notes(r: Report) -> list[str]:
     for s in r.systems:
         m = r.pinned[s.name]
         if m.limit in ("client", "both"):
+            kernel = (
+                ", the in-kernel answers included: they are computed in its send calls"
+                if s.name == FAST
+                else ""
+            )
             out.append(
-                f"- {s.name}: the client CPU was {m.client_busy:.0f}% busy (dnsperf itself "
-                f"{m.perf.dnsperf_cpu_pct or 0:.0f}%, the rest the kernel's packet work there) in "
-                f"the pinned max-QPS run: {m.perf.qps:,.0f} QPS is what the client could send, "
-                "a lower bound of the server's capacity"
+                f"- {s.name}: the client CPU was {m.client_busy:.0f}% busy in the pinned max-QPS "
+                f"run (dnsperf's process {m.perf.dnsperf_cpu_pct or 0:.0f}%, with the kernel's "
+                f"packet work done in its system calls{kernel}): {m.perf.qps:,.0f} QPS is what "
+                "the client could send, a lower bound of the server's capacity"
             )
         elif m.limit == "neither":
             out.append(
