@@ -616,8 +616,8 @@ def render(
         f"kernel {platform.release()}; load average before {loads[0]}, after {loads[1]}; "
         f"idle background: {cpu_note(background)}.",
         "",
-        "Command: `sudo .venv/bin/python -m tests.bench.ndots "
-        + " ".join(sys.argv[1:])
+        "Command: `"
+        + " ".join(["sudo .venv/bin/python -m tests.bench.ndots", *sys.argv[1:]])
         + "` (`make bench` runs it with the defaults)",
         "",
         f"Topology: pod netns ──veth── node netns ──veth── kube-dns netns ({DNS_IP}, dnsmasq, "

@@ -615,8 +615,8 @@ def render(r: Report, plot: Path | None) -> str:
         f"kernel {platform.release()}; load average before {r.load_before}, after "
         f"{r.load_after}; idle background before the runs: {cpu_note(r.background)}.",
         "",
-        "Command: `sudo .venv/bin/python -m tests.bench.peers "
-        + " ".join(sys.argv[1:])
+        "Command: `"
+        + " ".join(["sudo .venv/bin/python -m tests.bench.peers", *sys.argv[1:]])
         + "` (`make bench` runs it with the defaults)",
         "",
         "Topology: pod netns ──veth── node netns.  Every server runs in the node netns on "
