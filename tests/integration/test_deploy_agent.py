@@ -135,7 +135,19 @@ class Node:
             lines.append("mount -o remount,bind,ro /")
         lines.append("mount -o remount,bind,ro /sys")  # as the runtime mounts it unprivileged
         assert "emptyDir" in self.spec.volumes["tmp"]
+        code = ROOT.resolve()
+        hidden = code.is_relative_to("/tmp")
+        if hidden:
+            # The image has the code outside /tmp; a checkout under /tmp (a CI clone) would
+            # vanish under the emptyDir, so it is kept open and bound back on top of it.
+            lines.append(f"exec 9< {code}")
         lines.append("mount -t tmpfs -o size=256m tmpfs /tmp")
+        if hidden:
+            lines += [
+                f"mkdir -p {code}",
+                f"mount --no-canonicalize --bind /proc/self/fd/9 {code}",
+                "exec 9<&-",
+            ]
         lines.append('exec "$@"')
         return "\n".join(lines)
 
