@@ -22,9 +22,17 @@ from pathlib import Path
 
 from interceptor.lab import DNS_IP, Lab, PodSpec, stop
 from tests.bench.common import PerfResult, parse_dnsperf, table
+from tests.bench.nodelocal import agent_flags
 
 RESOLVER = "169.254.20.10"
 NAMES = 1000
+
+
+def userspace_only() -> tuple[str, ...]:
+    """``--no-fastpath`` when the agent has it: with the in-kernel fast path the queries
+    through BPF would never reach the resolver, and this benchmark measures the cost of the
+    redirection to it (tests.bench.peers measures the fast path)."""
+    return ("--no-fastpath",) if "--no-fastpath" in agent_flags() else ()
 
 
 def write_inputs(tmp: Path) -> tuple[Path, Path]:
@@ -105,7 +113,7 @@ def restart_figures(
     time.sleep(0.5)
     stop(agent_proc)
     t0 = time.monotonic()
-    agent = lab.start_agent(source, pin_dir=pin)
+    agent = lab.start_agent(source, *userspace_only(), pin_dir=pin)
     ready = time.monotonic() - t0
     first = dig_ms(lab, "svc-2.bench.svc.cluster.local")
     time.sleep(0.5)
@@ -134,7 +142,7 @@ def main() -> None:
         source, qfile = write_inputs(tmp)
         lab.up()
         lab.start_upstream(f"--addn-hosts={tmp / 'hosts'}")
-        agent = lab.start_agent(source, pin_dir=pin)
+        agent = lab.start_agent(source, *userspace_only(), pin_dir=pin)
         runs = []
         for i in range(args.rounds):  # alternate, so drift on a shared VM hits both alike
             runs.append(dnsperf(lab, DNS_IP, qfile, args.duration, f"through BPF #{i + 1}"))
@@ -178,6 +186,8 @@ def main() -> None:
             f"{direct_lat:.3f} ms avg"
         )
         print(f"redirection cost: {overhead:.1f}% of QPS (mean of {args.rounds} runs each)")
+        if userspace_only():
+            print("agent run with --no-fastpath: both paths end in the userspace resolver")
         print("restart:", ", ".join(f"{k} {v}" for k, v in restart.items()))
         print("\ncommand:", runs[0].command)
     finally:

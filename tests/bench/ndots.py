@@ -297,7 +297,7 @@ def run_lookups(
                 warm = lookup_pass(lab, inputs, family, log, client_cpus, agent)
             finally:
                 if agent is not None:
-                    stop_agent(agent, PIN, lab)
+                    stop_agent(agent, PIN)
             out.append(LookupResult(setup, family, cold, warm))
     return out
 
@@ -356,7 +356,7 @@ def run_probes(
     try:
         out.append(("interceptor (default flags)", probe(lab, count)))
     finally:
-        stop_agent(agent, PIN, lab)
+        stop_agent(agent, PIN)
     if "--no-fastpath" in agent_flags():
         agent = start_agent(
             lab, inputs.cluster_yaml, PIN, None, "interceptor", ("--no-fastpath",), WANTED
@@ -364,7 +364,7 @@ def run_probes(
         try:
             out.append(("interceptor --no-fastpath", probe(lab, count)))
         finally:
-            stop_agent(agent, PIN, lab)
+            stop_agent(agent, PIN)
     return out
 
 
@@ -505,7 +505,7 @@ def run_qps(
             rows.append(QpsRow(label, description, m, log.settled() - start_count))
         finally:
             if server.agent is not None:
-                stop_agent(server, PIN, lab)
+                stop_agent(server, PIN)
             else:
                 server.stop()
     return rows
@@ -794,6 +794,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         lab.down()
+        # kube-dns's dnsmasq drops root before exiting and cannot remove its pid file.
+        Path(f"/run/{lab.prefix}-dnsmasq.pid").unlink(missing_ok=True)
         shutil.rmtree(PIN, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -506,16 +506,12 @@ def start_agent(
     server CPU, forwarding to the lab's kube-dns, metrics on :data:`METRICS_PORT`.  Pinned
     maps from a previous variant are removed first, so every variant starts cold."""
     shutil.rmtree(pin, ignore_errors=True)
-    state: list[str] = []
-    if "--state-dir" in agent_flags():  # its admin socket must not clash with other agents
-        state = ["--state-dir", str(state_dir(lab))]
     agent = lab.start_agent(
         source,
         "--upstream",
         f"{DNS_IP}:53",
         "--metrics-address",
         f"127.0.0.1:{METRICS_PORT}",
-        *state,
         *extra,
         pin_dir=pin,
     )
@@ -531,14 +527,10 @@ def start_agent(
     )
 
 
-def state_dir(lab: Lab) -> Path:
-    return Path("/run") / f"{lab.prefix}-interceptor"
-
-
-def stop_agent(server: Server, pin: Path, lab: Lab) -> None:
+def stop_agent(server: Server, pin: Path) -> None:
+    """Stop the agent by PID and drop its pinned maps (the lab removes its state dir)."""
     server.stop()
     shutil.rmtree(pin, ignore_errors=True)
-    shutil.rmtree(state_dir(lab), ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ peers

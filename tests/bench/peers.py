@@ -298,7 +298,7 @@ def systems(
             name,
             False,
             lambda cpus: start_agent(lab, inputs.cluster_yaml, PIN, cpus, name, extra, WANTED),
-            lambda s: stop_agent(s, PIN, lab),
+            lambda s: stop_agent(s, PIN),
             "agent, --source cluster.yaml, BPF on the pod's veth"
             + (f", {' '.join(extra)}" if extra else ""),
         )
@@ -836,6 +836,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         lab.down()
+        # kube-dns's dnsmasq drops root before exiting and cannot remove its pid file.
+        Path(f"/run/{lab.prefix}-dnsmasq.pid").unlink(missing_ok=True)
         shutil.rmtree(PIN, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
