@@ -195,6 +195,8 @@ class Lab:
             sh("ip", "netns", "del", ns, check=False)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         shutil.rmtree(self.state_dir, ignore_errors=True)
+        # dnsmasq drops root before it exits, so it cannot remove its own pid file.
+        Path(f"/run/{self.prefix}-dnsmasq.pid").unlink(missing_ok=True)
         self._up = False
 
     # ------------------------------------------------------------ processes
