@@ -62,7 +62,8 @@ def possible_cpus() -> int:
 
 
 class MapInfo(ct.Structure):
-    """The head of the kernel's struct bpf_map_info (uapi/linux/bpf.h)."""
+    """The kernel's struct bpf_map_info (uapi/linux/bpf.h); tests/unit/test_introspect_abi.py
+    checks it against the system's header."""
 
     _fields_ = [
         ("type", ct.c_uint32),
@@ -72,6 +73,15 @@ class MapInfo(ct.Structure):
         ("max_entries", ct.c_uint32),
         ("map_flags", ct.c_uint32),
         ("name", ct.c_char * 16),
+        ("ifindex", ct.c_uint32),
+        ("btf_vmlinux_value_type_id", ct.c_uint32),
+        ("netns_dev", ct.c_uint64),
+        ("netns_ino", ct.c_uint64),
+        ("btf_id", ct.c_uint32),
+        ("btf_key_type_id", ct.c_uint32),
+        ("btf_value_type_id", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+        ("map_extra", ct.c_uint64),
     ]
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from interceptor.datapath.bpfsys import BpfError, possible_cpus
+from interceptor.datapath.bpfsys import BpfError, MapInfo, possible_cpus
 
 # bpf(2) commands (enum bpf_cmd in uapi/linux/bpf.h).
 BPF_MAP_LOOKUP_ELEM = 1
@@ -126,27 +126,8 @@ class ProgInfo(ct.Structure):
     ]
 
 
-class MapInfoFull(ct.Structure):
-    """The kernel's struct bpf_map_info (uapi/linux/bpf.h)."""
-
-    _fields_ = [
-        ("type", ct.c_uint32),
-        ("id", ct.c_uint32),
-        ("key_size", ct.c_uint32),
-        ("value_size", ct.c_uint32),
-        ("max_entries", ct.c_uint32),
-        ("map_flags", ct.c_uint32),
-        ("name", ct.c_char * 16),
-        ("ifindex", ct.c_uint32),
-        ("btf_vmlinux_value_type_id", ct.c_uint32),
-        ("netns_dev", ct.c_uint64),
-        ("netns_ino", ct.c_uint64),
-        ("btf_id", ct.c_uint32),
-        ("btf_key_type_id", ct.c_uint32),
-        ("btf_value_type_id", ct.c_uint32),
-        ("_pad", ct.c_uint32),
-        ("map_extra", ct.c_uint64),
-    ]
+MapInfoFull = MapInfo
+"""bpfsys owns the one mirror of struct bpf_map_info."""
 
 
 KERNEL_MIRRORS: dict[str, type[ct.Structure]] = {
