@@ -41,6 +41,24 @@ def ip_of(name: str) -> str:
     return f"198.51.{h[0]}.{h[1]}"
 
 
+def _udp_tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket on the same free loopback port: the kernel picks the UDP port,
+    and that number may already be taken for TCP (another test's listener), so try again."""
+    for _ in range(50):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            tcp.bind(("127.0.0.1", udp.getsockname()[1]))
+        except OSError:
+            udp.close()
+            tcp.close()
+            continue
+        return udp, tcp
+    raise OSError("no loopback port free for both UDP and TCP")
+
+
 class TcpUdpUpstream:
     """A nameserver on one loopback port, UDP and TCP, answering every A question with
     :func:`ip_of` (TTL 60).  ``delays`` hold replies back per name (on TCP each reply is sent
@@ -59,12 +77,8 @@ class TcpUdpUpstream:
         self.connections = 0
         self.max_pipelined = 0
         self._lock = threading.Lock()
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", 0))
+        self.udp, self.tcp = _udp_tcp_pair()
         self.port = int(self.udp.getsockname()[1])
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind(("127.0.0.1", self.port))
         self.tcp.listen(64)
         self._stop = False
         self._conns: list[socket.socket] = []
