@@ -337,8 +337,9 @@ class Resolver:
             return _mesh_answer(wild, query.qtype, smap.ttl, smap.mesh_nodata)
         return None
 
-    def _pod_record(self, name: str, qtype: int) -> Answer | None:
-        """``a-b-c-d.<ns>.pod.<zone>`` in insecure mode: synthesized from the name itself."""
+    def pod_record_ip(self, name: str) -> str | None:
+        """The address a ``a-b-c-d.<ns>.pod.<zone>`` name stands for, when insecure pod
+        records synthesize it (an existing namespace, a valid dashed IP); else None."""
         smap = self.smap
         if self.settings.zone.pod_records is not PodRecords.INSECURE:
             return None
@@ -348,7 +349,12 @@ class Resolver:
         labels = name[: -len(suffix)].split(".")
         if len(labels) != 2 or not smap.namespace_exists(labels[1]):
             return None
-        ip = wire.undash_ip(labels[0])
+        return wire.undash_ip(labels[0])
+
+    def _pod_record(self, name: str, qtype: int) -> Answer | None:
+        """``a-b-c-d.<ns>.pod.<zone>`` in insecure mode: synthesized from the name itself."""
+        smap = self.smap
+        ip = self.pod_record_ip(name)
         if ip is None:
             return None
         rtype, rdata = wire.rdata_address(ip)

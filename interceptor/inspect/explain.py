@@ -20,7 +20,6 @@ import dnslib
 from interceptor.dns import wire
 from interceptor.model.objects import EndpointSlice, Namespace, Pod, Service, ServiceEntry
 from interceptor.resolver import Resolver
-from interceptor.settings import PodRecords
 
 Client = tuple[str, int]
 
@@ -86,7 +85,7 @@ def explain(resolver: Resolver, qname: str, qtype: int, client: Client | None) -
         target = smap.cname(name)
         if target is not None:
             return _externalname(resolver, name, target)
-        if _pod_name(resolver, name) is not None:
+        if resolver.pod_record_ip(name) is not None:
             ns = name[: -len(f".pod.{zone}")].split(".")[1]
             return Explanation(
                 "pod-record",
@@ -307,23 +306,6 @@ def _service_entries(resolver: Resolver, name: str, wildcard: bool) -> list[str]
                 out.append(f"ServiceEntry {obj.namespace}/{obj.name}")
                 break
     return out
-
-
-def _pod_name(resolver: Resolver, name: str) -> str | None:
-    """The address in ``a-b-c-d.<ns>.pod.<zone>``, if the resolver synthesizes it."""
-    smap = resolver.smap
-    if resolver.settings.zone.pod_records is not PodRecords.INSECURE:
-        return None
-    suffix = ".pod." + smap.zone
-    if not name.endswith(suffix):
-        return None
-    labels = name[: -len(suffix)].split(".")
-    if len(labels) != 2 or not smap.namespace_exists(labels[1]):
-        return None
-    return wire.undash_ip(labels[0])
-
-
-# ----------------------------------------------------------------------------- services
 
 
 def services(resolver: Resolver, name: str | None = None) -> list[dict[str, Any]]:
