@@ -8,6 +8,7 @@ outlives the run.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 import re
@@ -328,3 +329,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def positive(text: str) -> int:
+    """argparse type: a positive integer."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from interceptor.lab import DNS_IP, RESOLVER_IP, Lab, PodSpec, stop
-from tests.bench.common import BenchError, require_tool
+from tests.bench.common import BenchError, positive, require_tool
 from tests.bench.nodelocal import (
     CpuUse,
     Load,
@@ -685,13 +685,6 @@ def render(
 
 
 # -------------------------------------------------------------------------------- main
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

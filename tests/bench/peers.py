@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 from interceptor.lab import DNS_IP, RESOLVER_IP, Lab, PodSpec
-from tests.bench.common import BenchError, require_tool
+from tests.bench.common import BenchError, positive, require_tool
 from tests.bench.nodelocal import (
     ROOT,
     CpuUse,
@@ -715,13 +715,6 @@ def write_plot(r: Report, path: Path) -> Path | None:
 
 
 # -------------------------------------------------------------------------------- main
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

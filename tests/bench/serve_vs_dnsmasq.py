@@ -43,6 +43,7 @@ from tests.bench.common import (
     dnsperf_command,
     free_port,
     pinning,
+    positive,
     require_tool,
     run_dnsperf,
     service_ip,
@@ -519,13 +520,6 @@ def render(throughput: dict[str, Any] | None, memory: list[dict[str, Any]]) -> s
 
 
 # -------------------------------------------------------------------------------- main
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
