@@ -164,6 +164,7 @@ def kube_api(lab: Lab, tmp: Path, names: int) -> Iterator[Path]:
     namespace through the e2e relays (a Unix socket: the node gets no route out); yields a
     kubeconfig for CoreDNS's kubernetes plugin."""
     from tests.e2e.apiserver import ADMIN_TOKEN, Cluster
+    from tests.e2e.relay import start_relays
 
     cluster = Cluster(tmp / "kube")
     relays: list[subprocess.Popen[str]] = []
@@ -176,25 +177,10 @@ def kube_api(lab: Lab, tmp: Path, names: int) -> Iterator[Path]:
                     lambda i: cluster.raw("POST", path_of(service(i)), service(i)), range(names)
                 )
             )
-        sock = tmp / "api.sock"
-        relay = str(ROOT / "tests" / "e2e" / "relay.py")
-        for cmd in (
-            [sys.executable, relay, "unix", str(sock), "127.0.0.1", str(cluster.api_port)],
-            [
-                "nsenter",
-                f"--net=/run/netns/{lab.node}",
-                sys.executable,
-                relay,
-                "tcp",
-                "127.0.0.1",
-                str(cluster.api_port),
-                str(sock),
-            ],
-        ):
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-            relays.append(proc)
-            if proc.stdout is None or proc.stdout.readline().strip() != "ready":
-                raise BenchError("the API relay did not start")
+        try:
+            relays += start_relays(lab.node, cluster.api_port, tmp / "api.sock")
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from exc
         yield cluster.kubeconfig(ADMIN_TOKEN, tmp / "kubeconfig")
     finally:
         for proc in relays:

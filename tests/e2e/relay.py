@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import threading
+from pathlib import Path
 
 
 def pipe(src: socket.socket, dst: socket.socket) -> None:
@@ -65,6 +67,35 @@ def main() -> None:
 
     print("ready", flush=True)
     serve(lst, connect)
+
+
+def start_relays(netns: str, api_port: int, sock: Path) -> list[subprocess.Popen[str]]:
+    """Carry ``127.0.0.1:api_port`` of network namespace ``netns`` to the API server on the
+    host's loopback, over the Unix socket ``sock``.  Returns both relays, once both said
+    they are ready; raises RuntimeError (after stopping them) if one did not."""
+    me = str(Path(__file__).resolve())
+    procs: list[subprocess.Popen[str]] = []
+    for cmd in (
+        [sys.executable, me, "unix", str(sock), "127.0.0.1", str(api_port)],
+        [
+            "nsenter",
+            f"--net=/run/netns/{netns}",
+            sys.executable,
+            me,
+            "tcp",
+            "127.0.0.1",
+            str(api_port),
+            str(sock),
+        ],
+    ):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        if proc.stdout is None or proc.stdout.readline().strip() != "ready":
+            for p in procs:
+                p.kill()
+                p.wait()
+            raise RuntimeError(f"the API relay {' '.join(cmd)} did not start")
+    return procs
 
 
 if __name__ == "__main__":

@@ -5,8 +5,6 @@ the deploy/ RBAC identity.  Real BPF on the netns lab."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ import pytest
 
 from interceptor.lab import Agent, Lab, PodSpec, stop
 from tests.e2e.apiserver import Cluster
-from tests.helpers import ROOT
+from tests.e2e.relay import start_relays
 
 UPSTREAM = ("--host-record=web.e2e2.svc.cluster.local,10.96.99.99",)  # kube-dns's own answer
 
@@ -77,24 +75,7 @@ def node(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[Lab, Agent, str]]:
     try:
         lab.start_upstream(*UPSTREAM)
         # The node namespace reaches the API server through two relays over a Unix socket.
-        sock = tmp_path / "api.sock"
-        relay = str(ROOT / "tests" / "e2e" / "relay.py")
-        for cmd in (
-            [sys.executable, relay, "unix", str(sock), "127.0.0.1", str(cluster.api_port)],
-            [
-                "nsenter",
-                f"--net=/run/netns/{lab.node}",
-                sys.executable,
-                relay,
-                "tcp",
-                "127.0.0.1",
-                str(cluster.api_port),
-                str(sock),
-            ],
-        ):
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-            lab.procs.append(proc)
-            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        lab.procs.extend(start_relays(lab.node, cluster.api_port, tmp_path / "api.sock"))
         kc = cluster.kubeconfig(
             cluster.token_for("kube-system", "dns-interceptor"), tmp_path / "kc"
         )
