@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test unit integration lint bench clean peers
+.PHONY: setup demo test unit integration lint bench clean peers cluster cluster-down
 
 setup:
 	@bash scripts/setup.sh
@@ -21,10 +21,22 @@ lint: setup
 unit: setup
 	$(PY) -m pytest tests/unit -q
 
-# The full suite: lint, types, unit, integration (root) and e2e tiers.  The e2e tier needs
-# kube-apiserver and etcd, built once per machine from the Go module proxy (cached).
+# The full suite: lint, types, unit, integration (root) and e2e tiers, then the cluster tier
+# (a real node: kubelet, containerd, CNI, kube-proxy, CoreDNS, the DaemonSet).  The e2e and
+# cluster tiers need Kubernetes components, built once per machine from the Go module proxy
+# (cached).  The cluster tier runs last, on its own: its kube-proxy rules and pins must not
+# meet the lab's.
 test: lint peers
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --ignore=tests/cluster
+	$(PY) -m pytest tests/cluster -q
+
+# A real one-node cluster with the interceptor deployed (idempotent; prints the two exports).
+# CLUSTER_CNI=bridge for a flannel-style bridge, CLUSTER_PROXY_MODE=nftables for kube-proxy.
+cluster: setup
+	@$(PY) -m tests.cluster.node up
+
+cluster-down: setup
+	@$(PY) -m tests.cluster.node down
 
 peers:
 	@bash scripts/build-peers.sh >/dev/null

@@ -299,9 +299,14 @@ int dnsi_from_pod(struct __sk_buff *skb)
 	now = bpf_ktime_get_ns();
 #ifdef ENABLE_FASTPATH
 	/* Answers only while the agent is alive: its heartbeat and its resolver socket vouch
-	 * for the answer map, so a killed agent fails open at once here too. */
-	if (p.proto == IPPROTO_UDP && now - cfg->heartbeat_ns <= cfg->heartbeat_timeout &&
-	    __resolver_listening(skb, &p, cfg)) {
+	 * for the answer map, so a killed agent fails open at once here too.  The exception is
+	 * a handover: an agent that stopped gracefully for its successor (a DaemonSet rollout)
+	 * vouches for the map until grace_until_ns, so names only we know (mesh hosts) keep
+	 * resolving while no agent runs; everything else fails open as usual. */
+	if (p.proto == IPPROTO_UDP &&
+	    ((now - cfg->heartbeat_ns <= cfg->heartbeat_timeout &&
+	      __resolver_listening(skb, &p, cfg)) ||
+	     now < cfg->grace_until_ns)) {
 		int ret = __fastpath(skb, &p, cfg);
 
 		if (ret >= 0) {

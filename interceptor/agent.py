@@ -27,6 +27,7 @@ from interceptor.datapath.loader import Datapath, DatapathSettings
 from interceptor.health import HealthServer, self_query
 from interceptor.inspect.agentops import AgentOps
 from interceptor.inspect.state import ADMIN_SOCKET, DEFAULT_STATE_DIR
+from interceptor.lifecycle import OwnerWatch, StopMode
 from interceptor.model.nodepods import NodePod, node_pods
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolver import Resolver
@@ -62,6 +63,12 @@ class AgentSettings:
     """Where the state file (pod names of counter slots, for the inspection CLI) is kept."""
     admin_socket: Path | None = DEFAULT_STATE_DIR / ADMIN_SOCKET
     """Root-only Unix socket for ``interceptor services`` and ``query``; None: none."""
+    handover_grace: float = 60.0
+    """Seconds the kernel keeps answering after a graceful stop with a successor coming
+    (lifecycle.py); 0: never hand over."""
+    pod_name: str | None = None
+    pod_namespace: str | None = None
+    """This agent's own pod ($POD_NAME, $POD_NAMESPACE): how it finds its DaemonSet."""
 
 
 async def _first(*aws: Awaitable[object]) -> None:
@@ -158,6 +165,7 @@ class Agent:
             cache=make_cache(self.settings),
         )
         await self.feed.start(resolver)
+        owner = self._watch_owner()
         registry = start_metrics(self.settings, self.feed, resolver)
         self.ops.register_metrics(registry, a.datapath.pin_dir)
         health = (
@@ -235,15 +243,39 @@ class Agent:
                     await t
             if events is not None:
                 events.close()
-            await self._netlink(self.datapath.detach_all)
+            mode = owner.mode() if owner is not None else StopMode.DETACH
+            if owner is not None:
+                owner.stop()
+            log.info("stop: %s", mode.value)
+            if mode is StopMode.HANDOVER and self._programs_ready:
+                await self._netlink(self.datapath.hand_over, a.handover_grace)
+            else:
+                await self._netlink(self.datapath.detach_all)
             for server in servers:
                 await server.close()
             for ip in self.added:
                 await self._netlink(remove_address, a.resolver_device, ip)
+            if mode is StopMode.UNINSTALL:
+                await self._netlink(self.datapath.remove_pins)
+                self.ops.remove_state()
             await self._netlink(self.datapath.close)
             self._nl_thread.shutdown()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+
+    def _watch_owner(self) -> OwnerWatch | None:
+        """Follow this pod's DaemonSet, so a stop knows whether a successor is coming."""
+        a = self.agent
+        kube = self.settings.kube
+        if not (a.handover_grace > 0 and a.pod_name and a.pod_namespace and kube is not None):
+            return None
+        from functools import partial
+
+        from interceptor.sources.kube import ClientApi
+
+        owner = OwnerWatch(partial(ClientApi, kube.kubeconfig), a.pod_namespace, a.pod_name)
+        owner.start()
+        return owner
 
     def _start_fastpath(self) -> None:
         """Fill the kernel's answer map from the synced service map, then keep it in step

@@ -376,6 +376,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="root-only Unix socket for `interceptor services`/`query` "
         "(default: <state-dir>/admin.sock; 'none': off)",
     )
+    agent.add_argument(
+        "--kernel-headers",
+        default="auto",
+        metavar="auto|node|bundled|DIR",
+        help="headers bcc compiles the programs against: the node's /lib/modules, the "
+        "image's ($INTERCEPTOR_KERNEL_HEADERS), or a directory; auto prefers the node's "
+        "(default: %(default)s)",
+    )
+    agent.add_argument(
+        "--handover-grace",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="after a graceful stop while the agent's DaemonSet remains (a rollout), the "
+        "kernel keeps answering its answer map this long (0: off; default: %(default)s)",
+    )
     agent.add_argument("--dump-bpf", action="store_true", help=argparse.SUPPRESS)
 
     sub.add_parser("demo", help="run the guided demo (root: builds network namespaces)")
@@ -450,7 +466,12 @@ def agent_settings_from(args: argparse.Namespace) -> AgentSettings:
     if len({Endpoint.parse(ip).family_v6 for ip in resolvers}) != len(resolvers):
         raise ConfigError("give at most one --resolver-address per address family")
     admin = args.admin_socket or args.state_dir / ADMIN_SOCKET
+    if not 0 <= args.handover_grace <= 600:
+        raise ConfigError("--handover-grace must be between 0 and 600 seconds")
     return AgentSettings(
+        handover_grace=args.handover_grace,
+        pod_name=os.environ.get("POD_NAME") or None,
+        pod_namespace=os.environ.get("POD_NAMESPACE") or None,
         state_dir=args.state_dir,
         admin_socket=None if str(admin) == "none" else admin,
         node_name=args.node_name,
@@ -468,6 +489,7 @@ def agent_settings_from(args: argparse.Namespace) -> AgentSettings:
             fastpath=not args.no_fastpath,
             fastpath_entries=args.fastpath_entries,
             max_udp=args.max_udp_size,
+            kernel_headers=args.kernel_headers,
         ),
     )
 

@@ -17,6 +17,10 @@ APT_PACKAGES=(
   clang-format                         # style check for bpf/
   nftables iptables                    # tests prove no rules are ever created
   shellcheck ruby                      # tests check deploy/ scripts and the Vagrantfile
+  # The local Kubernetes node (make cluster, the cluster test tier): container runtime and
+  # CNI plugins, image builders, and the conntrack tool kube-proxy calls.
+  containerd runc containernetworking-plugins podman buildah mmdebstrap conntrack
+  gcc libc6-dev                        # the sandbox (pause) image's static binary
 )
 
 missing=()

@@ -24,6 +24,7 @@ struct config {
 	__u32 flow_rate;	  /* new flows per second a pod may open (0: unlimited) */
 	__u32 flow_burst;	  /* token bucket depth for flow_rate */
 	__u32 max_udp;		  /* our EDNS payload size (the resolver's), for fast-path OPT */
+	__u64 grace_until_ns;	  /* handover: the fast path answers until then without an agent */
 };
 
 #define CFG_CAPTURE_ALL (1U << 0) /* any destination on port 53, not only CAPTURE entries */

@@ -3,6 +3,7 @@ heartbeat, and answers "which server did this pod ask?" from the flow map."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import logging
 import os
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from interceptor.datapath import maps, tc
+from interceptor.datapath import kheaders, maps, tc
 from interceptor.datapath.bpfsys import BpfError, PinnedMap, ensure_bpffs, pinned_map_shape
 from interceptor.datapath.tcx import tcx_programs
 from interceptor.errors import InterceptorError
@@ -57,6 +58,8 @@ class DatapathSettings:
     """Capacity of the fast-path answer map (allocated as used, ~420 bytes per entry)."""
     max_udp: int = 1232
     """Our EDNS payload size, as the resolver announces it (the fast path must match)."""
+    kernel_headers: str = "auto"
+    """Headers bcc compiles against: auto, node, bundled or a directory (kheaders.py)."""
 
 
 @dataclass
@@ -112,6 +115,7 @@ class Datapath:
             for name in ("FP_ANSWERS", "FP_STATS"):  # a previous run's: not ours to serve now
                 (self.settings.pin_dir / name).unlink(missing_ok=True)
         src = bpf_source_dir() / "redirect.c"
+        log.info("compiling %s against %s", src, kheaders.apply(self.settings.kernel_headers))
         t0 = time.monotonic()
         try:
             bpf = BPF(src_file=str(src).encode(), cflags=self.cflags())
@@ -173,7 +177,12 @@ class Datapath:
         cfg.flow_rate = self.settings.flow_rate
         cfg.flow_burst = self.settings.flow_burst
         cfg.max_udp = self.settings.max_udp
-        cfg.heartbeat_ns = time.monotonic_ns()
+        # No heartbeat yet: the programs fail open until this agent's first beat (after its
+        # first sync and attach), and a predecessor's handover grace stays in force until
+        # then, so the kernel keeps answering what the last agent vouched for.
+        cfg.heartbeat_ns = 0
+        previous = self.maps["CONFIG"].get(ct.c_uint32(0))
+        cfg.grace_until_ns = previous.grace_until_ns if previous is not None else 0
         self._config = cfg
         self.maps["CONFIG"].put(ct.c_uint32(0), cfg)
         capture = self.maps["CAPTURE"]
@@ -190,9 +199,39 @@ class Datapath:
             capture.put(k, ct.c_uint32(1))
 
     def heartbeat(self) -> None:
-        """CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns()."""
+        """CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns().  A live agent vouches for the
+        answer map itself, so a predecessor's handover grace ends at its first beat."""
         self._config.heartbeat_ns = time.monotonic_ns()
+        self._config.grace_until_ns = 0
         self.maps["CONFIG"].put(ct.c_uint32(0), self._config)
+
+    def hand_over(self, grace: float) -> None:
+        """A graceful stop with a successor coming (a DaemonSet rollout): the filters and
+        maps stay, the heartbeat stops (so everything fails open to the pod's own server),
+        and the fast path keeps answering from the answer map for ``grace`` seconds, for the
+        names no other server knows (mesh hosts).  The successor ends the grace at its first
+        heartbeat; if none comes, it simply runs out."""
+        self._config.grace_until_ns = time.monotonic_ns() + int(grace * 1e9)
+        self.maps["CONFIG"].put(ct.c_uint32(0), self._config)
+        log.info(
+            "handing over: %d veth(s) stay attached; the kernel answers from its answer map "
+            "for %.0f s",
+            len(self.attached),
+            grace,
+        )
+
+    def remove_pins(self) -> None:
+        """Uninstall: unpin every map (the programs and maps go once nothing holds them)."""
+        for m in self.maps.values():
+            m.close()
+        self.maps = {}
+        pin_dir = self.settings.pin_dir
+        for path in sorted(pin_dir.glob("*")):
+            if path.is_file() or path.is_symlink():
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            pin_dir.rmdir()
+        log.info("removed the pinned maps in %s", pin_dir)
 
     # ------------------------------------------------------------ attach
 

@@ -67,6 +67,7 @@ class Config(ct.Structure):
         ("flow_rate", ct.c_uint32),
         ("flow_burst", ct.c_uint32),
         ("max_udp", ct.c_uint32),
+        ("grace_until_ns", ct.c_uint64),
     ]
 
 

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from interceptor.inspect.admin import AdminError, AdminServer
 from interceptor.inspect.collector import BpfCollector, programming_histogram
 from interceptor.inspect.counters import CounterReader
-from interceptor.inspect.state import AgentInfo, NodeState, PodEntry, write_state
+from interceptor.inspect.state import STATE_FILE, AgentInfo, NodeState, PodEntry, write_state
 from interceptor.model.nodepods import NodePod
 from interceptor.resolver import Resolver
 
@@ -118,6 +118,11 @@ class AgentOps:
             log.warning("no admin endpoint: %s", exc)
             return
         self.admin = admin
+
+    def remove_state(self) -> None:
+        """Uninstall: the state file goes with the pins it describes."""
+        with contextlib.suppress(OSError):
+            (self.state_dir / STATE_FILE).unlink(missing_ok=True)
 
     async def close(self) -> None:
         if self.admin is not None:

@@ -41,8 +41,8 @@ NODE = "node-1"
 KUBERNETES_IP = "10.96.0.1"
 SMOKE = PodSpec("dnsi-smoke", "10.244.1.20", "dnsi-smoke")
 OPTOUT = PodSpec("dnsi-optout", "10.244.1.21", "quiet")
-# SYS_RESOURCE only matters before kernel 5.11 (BPF memory charged to RLIMIT_MEMLOCK); the
-# others must each be needed on this kernel.
+# SYS_RESOURCE only matters before kernel 5.11 (BPF memory charged to RLIMIT_MEMLOCK): the base
+# leaves it out (deploy/components/kernel-5.8-5.10 adds it); the others must each be needed.
 OLD_KERNELS_ONLY = {"SYS_RESOURCE"}
 
 

@@ -1,0 +1,93 @@
+"""The cluster tier: tests against a real one-node Kubernetes cluster (tests/cluster/node.py)
+with dns-interceptor deployed as its DaemonSet.
+
+A cluster that is already up (``make cluster``) is used as it is and left running; otherwise
+the session brings one up and removes it at the end.  Needs root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.cluster import images, node
+
+pytestmark = pytest.mark.cluster
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/cluster/" in str(item.fspath):
+            item.add_marker(pytest.mark.cluster)
+
+
+@dataclass
+class Kube:
+    """kubectl against the local cluster, plus the waits the tests share."""
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 120) -> str:
+        return node.kubectl(*args, check=check, timeout=timeout)
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self(*args, "-o", "json"))
+
+    def apply(self, manifest: str) -> None:
+        node.run(
+            node.kubectl_bin(), f"--kubeconfig={node.KUBECONFIG}", "apply", "-f", "-",
+            input=manifest,
+        )  # fmt: skip
+
+    def exec(self, ns: str, pod: str, *cmd: str, check: bool = True, timeout: float = 60) -> str:
+        return self("-n", ns, "exec", pod, "--", *cmd, check=check, timeout=timeout)
+
+    def wait(self, what: str, check: Callable[[], Any], timeout: float = 120) -> Any:
+        return node.wait_for(what, check, timeout)
+
+    def agent_pod(self) -> str:
+        pods = self.json(
+            "-n", "kube-system", "get", "pods", "-l", "app.kubernetes.io/name=dns-interceptor"
+        )
+        running = [
+            p for p in pods["items"]
+            if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+        ]  # fmt: skip
+        assert len(running) == 1, [p["metadata"]["name"] for p in pods["items"]]
+        return str(running[0]["metadata"]["name"])
+
+    def metrics(self) -> str:
+        """The agent's /metrics through the API server's pod proxy (as Prometheus would)."""
+        agent = self.agent_pod()
+        return self(
+            "get", "--raw", f"/api/v1/namespaces/kube-system/pods/{agent}:9253/proxy/metrics"
+        )
+
+    def rollout(self) -> None:
+        self("-n", "kube-system", "rollout", "status", "ds/dns-interceptor", "--timeout=300s",
+             timeout=320)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def kube() -> Iterator[Kube]:
+    if os.geteuid() != 0:
+        pytest.skip("the cluster tier needs root (containerd, kubelet, BPF)")
+    was_up = node.status_quiet()
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "tests.cluster.node", "up"], check=True, cwd=node.ROOT)
+    print(f"cluster up in {time.monotonic() - t0:.0f} s (was {'up' if was_up else 'down'})")
+    k = Kube()
+    try:
+        yield k
+    finally:
+        if not was_up and not os.environ.get("CLUSTER_KEEP"):
+            subprocess.run([sys.executable, "-m", "tests.cluster.node", "down"], cwd=node.ROOT)
+
+
+CLIENT = images.CLIENT
