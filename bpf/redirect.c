@@ -28,20 +28,19 @@
 #include "lib/metrics.h"
 #include "lib/csum.h"
 
-#ifndef PIN_DIR
-#define PIN_DIR "/sys/fs/bpf/interceptor"
-#endif
-
 #define DNS_PORT 53
 
-BPF_TABLE_PINNED("array", __u32, struct config, CONFIG, 1, PIN_DIR "/CONFIG");
-BPF_TABLE_PINNED("hash", struct capture_key, __u32, CAPTURE, MAX_CAPTURE, PIN_DIR "/CAPTURE");
-BPF_TABLE_PINNED("hash", struct pod_key, struct pod_info, PODS, MAX_PODS, PIN_DIR "/PODS");
-BPF_TABLE_PINNED("hash", __u32, struct iface_info, IFACES, MAX_PODS, PIN_DIR "/IFACES");
-BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_val, FLOWS, MAX_FLOWS, PIN_DIR "/FLOWS");
-BPF_TABLE_PINNED("percpu_array", __u32, __u64, REASONS, REASON_MAX, PIN_DIR "/REASONS");
-BPF_TABLE_PINNED("percpu_array", __u32, struct pod_stats, POD_STATS, MAX_PODS,
-		 PIN_DIR "/POD_STATS");
+/* Plain tables: the agent pins them itself (interceptor/datapath/loader.py), carrying the
+ * previous agent's pinned state over into them.  bcc's own pinning would reopen existing pins
+ * by map id, which needs CAP_SYS_ADMIN; the DaemonSet grants only BPF, PERFMON, NET_ADMIN and
+ * NET_BIND_SERVICE. */
+BPF_TABLE("array", __u32, struct config, CONFIG, 1);
+BPF_TABLE("hash", struct capture_key, __u32, CAPTURE, MAX_CAPTURE);
+BPF_TABLE("hash", struct pod_key, struct pod_info, PODS, MAX_PODS);
+BPF_TABLE("hash", __u32, struct iface_info, IFACES, MAX_PODS);
+BPF_TABLE("lru_hash", struct flow_key, struct flow_val, FLOWS, MAX_FLOWS);
+BPF_TABLE("percpu_array", __u32, __u64, REASONS, REASON_MAX);
+BPF_TABLE("percpu_array", __u32, struct pod_stats, POD_STATS, MAX_PODS);
 
 /* What the parser found; addresses in network order. */
 struct pkt {
@@ -183,6 +182,17 @@ static __always_inline int __resolver_listening(struct __sk_buff *skb, struct pk
 	return 1;
 }
 
+/* May the fast path answer from FP_ANSWERS?  While an agent is alive (fresh heartbeat and a
+ * resolver socket), or during a handover grace after a graceful stop (see dnsi_from_pod). */
+static __always_inline int __answers_vouched(struct __sk_buff *skb, struct pkt *p,
+					     struct config *cfg, __u64 now)
+{
+	if (now < cfg->grace_until_ns)
+		return 1;
+	return now - cfg->heartbeat_ns <= cfg->heartbeat_timeout &&
+	       __resolver_listening(skb, p, cfg);
+}
+
 /* Token bucket per pod on new flows: a flooding pod's excess goes to its own server
  * untouched instead of evicting other pods' flows from the LRU. */
 static __always_inline int __take_token(struct pod_info *pod, struct config *cfg, __u64 now)
@@ -221,9 +231,8 @@ static __always_inline int __rewrite(struct __sk_buff *skb, struct pkt *p, int d
 #include "lib/fastpath.h"
 
 /* Declared here, not in the header: bcc rewrites map operations in the main file only. */
-BPF_TABLE_PINNED("hash", struct fp_key, struct fp_answer, FP_ANSWERS, FP_MAX_ENTRIES,
-		 PIN_DIR "/FP_ANSWERS", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("percpu_array", __u32, __u64, FP_STATS, FP_RESULT_MAX, PIN_DIR "/FP_STATS");
+BPF_F_TABLE("hash", struct fp_key, struct fp_answer, FP_ANSWERS, FP_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_TABLE("percpu_array", __u32, __u64, FP_STATS, FP_RESULT_MAX);
 BPF_ARRAY(FP_SCRATCH, struct fp_scratch, 1);
 
 static __always_inline void __fp_count(__u32 result)
@@ -303,10 +312,7 @@ int dnsi_from_pod(struct __sk_buff *skb)
 	 * a handover: an agent that stopped gracefully for its successor (a DaemonSet rollout)
 	 * vouches for the map until grace_until_ns, so names only we know (mesh hosts) keep
 	 * resolving while no agent runs; everything else fails open as usual. */
-	if (p.proto == IPPROTO_UDP &&
-	    ((now - cfg->heartbeat_ns <= cfg->heartbeat_timeout &&
-	      __resolver_listening(skb, &p, cfg)) ||
-	     now < cfg->grace_until_ns)) {
+	if (p.proto == IPPROTO_UDP && __answers_vouched(skb, &p, cfg, now)) {
 		int ret = __fastpath(skb, &p, cfg);
 
 		if (ret >= 0) {

@@ -15,7 +15,7 @@ import yaml
 from tests.helpers import ROOT
 
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ("base", "kind", "vagrant")
+OVERLAYS = ("base", "kind", "vagrant", "local")
 """Every kustomization under deploy/ (base and the overlays the scripts apply)."""
 PEERS_SCRIPT = ROOT / "scripts" / "build-peers.sh"
 
@@ -39,8 +39,8 @@ def kustomize() -> Path:
     return path
 
 
-def render(overlay: str) -> list[dict[str, Any]]:
-    """``kustomize build deploy/<overlay>`` as a list of objects."""
+def render(overlay: str | Path) -> list[dict[str, Any]]:
+    """``kustomize build deploy/<overlay>`` (or a kustomization directory) as objects."""
     r = subprocess.run(
         [str(kustomize()), "build", str(DEPLOY / overlay)],
         capture_output=True,
@@ -88,6 +88,10 @@ def agent_spec(objs: list[dict[str, Any]], node_name: str = "node-1") -> AgentSp
             env[var["name"]] = config["data"][ref["key"]]
         elif source.get("fieldRef", {}).get("fieldPath") == "spec.nodeName":
             env[var["name"]] = node_name
+        elif source.get("fieldRef", {}).get("fieldPath") == "metadata.name":
+            env[var["name"]] = "dns-interceptor-lab"
+        elif source.get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+            env[var["name"]] = ds["metadata"]["namespace"]
         else:
             raise AssertionError(f"{var['name']}: unexpected source {source}")
 

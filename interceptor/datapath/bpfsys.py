@@ -91,13 +91,57 @@ def pinned_map_shape(path: Path) -> tuple[int, int, int] | None:
     if fd < 0:
         return None
     try:
-        info = MapInfo()
-        size = ct.c_uint32(ct.sizeof(info))
-        if lib.bpf_obj_get_info(fd, ct.byref(info), ct.byref(size)) != 0:
+        info = map_info(fd)
+        if info is None:
             return None
         return info.key_size, info.value_size, info.max_entries
     finally:
         os.close(fd)
+
+
+def map_info(fd: int) -> MapInfo | None:
+    info = MapInfo()
+    size = ct.c_uint32(ct.sizeof(info))
+    if lib.bpf_obj_get_info(fd, ct.byref(info), ct.byref(size)) != 0:
+        return None
+    return info
+
+
+def copy_entries(src: Path, dst_fd: int, percpu: bool) -> int:
+    """Copy every entry of the map pinned at ``src`` into the map ``dst_fd`` of the same
+    shape (raw bytes, per-CPU values whole).  Returns how many entries were copied."""
+    fd = lib.bpf_obj_get(str(src).encode())
+    if fd < 0:
+        return 0
+    try:
+        info = map_info(fd)
+        if info is None:
+            return 0
+        key_a = (ct.c_ubyte * info.key_size)()
+        key_b = (ct.c_ubyte * info.key_size)()
+        stride = (info.value_size + 7) & ~7 if percpu else info.value_size
+        value = (ct.c_ubyte * (stride * (possible_cpus() if percpu else 1)))()
+        copied = 0
+        rc = lib.bpf_get_first_key(fd, key_b, info.key_size)
+        while rc == 0:
+            if lib.bpf_lookup_elem(fd, key_b, value) == 0:
+                if lib.bpf_update_elem(dst_fd, key_b, value, 0) == 0:
+                    copied += 1
+            ct.memmove(key_a, key_b, info.key_size)
+            rc = lib.bpf_get_next_key(fd, key_a, key_b)
+        return copied
+    finally:
+        os.close(fd)
+
+
+def pin_replacing(fd: int, path: Path) -> None:
+    """Pin ``fd`` at ``path``, replacing whatever is pinned there in one rename, so a reader
+    (the inspection CLI) always finds a map."""
+    tmp = path.with_name(path.name + "_NEW")  # bpffs refuses names with a dot
+    tmp.unlink(missing_ok=True)
+    if lib.bpf_obj_pin(fd, str(tmp).encode()) != 0:
+        raise BpfError(f"cannot pin {path}: {os.strerror(ct.get_errno() or errno.EIO)}")
+    os.replace(tmp, path)
 
 
 class PinnedMap(Generic[K, V]):

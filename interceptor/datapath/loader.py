@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from interceptor.datapath import kheaders, maps, tc
-from interceptor.datapath.bpfsys import BpfError, PinnedMap, ensure_bpffs, pinned_map_shape
+from interceptor.datapath.bpfsys import (
+    BpfError,
+    PinnedMap,
+    copy_entries,
+    ensure_bpffs,
+    pin_replacing,
+    pinned_map_shape,
+)
 from interceptor.datapath.tcx import tcx_programs
 from interceptor.errors import InterceptorError
 
@@ -94,7 +101,7 @@ class Datapath:
 
     def cflags(self) -> list[str]:
         s = self.settings
-        flags = [f"-I{bpf_source_dir()}", f'-DPIN_DIR="{s.pin_dir}"']
+        flags = [f"-I{bpf_source_dir()}"]
         if s.enable_tcp:
             flags.append("-DENABLE_TCP")
         if s.enable_ipv6:
@@ -110,7 +117,6 @@ class Datapath:
         if ensure_bpffs(self.settings.pin_dir.parent):
             log.info("mounted bpffs at %s", self.settings.pin_dir.parent)
         self.settings.pin_dir.mkdir(parents=True, exist_ok=True)
-        self._drop_incompatible_pins()
         if not self.settings.fastpath:
             for name in ("FP_ANSWERS", "FP_STATS"):  # a previous run's: not ours to serve now
                 (self.settings.pin_dir / name).unlink(missing_ok=True)
@@ -126,31 +132,48 @@ class Datapath:
             raise InterceptorError(f"cannot build {src}: {exc}") from exc
         self.bpf = bpf
         self.fds = {n: f.fd for n, f in progs.items()}
+        carried = self._pin_carrying_state(bpf)
         log.info(
-            "BPF programs compiled and loaded in %.2fs (maps pinned in %s)",
+            "BPF programs compiled and loaded in %.2fs (maps pinned in %s; %d entries carried "
+            "over from the previous agent's maps)",
             time.monotonic() - t0,
             self.settings.pin_dir,
+            carried,
         )
         self.maps = open_maps(self.settings.pin_dir)
         self._ipr = IPRoute()
         self._adopt_pod_ids()
 
-    def _drop_incompatible_pins(self) -> None:
-        """A pin left by a version with another layout would make the load fail (bcc reuses
-        pins as they are): unpin it, losing that map's state but not the node's DNS."""
+    def _pin_carrying_state(self, bpf: Any) -> int:
+        """Pin the maps bcc just created, after copying into them what the previous agent's
+        pinned maps hold (flows, pod counters, answers, the handover grace), so a restart
+        loses no state and the programs still attached keep working until replaced.
+
+        bcc could pin them itself, but it reopens existing pins by map id, which needs
+        CAP_SYS_ADMIN.  A pin with another layout (another version) is replaced without
+        copying: that map's state is lost, not the node's DNS."""
         shapes = dict(MAP_SHAPES)
-        shapes["FP_ANSWERS"] = (maps.FpKey, maps.FpAnswer, self.settings.fastpath_entries)
+        if self.settings.fastpath:
+            shapes["FP_ANSWERS"] = (maps.FpKey, maps.FpAnswer, self.settings.fastpath_entries)
+        else:
+            shapes.pop("FP_STATS")
+        carried = 0
         for name, (key, value, entries) in shapes.items():
+            fd = bpf[name.encode()].map_fd
             path = self.settings.pin_dir / name
             shape = pinned_map_shape(path)
-            if shape is not None and shape != (ct.sizeof(key), ct.sizeof(value), entries):
+            want = (ct.sizeof(key), ct.sizeof(value), entries)
+            if shape == want:
+                carried += copy_entries(path, fd, percpu=name in PERCPU_MAPS)
+            elif shape is not None:
                 log.warning(
-                    "pinned map %s has layout %s, this version needs %s: recreating it",
+                    "pinned map %s has layout %s, this version needs %s: replacing it",
                     path,
                     shape,
-                    (ct.sizeof(key), ct.sizeof(value), entries),
+                    want,
                 )
-                path.unlink()
+            pin_replacing(fd, path)
+        return carried
 
     def _adopt_pod_ids(self) -> None:
         """Keep pod ids (and so per-pod counters) across agent restarts."""
@@ -240,8 +263,10 @@ class Datapath:
         IPs on that veth)."""
         assert self._ipr is not None
         s = self.settings
+        gone: set[str] = set()
         for ifindex in list(self.attached):
             if ifindex not in desired:
+                gone.update(self.attached[ifindex].pods)
                 self._detach(ifindex)
         for ifindex, (ifname, ips) in desired.items():
             att = self.attached.get(ifindex)
@@ -254,6 +279,7 @@ class Datapath:
                     self.maps["PODS"].delete(_pod_key(ifindex, ip))
                     self._release_id(ip)
                     del att.pods[ip]
+                    gone.add(ip)
             for ip in want - set(att.pods):
                 pod_id = self._id_for(ip)
                 info = maps.PodInfo()
@@ -263,6 +289,17 @@ class Datapath:
                 self.maps["PODS"].put(_pod_key(ifindex, ip), info)
                 att.pods[ip] = pod_id
         self._sweep_stale_pods(desired)
+        self._forget_flows(gone - {ip for att in self.attached.values() for ip in att.pods})
+
+    def _forget_flows(self, ips: set[str]) -> None:
+        """A deleted pod's flows go with it: its address may be given to the next pod, which
+        must not inherit them (the LRU would only age them out)."""
+        if not ips:
+            return
+        flows = self.maps["FLOWS"]
+        for key in list(flows.keys()):
+            if key.pod.text(key.family) in ips:
+                flows.delete(key)
 
     def _sweep_stale_pods(self, desired: Mapping[int, tuple[str, Iterable[str]]]) -> None:
         """Entries left in the pinned maps by an earlier agent for veths no longer ours."""
@@ -396,6 +433,7 @@ MAP_SHAPES: dict[str, tuple[Any, Any, int]] = {
     "FP_STATS": (ct.c_uint32, ct.c_uint64, len(maps.FASTPATH_RESULTS)),
 }
 """name -> (key type, value type, max entries), as bpf/redirect.c declares them."""
+PERCPU_MAPS = frozenset({"REASONS", "POD_STATS", "FP_STATS"})
 
 
 def open_maps(pin_dir: Path) -> dict[str, PinnedMap]:  # type: ignore[type-arg]

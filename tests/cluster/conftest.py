@@ -91,3 +91,83 @@ def kube() -> Iterator[Kube]:
 
 
 CLIENT = images.CLIENT
+
+
+NS = "dnsi-test"
+MESH_HOST = "api.mesh.example"
+EXTERNAL = ("www.example.com", node.UPSTREAM_NAMES["www.example.com"])
+
+
+def workload_manifest() -> str:
+    """The test namespace: a Service, a ServiceEntry host (a VIP CoreDNS cannot know), a
+    headless StatefulSet, and a Deployment of client pods whose resolv.conf the kubelet
+    writes (ClusterFirst, ndots:5)."""
+    client = {"name": "client", "image": images.CLIENT, "imagePullPolicy": "IfNotPresent",
+              "command": ["sleep", "infinity"]}  # fmt: skip
+    objs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": NS},
+         "spec": {"ports": [{"port": 80}], "selector": {"app": "none"}}},
+        {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+         "metadata": {"name": "mesh-api", "namespace": NS},
+         "spec": {"hosts": [MESH_HOST], "ports": [{"number": 443, "name": "https",
+                                                  "protocol": "TLS"}],
+                  "resolution": "DNS", "location": "MESH_EXTERNAL"}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": NS},
+         "spec": {"clusterIP": "None", "selector": {"app": "db"}, "ports": [{"port": 5432}]}},
+        {"apiVersion": "apps/v1", "kind": "StatefulSet",
+         "metadata": {"name": "db", "namespace": NS},
+         "spec": {"serviceName": "db", "replicas": 2, "selector": {"matchLabels": {"app": "db"}},
+                  "template": {"metadata": {"labels": {"app": "db"}},
+                               "spec": {"terminationGracePeriodSeconds": 1,
+                                        "containers": [client]}}}},
+        {"apiVersion": "apps/v1", "kind": "Deployment",
+         "metadata": {"name": "clients", "namespace": NS},
+         "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "clients"}},
+                  "template": {"metadata": {"labels": {"app": "clients"}},
+                               "spec": {"terminationGracePeriodSeconds": 1,
+                                        "containers": [client]}}}},
+    ]  # fmt: skip
+    return "\n---\n".join(json.dumps(o) for o in objs)
+
+
+@dataclass
+class Workload:
+    kube: Kube
+    clients: list[str]
+    vip: str
+
+    def ask(self, pod: str, *dig: str) -> str:
+        return self.kube.exec(NS, pod, "dig", "+short", "+time=2", "+tries=1", *dig).strip()
+
+
+@pytest.fixture(scope="session")
+def workload(kube: Kube) -> Workload:
+    kube.apply(workload_manifest())
+    for kind in ("deploy/clients", "sts/db"):
+        kube("-n", NS, "rollout", "status", kind, "--timeout=180s", timeout=200)
+    pods = kube.json("-n", NS, "get", "pods", "-l", "app=clients")
+    clients = sorted(p["metadata"]["name"] for p in pods["items"]
+                     if not p["metadata"].get("deletionTimestamp"))  # fmt: skip
+    vip = kube.wait(
+        "the mesh host's VIP from a client pod",
+        lambda: kube.exec(
+            NS, clients[0], "dig", "+short", "+time=2", "+tries=1", MESH_HOST, check=False
+        ).strip(),  # fmt: skip
+        60,
+    )
+    return Workload(kube, clients, vip)
+
+
+FIGURES = node.STATE.parent / "dns-interceptor-cluster-figures.json"
+
+
+def record_figure(name: str, value: str) -> None:
+    """A measured figure (for the closing note and docs), printed and kept in FIGURES."""
+    print(f"FIGURE {name}: {value}")
+    try:
+        data = json.loads(FIGURES.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data[name] = value
+    FIGURES.write_text(json.dumps(data, indent=2))

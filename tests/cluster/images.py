@@ -147,8 +147,8 @@ def build_coredns(say: Callable[[str], None], binary: Path) -> Path:
         return _build(COREDNS, ctx, ctx / "Containerfile", digest)
 
 
-def ensure_all(ctr: Callable[..., str], coredns_bin: Path, say: Callable[[str], None]) -> None:
-    """Build what is missing, import what containerd lacks."""
+def ensure_all(ctr: Callable[..., str], coredns_bin: Path, say: Callable[[str], None]) -> set[str]:
+    """Build what is missing, import what containerd lacks; returns the names imported."""
     ensure_base(say)
     archives = {
         PAUSE: build_pause(say),
@@ -157,6 +157,7 @@ def ensure_all(ctr: Callable[..., str], coredns_bin: Path, say: Callable[[str], 
         INTERCEPTOR: build_interceptor(say),
     }
     have = set(ctr("images", "ls", "-q", timeout=30).split())
+    imported: set[str] = set()
     for name, tar in archives.items():
         labels = ctr("images", "ls", f"name=={name}", timeout=30)
         if name in have and tar.name in labels:
@@ -165,3 +166,5 @@ def ensure_all(ctr: Callable[..., str], coredns_bin: Path, say: Callable[[str], 
         ctr("images", "import", str(tar), timeout=900)
         # Remember which archive the image came from, so a changed one is imported again.
         ctr("images", "label", name, f"dnsi.archive={tar.name}", timeout=30)
+        imported.add(name)
+    return imported

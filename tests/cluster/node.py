@@ -739,9 +739,11 @@ def deploy_cluster_dns() -> None:
     apply_objects(coredns_manifests())
 
 
-def deploy_interceptor() -> None:
+def deploy_interceptor(restart: bool) -> None:
     say("dns-interceptor: kubectl apply -k deploy/local")
     kubectl("apply", "-k", str(ROOT / "deploy" / "local"))
+    if restart:  # a new image under the same tag: the running agent must pick it up
+        kubectl("-n", "kube-system", "rollout", "restart", "ds/dns-interceptor")
     kubectl("-n", "kube-system", "rollout", "status", "ds/dns-interceptor", "--timeout=300s",
             timeout=320)  # fmt: skip
 
@@ -771,7 +773,7 @@ def up(cni: str, proxy_mode: str, deploy: bool = True) -> None:
     write_cni(cni)
     say(f"containerd ({CONTAINERD_SOCK}), CNI {cni}")
     start_containerd()
-    images.ensure_all(ctr, bins["coredns"], say)
+    imported = images.ensure_all(ctr, bins["coredns"], say)
     start_upstream()
     say("kubelet")
     start_kubelet(bins)
@@ -785,7 +787,7 @@ def up(cni: str, proxy_mode: str, deploy: bool = True) -> None:
         240,
     )  # fmt: skip
     if deploy:
-        deploy_interceptor()
+        deploy_interceptor(restart=images.INTERCEPTOR in imported)
     say(f"cluster up in {time.monotonic() - t0:.0f} s")
     print(f"export KUBECONFIG={KUBECONFIG}")
     print(f"export PATH={BIN}:$PATH")

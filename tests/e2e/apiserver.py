@@ -292,6 +292,8 @@ PLURALS = {
     "ServiceAccount": "serviceaccounts",
     "ClusterRole": "clusterroles",
     "ClusterRoleBinding": "clusterrolebindings",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
     "ServiceEntry": "serviceentries",
     "CustomResourceDefinition": "customresourcedefinitions",
 }

@@ -278,6 +278,20 @@ def test_agent_with_the_daemonsets_privileges_passes_the_smoke_test(node: Node) 
     assert node.stop_agent() == 0  # SIGTERM (as the kubelet): clean detach, exit 0
 
 
+def test_agent_restarts_on_its_own_pins_with_the_daemonsets_privileges(node: Node) -> None:
+    """A second start finds the first one's pinned maps.  Found on the real node: bcc reopens
+    existing pins by map id (CAP_SYS_ADMIN), so every restart of the DaemonSet failed with
+    "could not open bpf map: ... Operation not permitted"; the agent now pins the maps itself
+    and carries their state over."""
+    node.start_agent(node.caps)
+    assert node.stop_agent() == 0
+    assert (node.pin_root / "interceptor" / "PODS").exists()
+    agent = node.start_agent(node.caps)
+    assert any("carried over from the previous agent's maps" in ln for ln in agent.log)
+    r = node.smoke(SMOKE)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_smoke_test_fails_when_the_interceptor_does_not_answer(node: Node) -> None:
     """The smoke test notices a pod whose DNS bypasses the interceptor (here: its namespace
     opts out, so kube-dns answers it directly)."""

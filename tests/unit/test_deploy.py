@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -29,7 +30,7 @@ SCRIPTS = [
     DEPLOY / "vagrant" / "provision.sh",
     ROOT / "scripts" / "build-peers.sh",
 ]
-CAPABILITIES = {"NET_ADMIN", "BPF", "PERFMON", "NET_BIND_SERVICE", "SYS_RESOURCE"}
+CAPABILITIES = {"NET_ADMIN", "BPF", "PERFMON", "NET_BIND_SERVICE"}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,8 @@ def test_every_object_validates_against_the_schemas(
         "ClusterRoleBinding",
         "ConfigMap",
         "DaemonSet",
+        "Role",
+        "RoleBinding",
         "ServiceAccount",
     ]
     for obj in objs:
@@ -106,12 +109,22 @@ def test_daemonset_runs_the_agent_as_the_issue_asks(
     host = {p: spec.volumes[m["name"]].get("hostPath", {}).get("path") for p, m in mounts.items()}
     assert host["/sys/fs/bpf"] == "/sys/fs/bpf"
     assert mounts["/sys/fs/bpf"].get("mountPropagation") == "HostToContainer"
-    for path in ("/lib/modules", "/usr/src"):
-        assert host[path] == path and mounts[path]["readOnly"] is True
+    # The image carries its kernel headers: nothing of the node's is mounted for them.
+    assert "/lib/modules" not in mounts and "/usr/src" not in mounts
+    assert not any(a.startswith("--kernel-headers") for a in spec.argv)  # auto
     assert "emptyDir" in spec.volumes[mounts["/tmp"]["name"]]  # writable with a read-only root
 
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    # Its own pod, to follow its DaemonSet (handover on a rollout, clean-up on uninstall),
+    # which its Role lets it list and watch, and nothing more.
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    role = one(objs, "Role")
+    assert role["rules"] == [
+        {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["list", "watch"]}
+    ]
+    assert one(objs, "RoleBinding")["subjects"][0]["name"] == pod["serviceAccountName"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"metrics": 9253, "health": 8053}
     for probe, path in (
@@ -173,9 +186,15 @@ def test_overlays_set_the_image_and_the_cluster_dns_address(
         "base": "dns-interceptor:0.1.0",
         "kind": "dns-interceptor:dev",
         "vagrant": "dns-interceptor:dev",
+        "local": "dns-interceptor:dev",
     }
     capture = {o: one(rendered[o], "ConfigMap")["data"]["CAPTURE"] for o in OVERLAYS}
-    assert capture == {"base": "10.96.0.10", "kind": "10.96.0.10", "vagrant": "10.43.0.10"}
+    assert capture == {
+        "base": "10.96.0.10",
+        "kind": "10.96.0.10",
+        "vagrant": "10.43.0.10",
+        "local": "10.96.0.10",
+    }
     # Different settings, different ConfigMap names: a change rolls the DaemonSet.
     assert len({one(rendered[o], "ConfigMap")["metadata"]["name"] for o in OVERLAYS}) == 2
 
@@ -379,3 +398,32 @@ def test_dashboard_is_importable_grafana_json() -> None:
     for p in dash["panels"]:
         if p["type"] != "row":
             assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+
+
+def with_component(tmp: Path, component: str) -> list[dict[str, Any]]:
+    (tmp / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(DEPLOY / "base", tmp)],
+                "components": [os.path.relpath(DEPLOY / "components" / component, tmp)],
+            }
+        )
+    )
+    return render(tmp)
+
+
+def test_component_node_kernel_headers(tmp_path: Path) -> None:
+    """The opt-in to the node's own headers: both hostPaths, read-only, and the flag."""
+    spec = agent_spec(with_component(tmp_path, "node-kernel-headers"))
+    mounts = {m["mountPath"]: m for m in spec.container["volumeMounts"]}
+    for path in ("/lib/modules", "/usr/src"):
+        assert mounts[path]["readOnly"] is True
+        assert spec.volumes[mounts[path]["name"]]["hostPath"]["path"] == path
+    assert "--kernel-headers=node" in spec.argv
+
+
+def test_component_for_kernels_5_8_to_5_10(tmp_path: Path) -> None:
+    spec = agent_spec(with_component(tmp_path, "kernel-5.8-5.10"))
+    assert set(spec.capabilities) == CAPABILITIES | {"SYS_RESOURCE"}
