@@ -277,13 +277,26 @@ def badvers_response(query: Query, max_udp: int) -> bytes:
 
 
 def cap_edns(query: Query, max_udp: int) -> bytes:
-    """The query as sent upstream: its EDNS payload size capped at ``max_udp``, so an
-    upstream never sends a fragmented answer we would have to carry (DNS flag day 2020)."""
+    """The query as sent upstream.  With EDNS, its OPT record is ours: the client's payload
+    size capped at ``max_udp`` (an upstream never sends a fragmented answer we would have to
+    carry: DNS flag day 2020), its DO bit, and no options.  Options are hop-by-hop (RFC 6891
+    6.1.1): a client's COOKIE sent on would come back in a reply the cache then serves to
+    other clients, whose resolvers reject it (RFC 7873; found on the real node: dig's "Client
+    COOKIE mismatch")."""
     data = query.data
-    q = query.question_end
-    if query.edns is None or query.edns.udp_size <= max_udp or data[q : q + 3] != OPT_HEAD:
+    edns = query.edns
+    if edns is None:
         return data
-    return data[: q + 3] + struct.pack("!H", max_udp) + data[q + 5 :]
+    q = query.question_end
+    plain = data[q:] == opt_record(edns.udp_size, edns.do)
+    if plain and edns.udp_size <= max_udp:
+        return data
+    return (
+        data[:10]
+        + b"\x00\x01"
+        + data[12:q]
+        + opt_record(min(edns.udp_size, max_udp), edns.do)
+    )
 
 
 def udp_limit(edns: Edns | None, max_udp: int) -> int:

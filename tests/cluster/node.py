@@ -510,15 +510,16 @@ def ctr(*args: str, timeout: float = 600, check: bool = True) -> str:
 
 def start_upstream() -> None:
     """The internet's DNS, as far as this cluster knows: dnsmasq on UPSTREAM_IP answering a
-    few external-style names, REFUSED for the rest (no forwarding: nothing leaves)."""
+    few external-style names and NXDOMAIN for the rest (``local=/#/``: it forwards nothing,
+    so nothing leaves the machine)."""
     argv: list[str | Path] = [
         shutil.which("dnsmasq") or "/usr/sbin/dnsmasq", "--keep-in-foreground",
         "--no-resolv", "--no-hosts", "--bind-interfaces", f"--listen-address={UPSTREAM_IP}",
         "--except-interface=eth0", "--port=53", "--cache-size=0", "--user=root",
-        f"--pid-file={RUN / 'dnsmasq.pid'}", "--log-facility=-",
+        f"--pid-file={RUN / 'dnsmasq.pid'}", "--log-facility=-", "--local=/#/",
     ]  # fmt: skip
     for name, ip in UPSTREAM_NAMES.items():
-        argv.append(f"--address=/{name}/{ip}")
+        argv.append(f"--host-record={name},{ip}")
     start("upstream-dns", argv)
 
 

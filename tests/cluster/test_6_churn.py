@@ -68,6 +68,27 @@ def our_datapath_ips(kube: Kube) -> set[str]:
     return {p["ip"] for p in state.get("pods", [])}
 
 
+def filtered() -> set[str]:
+    """Host interfaces that carry our ingress program."""
+    every = (
+        'for d in /sys/class/net/*; do echo "@${d##*/}"; tc filter show dev ${d##*/} ingress; done'
+    )
+    out = subprocess.run(["bash", "-c", every], capture_output=True, text=True).stdout
+    found, dev = set(), ""
+    for line in out.splitlines():
+        if line.startswith("@"):
+            dev = line[1:]
+        elif "dnsi_from_pod" in line:
+            found.add(dev)
+    return found
+
+
+def attached_ifnames(kube: Kube) -> set[str]:
+    state = json.loads(kube.exec("kube-system", kube.agent_pod(), "cat",
+                                 "/run/dns-interceptor/state.json"))  # fmt: skip
+    return {p["ifname"] for p in state.get("pods", [])}
+
+
 def test_scale_up_and_down_twice(kube: Kube, workload: Workload) -> None:
     kube.apply(deployment())
     latencies: list[float] = []
@@ -104,12 +125,12 @@ def test_scale_up_and_down_twice(kube: Kube, workload: Workload) -> None:
         kube.wait(
             "the agent to forget them", lambda gone=ips: not gone & our_datapath_ips(kube), 30
         )
-        every_ingress = "for d in /sys/class/net/*; do tc filter show dev ${d##*/} ingress; done"
-        leftover = subprocess.run(
-            ["bash", "-c", every_ingress], capture_output=True, text=True
-        ).stdout.count("dnsi_from_pod")
-        attached = len(our_datapath_ips(kube))
-        assert leftover == attached, (leftover, attached)
+        try:
+            kube.wait("no filter left on a deleted pod's veth",
+                      lambda: filtered() == attached_ifnames(kube), 30)  # fmt: skip
+        except Exception:
+            extra = filtered() - attached_ifnames(kube)
+            raise AssertionError(f"filters on {sorted(extra)} not in the agent's state") from None
         flows = kube.exec("kube-system", kube.agent_pod(), "interceptor", "map", "dump", "FLOWS")
         assert not any(ip in flows for ip in ips), flows
         del round_

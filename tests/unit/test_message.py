@@ -100,3 +100,20 @@ def test_cap_edns_payload_sent_upstream() -> None:
     assert capped.payload == 1232 and capped.id == big.id
     small = parse_query(dns.message.make_query("a.example", "A", use_edns=0, payload=800).to_wire())
     assert cap_edns(small, 1232) == small.data
+
+
+def test_cap_edns_sends_no_client_options_upstream() -> None:
+    """EDNS options are hop-by-hop: a client's COOKIE must not reach the upstream, or its
+    echo would be cached and served to other clients (dig: "Client COOKIE mismatch")."""
+    import dns.edns
+
+    from interceptor.dns.message import cap_edns
+
+    cookie = dns.edns.GenericOption(dns.edns.OptionType.COOKIE, bytes(range(8)))
+    q = dns.message.make_query("a.example", "A", use_edns=0, payload=1232, options=[cookie])
+    q.flags |= dns.flags.RD
+    q.want_dnssec(True)
+    sent = dns.message.from_wire(cap_edns(parse_query(q.to_wire()), 1232))
+    assert not sent.options and sent.edns == 0 and sent.payload == 1232
+    assert sent.ednsflags & dns.flags.DO and sent.flags & dns.flags.RD
+    assert sent.question == q.question and sent.id == q.id
