@@ -28,7 +28,7 @@ from interceptor.health import HealthServer, self_query
 from interceptor.inspect.agentops import AgentOps
 from interceptor.inspect.state import ADMIN_SOCKET, DEFAULT_STATE_DIR
 from interceptor.lifecycle import OwnerWatch, StopMode
-from interceptor.model.nodepods import NodePod, node_pods
+from interceptor.model.nodepods import NodePod, node_pod_ips, node_pods
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolver import Resolver
 from interceptor.server import DnsServer
@@ -63,6 +63,9 @@ class AgentSettings:
     """Where the state file (pod names of counter slots, for the inspection CLI) is kept."""
     admin_socket: Path | None = DEFAULT_STATE_DIR / ADMIN_SOCKET
     """Root-only Unix socket for ``interceptor services`` and ``query``; None: none."""
+    early_capture: float = 30.0
+    """Seconds a veth the kernel routes a pod address to is captured before the API reports
+    that pod (a pod being born: its first queries); then the API decides.  0: off."""
     handover_grace: float = 60.0
     """Seconds the kernel keeps answering after a graceful stop with a successor coming
     (lifecycle.py); 0: never hand over."""
@@ -91,6 +94,8 @@ class Agent:
         self._last_desired: dict[int, tuple[str, tuple[str, ...]]] = {}
         self._nl_thread = ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self._programs_ready = False
+        self._first_seen: dict[str, float] = {}
+        """Pod addresses routed to a veth but not (yet) reported by the API: when first seen."""
         dp = agent.datapath
         self.ops = AgentOps(
             agent.state_dir,
@@ -108,9 +113,16 @@ class Agent:
         )
 
     def desired(
-        self, pods: list[NodePod], finder: LinkFinder
+        self, pods: list[NodePod], finder: LinkFinder, known: set[str] | None = None
     ) -> dict[int, tuple[str, tuple[str, ...]]]:
-        """ifindex -> (name, pod IPs) for this node's capturable pods."""
+        """ifindex -> (name, pod IPs) for this node's capturable pods.
+
+        ``known`` (every pod address of this node the API has reported): a veth the kernel
+        routes an address to that the API has not reported yet is a pod whose sandbox was
+        just made, and is captured at once, before its containers ask anything.  Once the
+        API reports the pod, the usual rules decide (a DNS server or an opted-out pod is let
+        go).  Not with --capture-all, where a new DNS server's own upstream queries could be
+        caught before the API says what it is."""
         allowed = None
         if self.agent.interfaces:
             allowed = {ln.ifindex for ln in finder.matching(self.agent.interfaces)}
@@ -121,11 +133,28 @@ class Agent:
                 if link is None or (allowed is not None and link.ifindex not in allowed):
                     continue
                 out.setdefault(link.ifindex, (link.name, []))[1].append(ip)
+        if known is not None and self.agent.early_capture > 0 and not self.agent.capture_all:
+            now = time.monotonic()
+            routed = finder.routed_veths()
+            seen = self._first_seen
+            for ip in set(seen) - {ip for _, ip in routed} - known:
+                del seen[ip]
+            for link, ip in routed:
+                if ip in known:
+                    seen.pop(ip, None)
+                    continue
+                # Only for a while: an address the API never claims (not a pod, or a pod of
+                # another node's range) is left alone after that.
+                if now - seen.setdefault(ip, now) > self.agent.early_capture:
+                    continue
+                if link.ifindex in out or (allowed is not None and link.ifindex not in allowed):
+                    continue
+                out.setdefault(link.ifindex, (link.name, []))[1].append(ip)
         return {k: (name, tuple(sorted(ips))) for k, (name, ips) in sorted(out.items())}
 
-    def _apply(self, pods: list[NodePod], finder: LinkFinder) -> None:
+    def _apply(self, pods: list[NodePod], finder: LinkFinder, known: set[str]) -> None:
         """On the netlink thread: find the veths and bring the datapath in step."""
-        desired = self.desired(pods, finder)
+        desired = self.desired(pods, finder, known)
         if desired != self._last_desired:
             with self.ops.programming(pods, self.datapath.attached):
                 self.datapath.reconcile(desired)
@@ -144,7 +173,8 @@ class Agent:
     async def reconcile(self, finder: LinkFinder) -> None:
         # The service map is only touched on the loop thread; the netlink thread gets a copy.
         pods, _ = node_pods(self.smap, self.agent.node_name)
-        await self._netlink(self._apply, pods, finder)
+        known = node_pod_ips(self.smap, self.agent.node_name)
+        await self._netlink(self._apply, pods, finder, known)
 
     async def _netlink(self, fn: Callable[..., T], *args: object) -> T:
         """Run a netlink/bcc operation on the agent's one netlink thread: pyroute2's sync API

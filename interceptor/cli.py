@@ -385,6 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     agent.add_argument(
+        "--early-capture",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="capture a new pod's veth as soon as the kernel routes its address, for up to "
+        "this long before the API reports the pod (0: only pods the API reported; "
+        "default: %(default)s)",
+    )
+    agent.add_argument(
         "--handover-grace",
         type=float,
         default=60.0,
@@ -468,7 +477,10 @@ def agent_settings_from(args: argparse.Namespace) -> AgentSettings:
     admin = args.admin_socket or args.state_dir / ADMIN_SOCKET
     if not 0 <= args.handover_grace <= 600:
         raise ConfigError("--handover-grace must be between 0 and 600 seconds")
+    if not 0 <= args.early_capture <= 600:
+        raise ConfigError("--early-capture must be between 0 and 600 seconds")
     return AgentSettings(
+        early_capture=args.early_capture,
         handover_grace=args.handover_grace,
         pod_name=os.environ.get("POD_NAME") or None,
         pod_namespace=os.environ.get("POD_NAMESPACE") or None,

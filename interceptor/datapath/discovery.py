@@ -102,6 +102,30 @@ class LinkFinder:
                     return port
         return None
 
+    def routed_veths(self) -> list[tuple[Link, str]]:
+        """(veth, address) for every host route to a single address that leaves through a
+        veth: what a point-to-point CNI (ptp, kindnet, Calico) sets up for a pod before its
+        containers start, so the kernel knows a new pod before the API server does."""
+        out = []
+        kinds: dict[int, Link | None] = {}
+        for family, bits in ((socket.AF_INET, 32), (socket.AF_INET6, 128)):
+            try:
+                routes = self.ipr.get_routes(family=family, table=254)
+            except NetlinkError:
+                continue
+            for r in routes:
+                if r["dst_len"] != bits or r["type"] != 1:  # RTN_UNICAST
+                    continue
+                oif, dst = r.get_attr("RTA_OIF"), r.get_attr("RTA_DST")
+                if oif is None or dst is None:
+                    continue
+                if oif not in kinds:
+                    kinds[oif] = self.link(oif)
+                link = kinds[oif]
+                if link is not None and link.kind == "veth":
+                    out.append((link, str(dst)))
+        return out
+
     def matching(self, pattern: str) -> list[Link]:
         return [ln for ln in self.links() if fnmatch.fnmatch(ln.name, pattern)]
 

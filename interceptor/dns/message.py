@@ -291,12 +291,7 @@ def cap_edns(query: Query, max_udp: int) -> bytes:
     plain = data[q:] == opt_record(edns.udp_size, edns.do)
     if plain and edns.udp_size <= max_udp:
         return data
-    return (
-        data[:10]
-        + b"\x00\x01"
-        + data[12:q]
-        + opt_record(min(edns.udp_size, max_udp), edns.do)
-    )
+    return data[:10] + b"\x00\x01" + data[12:q] + opt_record(min(edns.udp_size, max_udp), edns.do)
 
 
 def udp_limit(edns: Edns | None, max_udp: int) -> int:

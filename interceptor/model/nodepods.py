@@ -74,3 +74,13 @@ def node_pods(smap: ServiceMap, node: str) -> tuple[list[NodePod], list[Skipped]
         else:
             skipped.append(Skipped(pod.namespace, pod.name, why))
     return keep, skipped
+
+
+def node_pod_ips(smap: ServiceMap, node: str) -> set[str]:
+    """Every address the API gives a pod of this node, captured or not."""
+    return {
+        ip
+        for obj in smap.objects.values()
+        if isinstance(obj, Pod) and obj.node_name == node
+        for ip in obj.ips
+    }

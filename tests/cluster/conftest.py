@@ -69,6 +69,13 @@ class Kube:
             "get", "--raw", f"/api/v1/namespaces/kube-system/pods/{agent}:9253/proxy/metrics"
         )
 
+    def captured(self) -> set[str]:
+        """namespace/name of every pod the agent has attached to (its state file)."""
+        state = json.loads(
+            self.exec("kube-system", self.agent_pod(), "cat", "/run/dns-interceptor/state.json")
+        )
+        return {f"{p['namespace']}/{p['name']}" for p in state.get("pods", [])}
+
     def rollout(self) -> None:
         self("-n", "kube-system", "rollout", "status", "ds/dns-interceptor", "--timeout=300s",
              timeout=320)  # fmt: skip
@@ -78,7 +85,8 @@ class Kube:
 def kube() -> Iterator[Kube]:
     if os.geteuid() != 0:
         pytest.skip("the cluster tier needs root (containerd, kubelet, BPF)")
-    was_up = node.status_quiet()
+    # A cluster someone brought up (make cluster) is theirs: used, then left running.
+    was_up = node.pid_of("kube-apiserver") is not None
     t0 = time.monotonic()
     subprocess.run([sys.executable, "-m", "tests.cluster.node", "up"], check=True, cwd=node.ROOT)
     print(f"cluster up in {time.monotonic() - t0:.0f} s (was {'up' if was_up else 'down'})")

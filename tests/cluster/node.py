@@ -221,6 +221,11 @@ def ensure_host() -> None:
     for ip in (NODE_IP, UPSTREAM_IP):
         if f" {ip}/32 " not in run("ip", "-4", "-o", "addr", "show", "dev", "lo"):
             run("ip", "addr", "add", f"{ip}/32", "dev", "lo")
+    tables = STATE / "nft-tables.before"
+    if not tables.exists():
+        # iptables-nft makes nftables tables on first use (kubelet, kube-proxy, our rule):
+        # those that were not here before are ours to remove on down.
+        tables.write_text(run("nft", "list", "tables", check=False))
     saved = STATE / "sysctl.saved.json"
     if not saved.exists():
         old = {}
@@ -249,6 +254,12 @@ def restore_host() -> None:
             run("iptables", "-D", *CONTAIN_RULE)
     for ip in (NODE_IP, UPSTREAM_IP):
         run("ip", "addr", "del", f"{ip}/32", "dev", "lo", check=False)
+    before = STATE / "nft-tables.before"
+    if before.exists():
+        had = set(before.read_text().splitlines())
+        for table in run("nft", "list", "tables", check=False).splitlines():
+            if table.startswith("table ") and table not in had:
+                run("nft", "delete", *table.split()[0:], check=False)
     saved = STATE / "sysctl.saved.json"
     if saved.exists():
         for key, value in json.loads(saved.read_text()).items():
@@ -824,7 +835,7 @@ def down() -> None:
     kp = Path("/var/cache/dns-interceptor/bin") / f"kube-proxy-{K8S_VERSION}"
     if kp.exists():
         run(kp, "--cleanup", check=False)
-    _remove_cni_chains()
+    _remove_chains()
     restore_host()
     shutil.rmtree("/sys/fs/bpf/interceptor", ignore_errors=True)
     shutil.rmtree(RUN, ignore_errors=True)
@@ -892,17 +903,23 @@ def _unmount_under(root: Path) -> None:
             run("umount", "-l", point, check=False)
 
 
-def _remove_cni_chains() -> None:
-    """portmap's chains (CNI-HOSTPORT-*, CNI-DN-*), should a pod with hostPort have run."""
-    for table in ("nat", "filter"):
-        dump = run("iptables-save", "-t", table, check=False)
-        chains = [ln[1:].split()[0] for ln in dump.splitlines() if ln.startswith(":CNI-")]
-        for rule in [ln for ln in dump.splitlines() if ln.startswith("-A ") and " -j CNI-" in ln]:
-            run("iptables", "-t", table, *rule.replace("-A ", "-D ", 1).split(), check=False)
-        for chain in chains:
-            run("iptables", "-t", table, "-F", chain, check=False)
-        for chain in chains:
-            run("iptables", "-t", table, "-X", chain, check=False)
+def _remove_chains() -> None:
+    """What kube-proxy --cleanup leaves: the kubelet's own chains (KUBE-FIREWALL,
+    KUBE-KUBELET-CANARY, KUBE-IPTABLES-HINT) and portmap's (CNI-*), should a pod with a
+    hostPort have run.  Nothing else on this machine uses either prefix."""
+    for save, cmd in (("iptables-save", "iptables"), ("ip6tables-save", "ip6tables")):
+        for table in ("nat", "filter", "mangle"):
+            dump = run(save, "-t", table, check=False)
+            chains = [
+                ln[1:].split()[0] for ln in dump.splitlines() if ln.startswith((":CNI-", ":KUBE-"))
+            ]
+            for rule in dump.splitlines():
+                if rule.startswith("-A ") and (" -j CNI-" in rule or " -j KUBE-" in rule):
+                    run(cmd, "-t", table, *rule.replace("-A ", "-D ", 1).split(), check=False)
+            for chain in chains:
+                run(cmd, "-t", table, "-F", chain, check=False)
+            for chain in chains:
+                run(cmd, "-t", table, "-X", chain, check=False)
 
 
 def status_quiet() -> bool:

@@ -132,15 +132,17 @@ def test_scale_up_and_down_twice(kube: Kube, workload: Workload) -> None:
             extra = filtered() - attached_ifnames(kube)
             raise AssertionError(f"filters on {sorted(extra)} not in the agent's state") from None
         flows = kube.exec("kube-system", kube.agent_pod(), "interceptor", "map", "dump", "FLOWS")
-        assert not any(ip in flows for ip in ips), flows
+        stale = [ln for ln in flows.splitlines()[1:] if ln.split() and ln.split()[0] in ips]
+        assert not stale, flows
         del round_
     latencies.sort()
     p50 = statistics.median(latencies)
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
     first_query_captured = sum(1 for n in misses if n == 0)
     record_figure(
-        "capture latency after sandbox creation",
-        f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms over {len(latencies)} pods; "
-        f"{first_query_captured} pods had their very first query captured, the others "
-        f"{statistics.median(misses) if misses else 0:.0f} fail-open queries (median) before",
+        "sandbox creation to first captured answer",
+        f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms over {len(latencies)} pods "
+        f"(30 at once, twice); the very first query of {first_query_captured} of them was "
+        "captured (the rest of the time is the container starting)",
     )
+    assert first_query_captured == len(latencies), misses

@@ -53,9 +53,7 @@ def run_through(kube: Kube, workload: Workload, disrupt: str) -> tuple[Counter[s
     kube.rollout()
     kube.wait(
         "the new agent to capture the pod again",
-        lambda: (
-            f"{NS}/{pod}"[:18] in kube.exec("kube-system", kube.agent_pod(), "interceptor", "stats")
-        ),  # fmt: skip
+        lambda: f"{NS}/{pod}" in kube.captured(),
         60,
     )
     time.sleep(3)
@@ -90,3 +88,22 @@ def test_force_delete_loses_no_lookup(kube: Kube, workload: Workload) -> None:
     asked, failed = run_through(kube, workload, "force-delete")
     record_figure("lookups lost when the agent pod is force-deleted", summary(asked, failed))
     assert failed == [], "\n".join(failed[:30])
+
+
+def test_control_without_the_handover_mesh_names_break(kube: Kube, workload: Workload) -> None:
+    """The control: the same rollout with --handover-grace=0 (the kernel stops answering
+    when the agent stops).  Mesh lookups fail in the gap, cluster and forwarded names still
+    fail open to kube-dns: the loop above can see a gap, and the handover is what closes it."""
+    patch = '[{"op":"add","path":"/spec/template/spec/containers/0/args/-",'
+    patch += '"value":"--handover-grace=0"}]'
+    kube("-n", "kube-system", "patch", "ds", "dns-interceptor", "--type=json", "-p", patch)
+    kube.rollout()
+    try:
+        asked, failed = run_through(kube, workload, "rollout")
+    finally:
+        kube("apply", "-k", str(node.ROOT / "deploy" / "local"))
+        kube.rollout()
+    record_figure("control: rollout with --handover-grace=0", summary(asked, failed))
+    by = Counter(line.split()[0] for line in failed)
+    assert by["mesh"] > 0, "no mesh lookup failed without the handover: the loop sees no gap"
+    assert by["svc"] == 0 and by["fwd"] == 0, "\n".join(failed[:30])

@@ -45,6 +45,10 @@ class Node:
         self.agent: Agent | None = None
 
     def start_agent(self, *extra: str) -> Agent:
+        # The tiers below test what the API (here: the YAML file) decides, so early capture
+        # (pods the kernel routes before the API reports them) is off unless a test asks.
+        if not any(a.startswith("--early-capture") for a in extra):
+            extra = ("--early-capture=0", *extra)
         self.agent = self.lab.start_agent(self.source, *extra, pin_dir=self.pin_dir)
         return self.agent
 
