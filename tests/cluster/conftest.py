@@ -82,13 +82,18 @@ class Kube:
 
 
 @pytest.fixture(scope="session")
-def kube() -> Iterator[Kube]:
+def kube(request: pytest.FixtureRequest) -> Iterator[Kube]:
     if os.geteuid() != 0:
         pytest.skip("the cluster tier needs root (containerd, kubelet, BPF)")
     # A cluster someone brought up (make cluster) is theirs: used, then left running.
     was_up = node.pid_of("kube-apiserver") is not None
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "tests.cluster.node", "up"], check=True, cwd=node.ROOT)
+    # Progress on the terminal while it builds (CoreDNS, images on a fresh machine): minutes.
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        subprocess.run(
+            [sys.executable, "-m", "tests.cluster.node", "up"], check=True, cwd=node.ROOT
+        )
     print(f"cluster up in {time.monotonic() - t0:.0f} s (was {'up' if was_up else 'down'})")
     k = Kube()
     try:

@@ -17,6 +17,7 @@ warm machine only imports.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent / "images"
-CACHE = Path("/var/cache/dns-interceptor/images")
+CACHE = Path(os.environ.get("INTERCEPTOR_CACHE", "/var/cache/dns-interceptor")) / "images"
 
 BASE = "docker.io/library/debian:bookworm-slim"
 INTERCEPTOR = "docker.io/library/dns-interceptor:dev"

@@ -56,6 +56,7 @@ ETCD_PORTS = (23790, 23800)
 CLUSTER_DOMAIN = "cluster.local"
 K8S_VERSION = "v1.34.4"
 
+CACHE_BIN = Path(os.environ.get("INTERCEPTOR_CACHE", "/var/cache/dns-interceptor")) / "bin"
 CONTAINERD_SOCK = RUN / "containerd.sock"
 KUBECONFIG = STATE / "admin.kubeconfig"
 BIN = STATE / "bin"
@@ -832,7 +833,7 @@ def down() -> None:
     say("cleaning up mounts, network namespaces, rules, pins and state")
     _unmount_under(STATE)
     _unmount_under(RUN)
-    kp = Path("/var/cache/dns-interceptor/bin") / f"kube-proxy-{K8S_VERSION}"
+    kp = CACHE_BIN / f"kube-proxy-{K8S_VERSION}"
     if kp.exists():
         run(kp, "--cleanup", check=False)
     _remove_chains()
@@ -854,9 +855,13 @@ def _delete_workloads() -> None:
     kubectl("delete", "deploy,ds,sts,rs", "--all", "-A", "--wait=false", check=False, timeout=30)
     kubectl("delete", "pods", "--all", "-A", "--grace-period=5", "--wait=false", check=False,
             timeout=30)  # fmt: skip
+    # Until nothing runs: the kubelet has stopped every sandbox (and so had the CNI tear its
+    # network down).  Dead containers wait for the kubelet's garbage collection; ctr removes
+    # them below.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if not ctr("containers", "ls", "-q", timeout=10, check=False).split():
+        tasks = ctr("tasks", "ls", timeout=10, check=False).splitlines()[1:]
+        if not [t for t in tasks if "RUNNING" in t]:
             return
         time.sleep(1)
 
@@ -922,6 +927,13 @@ def _remove_chains() -> None:
                 run(cmd, "-t", table, "-X", chain, check=False)
 
 
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
 def status_quiet() -> bool:
     """Is every component running?"""
     return all(pid_of(n) is not None for n in COMPONENTS)
@@ -955,10 +967,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = p.add_subparsers(dest="command", required=True)
     u = sub.add_parser("up", help="bring the node up (idempotent) with the interceptor deployed")
-    u.add_argument("--cni", choices=["ptp", "bridge"], default=os.environ.get("CLUSTER_CNI", "ptp"))
+    # Defaults: what the running cluster has, else $CLUSTER_CNI / $CLUSTER_PROXY_MODE, else
+    # ptp and iptables.
+    running_cni = _read(STATE / "cni" / "variant") if pid_of("kubelet") else None
+    running_mode = _read(STATE / "proxy-mode") if pid_of("kube-proxy") else None
+    u.add_argument(
+        "--cni", choices=["ptp", "bridge"],
+        default=running_cni or os.environ.get("CLUSTER_CNI", "ptp"),
+    )  # fmt: skip
     u.add_argument(
         "--proxy-mode", choices=["iptables", "nftables"],
-        default=os.environ.get("CLUSTER_PROXY_MODE", "iptables"),
+        default=running_mode or os.environ.get("CLUSTER_PROXY_MODE", "iptables"),
     )  # fmt: skip
     u.add_argument("--no-deploy", action="store_true", help="everything but the interceptor")
     sub.add_parser("down", help="remove everything `up` made")

@@ -3,7 +3,7 @@ against the kernel headers its image carries (no hostPath for headers)."""
 
 from __future__ import annotations
 
-from tests.cluster.conftest import Kube
+from tests.cluster.conftest import NS, Kube, Workload
 
 
 def test_agent_ready_through_probes_without_restarts(kube: Kube) -> None:
@@ -28,9 +28,10 @@ def test_no_kernel_header_mounts_and_bundled_headers_used(kube: Kube) -> None:
     assert "BPF programs compiled and loaded" in log
 
 
-def test_agent_captures_a_real_cni_veth(kube: Kube) -> None:
+def test_agent_captures_a_real_cni_veth(kube: Kube, workload: Workload) -> None:
     """The kubelet's pods sit behind veths the CNI made; the agent attached to them."""
+    captured = kube.captured()
+    for pod in workload.clients:
+        assert f"{NS}/{pod}" in captured, captured
     out = kube.exec("kube-system", kube.agent_pod(), "interceptor", "stats")
     assert "agent running" in out
-    attached = [ln for ln in out.splitlines() if " veth" in ln]
-    assert attached, out
