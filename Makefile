@@ -29,6 +29,13 @@ unit: setup
 test: lint peers
 	$(PY) -m pytest tests -q --ignore=tests/cluster
 	$(PY) -m pytest tests/cluster -q
+	CLUSTER_CNI=bridge CLUSTER_PROXY_MODE=nftables $(PY) -m pytest -q $(BRIDGE_TIER)
+
+# The second variant (a flannel-style bridge, kube-proxy in nftables mode): what depends on
+# the CNI and the proxy (capture, resolution, the smoke test, service changes, what is left
+# alone, removal and the rules); churn and rollouts run once, on ptp and iptables.
+BRIDGE_TIER := $(addprefix tests/cluster/,test_1_agent.py test_2_resolution.py \
+	test_3_smoke.py test_4_services.py test_5_not_captured.py test_8_removal.py)
 
 # A real one-node cluster with the interceptor deployed (idempotent; prints the two exports).
 # CLUSTER_CNI=bridge for a flannel-style bridge, CLUSTER_PROXY_MODE=nftables for kube-proxy.
