@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 import time
@@ -94,8 +95,9 @@ class Agent:
         self._last_desired: dict[int, tuple[str, tuple[str, ...]]] = {}
         self._nl_thread = ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self._programs_ready = False
-        self._first_seen: dict[str, float] = {}
-        """Pod addresses routed to a veth but not (yet) reported by the API: when first seen."""
+        self._first_seen: dict[tuple[int, str], float] = {}
+        """(veth, address) routes seen: when first seen while the API had not reported the
+        address, -inf once it had (no early capture for it any more)."""
         dp = agent.datapath
         self.ops = AgentOps(
             agent.state_dir,
@@ -137,15 +139,18 @@ class Agent:
             now = time.monotonic()
             routed = finder.routed_veths()
             seen = self._first_seen
-            for ip in set(seen) - {ip for _, ip in routed} - known:
-                del seen[ip]
+            for gone in set(seen) - {(link.ifindex, ip) for link, ip in routed}:
+                del seen[gone]
             for link, ip in routed:
+                key = (link.ifindex, ip)
                 if ip in known:
-                    seen.pop(ip, None)
+                    # The API has spoken for this veth and address: once it no longer lists
+                    # the pod (deleted, its veth not yet gone) the API's word stands.
+                    seen[key] = -math.inf
                     continue
                 # Only for a while: an address the API never claims (not a pod, or a pod of
                 # another node's range) is left alone after that.
-                if now - seen.setdefault(ip, now) > self.agent.early_capture:
+                if now - seen.setdefault(key, now) > self.agent.early_capture:
                     continue
                 if link.ifindex in out or (allowed is not None and link.ifindex not in allowed):
                     continue

@@ -88,10 +88,14 @@ def ensure_base(say: Callable[[str], None]) -> None:
         _run("podman", "import", "--change", 'CMD ["bash"]', tar, BASE)
 
 
+def _archive(name: str, digest: str) -> Path:
+    return CACHE / f"{name.replace('/', '_').replace(':', '_')}-{digest}.tar"
+
+
 def _build(name: str, context: Path, containerfile: Path, digest: str) -> Path:
     """podman build + save (docker-archive), once per digest."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    out = CACHE / f"{name.replace('/', '_').replace(':', '_')}-{digest}.tar"
+    out = _archive(name, digest)
     if out.exists():
         return out
     _run(
@@ -101,10 +105,22 @@ def _build(name: str, context: Path, containerfile: Path, digest: str) -> Path:
     tmp = out.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
     _run("podman", "save", "--format", "docker-archive", "-o", tmp, name)
-    for old in CACHE.glob(f"{name.replace('/', '_').replace(':', '_')}-*.tar"):
+    for old in CACHE.glob(_archive(name, "*").name):
         old.unlink()
     tmp.rename(out)
     return out
+
+
+def _build_staged(name: str, recipe: Path, digest: str, stage: Callable[[Path], None]) -> Path:
+    """An image whose context is made here: ``stage`` fills a scratch directory, next to the
+    Containerfile of ``recipe`` (skipped when the archive for ``digest`` exists)."""
+    if _archive(name, digest).exists():
+        return _archive(name, digest)
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = Path(tmp)
+        stage(ctx)
+        shutil.copy(recipe / "Containerfile", ctx / "Containerfile")
+        return _build(name, ctx, ctx / "Containerfile", digest)
 
 
 def build_interceptor(say: Callable[[str], None]) -> Path:
@@ -117,16 +133,14 @@ def build_interceptor(say: Callable[[str], None]) -> Path:
 
 
 def build_pause(say: Callable[[str], None]) -> Path:
-    digest = _digest(_tree(HERE / "pause"))
     say(f"image {PAUSE}: static pause binary")
-    cached = CACHE / f"{PAUSE.replace('/', '_').replace(':', '_')}-{digest}.tar"
-    if cached.exists():
-        return cached
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = Path(tmp)
-        _run("gcc", "-static", "-O2", "-o", ctx / "pause", HERE / "pause" / "pause.c")
-        shutil.copy(HERE / "pause" / "Containerfile", ctx / "Containerfile")
-        return _build(PAUSE, ctx, ctx / "Containerfile", digest)
+    recipe = HERE / "pause"
+    return _build_staged(
+        PAUSE,
+        recipe,
+        _digest(_tree(recipe)),
+        lambda ctx: _run("gcc", "-static", "-O2", "-o", ctx / "pause", recipe / "pause.c"),
+    )
 
 
 def build_client(say: Callable[[str], None]) -> Path:
@@ -136,16 +150,14 @@ def build_client(say: Callable[[str], None]) -> Path:
 
 
 def build_coredns(say: Callable[[str], None], binary: Path) -> Path:
-    digest = _digest(_tree(HERE / "coredns"), extra=binary.name)
     say(f"image {COREDNS}: the CoreDNS binary built from the Go module proxy")
-    cached = CACHE / f"{COREDNS.replace('/', '_').replace(':', '_')}-{digest}.tar"
-    if cached.exists():
-        return cached
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = Path(tmp)
-        shutil.copy(binary, ctx / "coredns")
-        shutil.copy(HERE / "coredns" / "Containerfile", ctx / "Containerfile")
-        return _build(COREDNS, ctx, ctx / "Containerfile", digest)
+    recipe = HERE / "coredns"
+    return _build_staged(
+        COREDNS,
+        recipe,
+        _digest(_tree(recipe), extra=binary.name),
+        lambda ctx: shutil.copy(binary, ctx / "coredns"),
+    )
 
 
 def ensure_all(ctr: Callable[..., str], coredns_bin: Path, say: Callable[[str], None]) -> set[str]:
