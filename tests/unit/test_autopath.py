@@ -363,7 +363,10 @@ def test_request_figures(rtype: str) -> None:
     assert totals[("udp", rtype, "NOERROR", "upstream")] == 1
     assert totals[("udp", rtype, "NOERROR", "cache")] == 1
     assert totals[("udp", rtype, "NXDOMAIN", "authoritative")] == 1
-    assert resolver.stats.durations["authoritative"].counts[0] == 2  # <= 100 µs
+    # Both authoritative answers are recorded: the batch's 20 µs in the first bucket, the
+    # careful path's junk NXDOMAIN wherever this machine's clock put it (no timing here).
+    authoritative = resolver.stats.durations["authoritative"].counts
+    assert authoritative[0] >= 1 and sum(authoritative) == 2
     assert resolver.stats.durations["mesh"].counts[0] == 1
     resolver.fast_batch(1, 2_000_000, 1)  # a stalled loop: 2 ms
     assert resolver.stats.durations["authoritative"].counts[4] == 1  # le=0.0025
