@@ -93,6 +93,7 @@ class Agent:
         self.added: list[str] = []
         self._kick = asyncio.Event()
         self._last_desired: dict[int, tuple[str, tuple[str, ...]]] = {}
+        self._last_names: set[tuple[str, str, tuple[str, ...]]] = set()
         self._nl_thread = ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self._programs_ready = False
         self._first_seen: dict[tuple[int, str], float] = {}
@@ -160,6 +161,7 @@ class Agent:
     def _apply(self, pods: list[NodePod], finder: LinkFinder, known: set[str]) -> None:
         """On the netlink thread: find the veths and bring the datapath in step."""
         desired = self.desired(pods, finder, known)
+        names = {(p.namespace, p.name, p.ips) for p in pods}
         if desired != self._last_desired:
             with self.ops.programming(pods, self.datapath.attached):
                 self.datapath.reconcile(desired)
@@ -169,6 +171,11 @@ class Agent:
                 sum(len(ips) for _, ips in desired.values()),
                 len(desired),
             )
+        elif names != self._last_names:
+            # Same veths, but the API has named a pod captured early: the state file (and so
+            # the per-pod metrics and the inspection verbs) must say whose it is.
+            self.ops.publish(pods, self.datapath.attached)
+        self._last_names = names
 
     def _all_found(self) -> bool:
         pods, _ = node_pods(self.smap, self.agent.node_name)

@@ -10,6 +10,7 @@ import pytest
 
 from interceptor.datapath.loader import open_maps
 from interceptor.datapath.maps import REASONS
+from interceptor.inspect.state import read_state
 from interceptor.lab import PodSpec, sh
 from tests.integration.conftest import Node
 
@@ -117,6 +118,22 @@ def test_early_capture_takes_a_pod_the_api_has_not_reported_yet(fresh_node: Node
     # Pods the API did report and that opt out are never taken, not even early.
     assert node.answer("optout", SVC1) == [DIRECT]
     assert node.answer("hushed", SVC1) == [DIRECT]
+    # A second newborn, captured early, then named by the API: the state file (per-pod
+    # metrics, `interceptor stats`) says whose veth it is, though nothing was re-attached.
+    node.lab.add_pod(PodSpec("named", "10.244.1.41", "ns1"))
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and node.answer("named", SVC1) != [INTERCEPTED]:
+        time.sleep(0.1)
+    assert node.answer("named", SVC1) == [INTERCEPTED]
+    with node.source.open("a") as f:
+        f.write(
+            "- {apiVersion: v1, kind: Pod, metadata: {name: named, namespace: ns1},\n"
+            "   spec: {nodeName: node-1}, status: {podIPs: [{ip: 10.244.1.41}]}}\n"
+        )
+    deadline = time.monotonic() + 10
+    while not [p for p in read_state(node.lab.state_dir).pods if p.name == "named"]:
+        assert time.monotonic() < deadline, "the state file never named the early pod"
+        time.sleep(0.2)
 
 
 def test_spoofed_source_creates_no_state_and_is_not_redirected(node: Node) -> None:
