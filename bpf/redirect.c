@@ -321,7 +321,7 @@ int dnsi_from_pod(struct __sk_buff *skb)
 				ps->answered += 1;
 			return ret;
 		}
-		if (ret == -FP_RESULT_MAX) {
+		if (ret == -FP_DROP) {
 			__count(REASON_CSUM_ERROR);
 			return TC_ACT_SHOT;
 		}

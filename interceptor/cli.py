@@ -93,13 +93,22 @@ def _forward_zone(text: str) -> tuple[str, tuple[Endpoint, ...]]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _positive_int(text: str) -> int:
+def _non_negative_int(text: str) -> int:
+    """argparse type: 0 or more (where 0 means something: no cache, unlimited, TTL 0)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: 1 or more."""
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is not allowed here: give 1 or more")
     return value
 
 
@@ -137,7 +146,7 @@ def _add_zone_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--ttl",
-        type=_positive_int,
+        type=_non_negative_int,
         default=30,
         metavar="N",
         help="TTL of authoritative answers in seconds (default: %(default)s)",
@@ -205,28 +214,28 @@ def _add_zone_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cache-size",
-        type=_positive_int,
+        type=_non_negative_int,
         default=10000,
         metavar="N",
         help="forwarded answers cached (0: no cache; default: %(default)s)",
     )
     p.add_argument(
         "--cache-min-ttl",
-        type=_positive_int,
+        type=_non_negative_int,
         default=0,
         metavar="S",
         help="cache answers at least S seconds (default: %(default)s)",
     )
     p.add_argument(
         "--cache-max-ttl",
-        type=_positive_int,
+        type=_non_negative_int,
         default=3600,
         metavar="S",
         help="cache answers at most S seconds (default: %(default)s)",
     )
     p.add_argument(
         "--max-udp-size",
-        type=_positive_int,
+        type=_non_negative_int,
         default=1232,
         metavar="BYTES",
         help="cap on EDNS UDP response size (default: %(default)s)",
@@ -343,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--flow-rate",
-        type=_positive_int,
+        type=_non_negative_int,
         default=2000,
         metavar="N",
         help="new DNS flows per second per pod before the excess bypasses "

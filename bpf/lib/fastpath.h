@@ -140,7 +140,7 @@ static __always_inline int __fp_question(struct __sk_buff *skb, struct pkt *p, s
 
 /* Turn the query into the response from ``ans`` and send it back to the pod.  Returns
  * TC_ACT_REDIRECT; -FP_FALLTHROUGH with the packet untouched when the answer cannot be given
- * exactly here; -FP_RESULT_MAX when the packet was already being rewritten and must be
+ * exactly here; -FP_DROP when the packet was already being rewritten and must be
  * dropped. */
 static __always_inline int __fp_answer(struct __sk_buff *skb, struct pkt *p, struct config *cfg,
 				       struct fp_scratch *s, struct fp_query *q,
@@ -192,17 +192,17 @@ static __always_inline int __fp_answer(struct __sk_buff *skb, struct pkt *p, str
 
 	__builtin_memcpy(&hdr[10], &ar, 2);
 	if (bpf_skb_change_tail(skb, dns_off + resp_len, 0) < 0)
-		return -FP_RESULT_MAX;
+		return -FP_DROP;
 	if (bpf_skb_store_bytes(skb, dns_off, hdr, DNS_HDR_LEN, 0) < 0)
-		return -FP_RESULT_MAX;
+		return -FP_DROP;
 	if (body_len) { /* empty for a mesh host's NODATA */
 		__u64 len = body_len;
 
 		asm volatile("%0 &= 511" : "+r"(len));
 		if (len < 1 || len > FP_BODY_MAX)
-			return -FP_RESULT_MAX;
+			return -FP_DROP;
 		if (bpf_skb_store_bytes(skb, dns_off + qend, ans->body, len, 0) < 0)
-			return -FP_RESULT_MAX;
+			return -FP_DROP;
 	}
 	if (edns) {
 		__builtin_memset(opt, 0, sizeof(opt));
@@ -210,7 +210,7 @@ static __always_inline int __fp_answer(struct __sk_buff *skb, struct pkt *p, str
 		opt[3] = cfg->max_udp >> 8;
 		opt[4] = cfg->max_udp & 0xff;
 		if (bpf_skb_store_bytes(skb, dns_off + qend + body_len, opt, OPT_RR_LEN, 0) < 0)
-			return -FP_RESULT_MAX;
+			return -FP_DROP;
 	}
 
 	/* The UDP checksum over the whole new message, computed rather than patched: the
@@ -221,15 +221,15 @@ static __always_inline int __fp_answer(struct __sk_buff *skb, struct pkt *p, str
 
 	asm volatile("%0 &= 1023" : "+r"(msg_len));
 	if (msg_len < DNS_HDR_LEN || msg_len > FP_MSG_MAX)
-		return -FP_RESULT_MAX;
+		return -FP_DROP;
 	if (bpf_skb_load_bytes(skb, dns_off, s->msg, msg_len) < 0)
-		return -FP_RESULT_MAX;
+		return -FP_DROP;
 	s->msg[msg_len] = 0; /* pad to a multiple of 4 */
 	s->msg[msg_len + 1] = 0;
 	s->msg[msg_len + 2] = 0;
 	sum = bpf_csum_diff(NULL, 0, (__be32 *)s->msg, (msg_len + 3) & ~3ULL, 0);
 	if (sum < 0)
-		return -FP_RESULT_MAX;
+		return -FP_DROP;
 	udp.check = 0;
 	udp.len = bpf_htons(sizeof(udp) + resp_len);
 	__u16 port = udp.source;
@@ -241,7 +241,7 @@ static __always_inline int __fp_answer(struct __sk_buff *skb, struct pkt *p, str
 		struct pseudo_v4 ph = {};
 
 		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
-			return -FP_RESULT_MAX;
+			return -FP_DROP;
 		__be32 a = ip.saddr;
 
 		ip.saddr = ip.daddr; /* the server the pod asked answers */
@@ -251,7 +251,7 @@ static __always_inline int __fp_answer(struct __sk_buff *skb, struct pkt *p, str
 		ip.check = 0;
 		ip.check = __csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&ip, sizeof(ip), 0));
 		if (bpf_skb_store_bytes(skb, ETH_HLEN, &ip, sizeof(ip), 0) < 0)
-			return -FP_RESULT_MAX;
+			return -FP_DROP;
 		ph.saddr = ip.saddr;
 		ph.daddr = ip.daddr;
 		ph.proto = IPPROTO_UDP;
@@ -264,7 +264,7 @@ static __always_inline int __fp_answer(struct __sk_buff *skb, struct pkt *p, str
 		struct pseudo_v6 ph = {};
 
 		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
-			return -FP_RESULT_MAX;
+			return -FP_DROP;
 		__builtin_memcpy(&ph.saddr, &ip6.daddr, 16);
 		__builtin_memcpy(&ph.daddr, &ip6.saddr, 16);
 		__builtin_memcpy(&ip6.saddr, &ph.saddr, 16);
@@ -272,7 +272,7 @@ static __always_inline int __fp_answer(struct __sk_buff *skb, struct pkt *p, str
 		ip6.payload_len = udp.len;
 		ip6.hop_limit = 64;
 		if (bpf_skb_store_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6), 0) < 0)
-			return -FP_RESULT_MAX;
+			return -FP_DROP;
 		ph.len = bpf_htonl(sizeof(udp) + resp_len);
 		ph.nexthdr = IPPROTO_UDP;
 		ph.udp = udp;
@@ -280,21 +280,21 @@ static __always_inline int __fp_answer(struct __sk_buff *skb, struct pkt *p, str
 #endif /* ENABLE_IPV6 */
 	}
 	if (sum < 0)
-		return -FP_RESULT_MAX;
+		return -FP_DROP;
 	udp.check = __csum_fold(sum);
 	if (!udp.check)
 		udp.check = 0xffff; /* RFC 768: a computed zero is sent as all ones */
 	if (bpf_skb_store_bytes(skb, p->l4_off, &udp, sizeof(udp), 0) < 0)
-		return -FP_RESULT_MAX;
+		return -FP_DROP;
 
 	/* Back out of the veth it came in on, to the pod, with the MACs swapped. */
 	if (bpf_skb_load_bytes(skb, 0, eth, sizeof(eth)) < 0)
-		return -FP_RESULT_MAX;
+		return -FP_DROP;
 	__builtin_memcpy(mac, eth, ETH_ALEN);
 	__builtin_memcpy(eth, eth + ETH_ALEN, ETH_ALEN);
 	__builtin_memcpy(eth + ETH_ALEN, mac, ETH_ALEN);
 	if (bpf_skb_store_bytes(skb, 0, eth, sizeof(eth), 0) < 0)
-		return -FP_RESULT_MAX;
+		return -FP_DROP;
 	return bpf_redirect(skb->ifindex, 0);
 }
 

@@ -117,6 +117,10 @@ enum fp_result {
 	FP_RESULT_MAX = 3,
 };
 
+/* Not a result (never counted): the fast path had begun rewriting the packet and cannot
+ * give it back intact, so the entry program drops it.  The client retries. */
+#define FP_DROP FP_RESULT_MAX
+
 #define MAX_PODS    4096
 #define MAX_FLOWS   65536
 #define MAX_CAPTURE 64

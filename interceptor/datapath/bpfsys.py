@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import os
+import platform
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -25,6 +26,24 @@ BPF_FS_MAGIC = 0xCAFE4A11
 
 class BpfError(InterceptorError):
     """BPF operation failed."""
+
+
+SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351}
+"""bpf(2)'s syscall number per machine: for the commands libbcc has no wrapper for."""
+
+_libc = ct.CDLL(None, use_errno=True)
+
+
+def bpf_syscall(cmd: int, attr: ct.Array[ct.c_ubyte]) -> int:
+    """One bpf(2) call; returns the result or raises OSError with the kernel's errno."""
+    nr = SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise BpfError(f"bpf(2) syscall number unknown on {platform.machine()}")
+    rc = int(_libc.syscall(nr, cmd, ct.byref(attr), ct.sizeof(attr)))
+    if rc < 0:
+        err = ct.get_errno()
+        raise OSError(err, os.strerror(err))
+    return rc
 
 
 def bpffs_mounted(path: Path = Path("/sys/fs/bpf")) -> bool:

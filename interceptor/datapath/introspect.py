@@ -12,14 +12,13 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import os
-import platform
 import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from interceptor.datapath.bpfsys import BpfError, MapInfo, possible_cpus
+from interceptor.datapath.bpfsys import BpfError, MapInfo, bpf_syscall, possible_cpus
 
 # bpf(2) commands (enum bpf_cmd in uapi/linux/bpf.h).
 BPF_MAP_LOOKUP_ELEM = 1
@@ -34,7 +33,6 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_F_RDONLY = 1 << 3
 """file_flags/open_flags: read-only access is all inspection needs, and all it should get."""
 
-_SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351}
 
 MAP_TYPES = {
     1: "hash",
@@ -68,8 +66,6 @@ PROG_TYPES = {
 U32, U64 = "=I", "=Q"  # host order, as union bpf_attr
 
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
-
-_libc = ct.CDLL(None, use_errno=True)
 
 
 class IntrospectError(BpfError):
@@ -138,15 +134,10 @@ KERNEL_MIRRORS: dict[str, type[ct.Structure]] = {
 
 
 def _bpf(cmd: int, attr: ct.Array[ct.c_ubyte]) -> int:
-    """One bpf(2) call; returns the result or raises OSError with the kernel's errno."""
-    nr = _SYS_BPF.get(platform.machine())
-    if nr is None:
-        raise IntrospectError(f"bpf(2) syscall number unknown on {platform.machine()}")
-    rc = int(_libc.syscall(nr, cmd, ct.byref(attr), ct.sizeof(attr)))
-    if rc < 0:
-        err = ct.get_errno()
-        raise OSError(err, os.strerror(err))
-    return rc
+    try:
+        return bpf_syscall(cmd, attr)
+    except BpfError as exc:
+        raise IntrospectError(str(exc)) from exc
 
 
 def _attr() -> ct.Array[ct.c_ubyte]:

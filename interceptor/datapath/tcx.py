@@ -6,10 +6,11 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 
+from interceptor.datapath.bpfsys import BpfError, bpf_syscall
+
 BPF_PROG_QUERY = 16
 BPF_TCX_INGRESS = 46
 BPF_TCX_EGRESS = 47
-SYS_BPF = 321  # x86_64
 
 
 class _Query(ct.Structure):
@@ -28,9 +29,6 @@ class _Query(ct.Structure):
     ]
 
 
-_libc = ct.CDLL(None, use_errno=True)
-
-
 def tcx_programs(ifindex: int) -> dict[str, list[int]] | None:
     """Program ids attached with tcx per direction, or None if the kernel has no tcx."""
     out: dict[str, list[int]] = {}
@@ -42,10 +40,10 @@ def tcx_programs(ifindex: int) -> dict[str, list[int]] | None:
         q.attach_type = attach
         q.prog_ids = ct.addressof(ids)
         q.prog_cnt = 64
-        rc = _libc.syscall(SYS_BPF, BPF_PROG_QUERY, ct.byref(attr), 128)
-        if rc != 0:
-            err = ct.get_errno()
-            if err in (errno.EINVAL, errno.EOPNOTSUPP):
+        try:
+            bpf_syscall(BPF_PROG_QUERY, attr)
+        except (OSError, BpfError) as exc:
+            if isinstance(exc, BpfError) or exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
                 return None
             out[direction] = []
             continue

@@ -67,7 +67,10 @@ def test_apply_sets_bcc_kernel_source_unless_given(
 ) -> None:
     bundled = tree(tmp_path / "bundled")
     monkeypatch.setenv(kheaders.BUNDLED_ENV, str(bundled))
-    monkeypatch.delenv(kheaders.BCC_ENV, raising=False)
+    # Set, then removed: monkeypatch then restores the variable's original state at the end,
+    # including removing what apply() sets (it must not leak into later tests' agents).
+    monkeypatch.setenv(kheaders.BCC_ENV, "unset")
+    monkeypatch.delenv(kheaders.BCC_ENV)
     kheaders.apply("bundled")
     assert os.environ[kheaders.BCC_ENV] == str(bundled)
     monkeypatch.setenv(kheaders.BCC_ENV, "/elsewhere")

@@ -50,13 +50,18 @@ def queries() -> list[bytes]:
     return out
 
 
-@pytest.mark.parametrize("data", queries())
-def test_fast_equals_careful(resolver: Resolver, data: bytes) -> None:
-    fast = fast_response(data, resolver.smap.answers, 1232)
-    careful = asyncio.run(resolver.resolve(data, tcp=False))
-    if fast is not None:
-        assert fast == careful
+def test_fast_equals_careful(resolver: Resolver) -> None:
+    """Every query the fast path answers, it answers byte for byte as the careful path does;
+    and it does answer many of them (an equivalence over an empty set proves nothing)."""
+    eligible = 0
+    for data in queries():
+        fast = fast_response(data, resolver.smap.answers, 1232)
+        if fast is None:
+            continue
+        eligible += 1
+        assert fast == asyncio.run(resolver.resolve(data, tcp=False)), data
         dns.message.from_wire(fast)  # and it parses
+    assert eligible >= 50, f"only {eligible} of {len(queries())} queries took the fast path"
 
 
 def test_fast_path_serves_hits(resolver: Resolver) -> None:
