@@ -18,6 +18,8 @@ from interceptor.console import verbs
 from interceptor.errors import ConfigError, InterceptorError
 from interceptor.inspect.state import ADMIN_SOCKET, DEFAULT_STATE_DIR
 from interceptor.settings import (
+    DEFAULT_MAX_UDP,
+    DEFAULT_PIN_DIR,
     AutopathSettings,
     CacheSettings,
     Endpoint,
@@ -236,7 +238,7 @@ def _add_zone_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-udp-size",
         type=_non_negative_int,
-        default=1232,
+        default=DEFAULT_MAX_UDP,
         metavar="BYTES",
         help="cap on EDNS UDP response size (default: %(default)s)",
     )
@@ -338,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--pin-path",
         type=Path,
-        default=Path("/sys/fs/bpf/interceptor"),
+        default=DEFAULT_PIN_DIR,
         help="where BPF maps are pinned (default: %(default)s)",
     )
     agent.add_argument(

@@ -87,13 +87,20 @@ class ZoneSettings:
     """The Service whose ClusterIPs are the zone's name server (apex NS glue)."""
 
 
+DEFAULT_MAX_UDP = 1232
+"""Our EDNS UDP payload size: the DNS flag day 2020 value (no fragmented answers)."""
+
+DEFAULT_PIN_DIR = Path("/sys/fs/bpf/interceptor")
+"""Where the agent pins its BPF maps; the inspection verbs look there by default."""
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """The DNS listeners."""
 
     listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 53))
     """Address and port of the UDP and TCP listeners."""
-    max_udp_size: int = 1232
+    max_udp_size: int = DEFAULT_MAX_UDP
     """Cap on the UDP payload size used with EDNS clients (the DNS flag day 2020 value)."""
     tcp_idle_timeout: float = 10.0
     """Seconds a TCP connection may sit idle before it is closed (RFC 7766 section 6.2.3)."""

@@ -28,7 +28,7 @@ from typing import Any
 from interceptor.dns.message import skip_name
 from interceptor.dns.wire import encode_name
 from interceptor.logutil import RateLimitedLog
-from interceptor.settings import Endpoint, UpstreamSettings
+from interceptor.settings import DEFAULT_MAX_UDP, Endpoint, UpstreamSettings
 from interceptor.stats import MAX_UPSTREAM_LABELS, UpstreamStats
 
 log = logging.getLogger(__name__)
@@ -402,7 +402,7 @@ class Forwarder:
         self.pools.clear()
 
 
-def build_query(name: str, qtype: int, udp_size: int = 1232) -> bytes:
+def build_query(name: str, qtype: int, udp_size: int = DEFAULT_MAX_UDP) -> bytes:
     """A recursive query for (name, IN, qtype) with EDNS, for the resolver's own lookups."""
     header = struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 1)
     opt = b"\x00\x00\x29" + struct.pack("!HBBHH", udp_size, 0, 0, 0, 0)

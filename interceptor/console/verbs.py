@@ -19,8 +19,9 @@ from typing import Any
 from interceptor.console.table import fields, render
 from interceptor.errors import InterceptorError
 from interceptor.inspect.state import ADMIN_SOCKET, DEFAULT_STATE_DIR, NodeState, read_state
+from interceptor.settings import DEFAULT_PIN_DIR
 
-DEFAULT_PIN_PATH = Path("/sys/fs/bpf/interceptor")
+DEFAULT_PIN_PATH = DEFAULT_PIN_DIR
 COMMANDS = ("net", "prog", "map", "stats", "services", "query", "top")
 
 EXAMPLES = {

@@ -25,6 +25,7 @@ from interceptor.datapath.bpfsys import (
 )
 from interceptor.datapath.tcx import tcx_programs
 from interceptor.errors import InterceptorError
+from interceptor.settings import DEFAULT_MAX_UDP, DEFAULT_PIN_DIR
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def bpf_source_dir() -> Path:
 class DatapathSettings:
     """How the programs are built and attached."""
 
-    pin_dir: Path = Path("/sys/fs/bpf/interceptor")
+    pin_dir: Path = DEFAULT_PIN_DIR
     """Where maps are pinned; a restarted agent and the inspection CLI find them here."""
     tc_prio: int = 1
     """tc filter priority of our programs (lower runs first)."""
@@ -63,7 +64,7 @@ class DatapathSettings:
     """Answer hot cluster names in the kernel (bpf/lib/fastpath.h, ENABLE_FASTPATH)."""
     fastpath_entries: int = 65536
     """Capacity of the fast-path answer map (allocated as used, ~420 bytes per entry)."""
-    max_udp: int = 1232
+    max_udp: int = DEFAULT_MAX_UDP
     """Our EDNS payload size, as the resolver announces it (the fast path must match)."""
     kernel_headers: str = "auto"
     """Headers bcc compiles against: auto, node, bundled or a directory (kheaders.py)."""

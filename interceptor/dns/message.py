@@ -19,6 +19,7 @@ from interceptor.dns.wire import (
     OPT,
     decode_name_plain,
 )
+from interceptor.settings import DEFAULT_MAX_UDP
 
 HEADER = struct.Struct("!HHHHHH")
 
@@ -245,7 +246,7 @@ def assemble(query: Query, answer: Answer, max_udp: int, limit: int | None) -> b
 
 
 def error_response(
-    data: bytes, rcode: int, query: Query | None = None, max_udp: int = 1232
+    data: bytes, rcode: int, query: Query | None = None, max_udp: int = DEFAULT_MAX_UDP
 ) -> bytes | None:
     """A bodyless response with ``rcode``; with the question when the query parsed.
 
