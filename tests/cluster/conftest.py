@@ -172,7 +172,8 @@ def workload(kube: Kube) -> Workload:
     return Workload(kube, clients, vip)
 
 
-FIGURES = node.STATE.parent / "dns-interceptor-cluster-figures.json"
+FIGURES = node.CACHE_BIN.parent / "cluster-figures.json"
+"""Beside the build cache, which outlives the cluster (down removes everything else)."""
 
 
 def record_figure(name: str, value: str) -> None:
