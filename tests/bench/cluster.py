@@ -56,7 +56,11 @@ def working_set(pod: dict[str, object]) -> int:
 def settle(seconds: float) -> int:
     """The working set after ``seconds`` of quiet (the lowest of a few readings)."""
     time.sleep(seconds)
-    return min(working_set(agent()) for _ in range(3) if time.sleep(0.5) is None)
+    readings = []
+    for _ in range(3):
+        time.sleep(0.5)
+        readings.append(working_set(agent()))
+    return min(readings)
 
 
 def apply_to_ready() -> float:
