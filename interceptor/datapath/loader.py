@@ -119,7 +119,7 @@ class Datapath:
             log.info("mounted bpffs at %s", self.settings.pin_dir.parent)
         self.settings.pin_dir.mkdir(parents=True, exist_ok=True)
         if not self.settings.fastpath:
-            for name in FASTPATH_MAPS:  # a previous run's: not ours to serve now
+            for name in ("FP_ANSWERS", "FP_STATS"):  # a previous run's: not ours to serve now
                 (self.settings.pin_dir / name).unlink(missing_ok=True)
         src = bpf_source_dir() / "redirect.c"
         log.info("compiling %s against %s", src, kheaders.apply(self.settings.kernel_headers))
@@ -155,7 +155,7 @@ class Datapath:
         copying: that map's state is lost, not the node's DNS."""
         shapes = dict(MAP_SHAPES)
         if self.settings.fastpath:
-            shapes["FP_ANSWERS"] = (*FP_ANSWERS_TYPES, self.settings.fastpath_entries)
+            shapes["FP_ANSWERS"] = (maps.FpKey, maps.FpAnswer, self.settings.fastpath_entries)
         else:
             shapes.pop("FP_STATS")
         carried = 0
@@ -435,20 +435,21 @@ MAP_SHAPES: dict[str, tuple[Any, Any, int]] = {
 }
 """name -> (key type, value type, max entries), as bpf/redirect.c declares them."""
 PERCPU_MAPS = frozenset({"REASONS", "POD_STATS", "FP_STATS"})
-FASTPATH_MAPS = frozenset({"FP_ANSWERS", "FP_STATS"})
-"""Built only with the fast path (ENABLE_FASTPATH)."""
-FP_ANSWERS_TYPES = (maps.FpKey, maps.FpAnswer)
-"""FP_ANSWERS's key and value; its size is a setting (--fastpath-entries)."""
 
 
 def open_maps(pin_dir: Path) -> dict[str, PinnedMap]:  # type: ignore[type-arg]
     """Every pinned map of ours, typed by its ctypes mirror (the fast path's only when the
     programs were built with it)."""
-    types = {name: (key, value) for name, (key, value, _) in MAP_SHAPES.items()}
-    types["FP_ANSWERS"] = FP_ANSWERS_TYPES
-    names = [n for n in types if n not in FASTPATH_MAPS]
-    if (pin_dir / "FP_ANSWERS").exists():
-        names += sorted(FASTPATH_MAPS)
-    return {
-        name: PinnedMap(pin_dir / name, *types[name], percpu=name in PERCPU_MAPS) for name in names
+    out: dict[str, PinnedMap] = {  # type: ignore[type-arg]
+        "CONFIG": PinnedMap(pin_dir / "CONFIG", ct.c_uint32, maps.Config),
+        "CAPTURE": PinnedMap(pin_dir / "CAPTURE", maps.CaptureKey, ct.c_uint32),
+        "PODS": PinnedMap(pin_dir / "PODS", maps.PodKey, maps.PodInfo),
+        "IFACES": PinnedMap(pin_dir / "IFACES", ct.c_uint32, maps.IfaceInfo),
+        "FLOWS": PinnedMap(pin_dir / "FLOWS", maps.FlowKey, maps.FlowVal),
+        "REASONS": PinnedMap(pin_dir / "REASONS", ct.c_uint32, ct.c_uint64, percpu=True),
+        "POD_STATS": PinnedMap(pin_dir / "POD_STATS", ct.c_uint32, maps.PodStats, percpu=True),
     }
+    if (pin_dir / "FP_ANSWERS").exists():
+        out["FP_ANSWERS"] = PinnedMap(pin_dir / "FP_ANSWERS", maps.FpKey, maps.FpAnswer)
+        out["FP_STATS"] = PinnedMap(pin_dir / "FP_STATS", ct.c_uint32, ct.c_uint64, percpu=True)
+    return out
