@@ -56,11 +56,7 @@ def working_set(pod: dict[str, object]) -> int:
 def settle(seconds: float) -> int:
     """The working set after ``seconds`` of quiet (the lowest of a few readings)."""
     time.sleep(seconds)
-    readings = []
-    for _ in range(3):
-        time.sleep(0.5)
-        readings.append(working_set(agent()))
-    return min(readings)
+    return min(working_set(agent()) for _ in range(3) if time.sleep(0.5) is None)
 
 
 def apply_to_ready() -> float:

@@ -69,17 +69,12 @@ class Kube:
             "get", "--raw", f"/api/v1/namespaces/kube-system/pods/{agent}:9253/proxy/metrics"
         )
 
-    def attached(self) -> list[dict[str, Any]]:
-        """The agent's state file's pod entries: every pod address it attached to, with its
-        namespace, name, veth and address."""
+    def captured(self) -> set[str]:
+        """namespace/name of every pod the agent has attached to (its state file)."""
         state = json.loads(
             self.exec("kube-system", self.agent_pod(), "cat", "/run/dns-interceptor/state.json")
         )
-        return list(state.get("pods", []))
-
-    def captured(self) -> set[str]:
-        """namespace/name of every pod the agent has attached to."""
-        return {f"{p['namespace']}/{p['name']}" for p in self.attached()}
+        return {f"{p['namespace']}/{p['name']}" for p in state.get("pods", [])}
 
     def rollout(self) -> None:
         self("-n", "kube-system", "rollout", "status", "ds/dns-interceptor", "--timeout=300s",

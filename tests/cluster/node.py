@@ -31,7 +31,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -591,7 +591,7 @@ def node_ready() -> bool:
 
 
 def start_kube_proxy(bins: dict[str, Path], mode: str) -> None:
-    current = read_or_none(STATE / "proxy-mode")
+    current = (STATE / "proxy-mode").read_text() if (STATE / "proxy-mode").exists() else None
     if current is not None and current != mode and pid_of("kube-proxy") is not None:
         stop("kube-proxy")
         run(bins["kube-proxy"], "--cleanup", check=False)
@@ -768,7 +768,9 @@ def up(cni: str, proxy_mode: str, deploy: bool = True) -> None:
     if os.geteuid() != 0:
         raise ClusterError("make cluster needs root (containerd, kubelet, tc, BPF)")
     t0 = time.monotonic()
-    current = read_or_none(STATE / "cni" / "variant")
+    current = (
+        (STATE / "cni" / "variant").read_text() if (STATE / "cni" / "variant").exists() else None
+    )
     if current is not None and current != cni and pid_of("kubelet") is not None:
         raise ClusterError(f"the cluster runs the {current} CNI: run `make cluster-down` first")
     for d in (STATE, BIN, PIDS, LOGS, RUN):
@@ -925,11 +927,16 @@ def _remove_chains() -> None:
                 run(cmd, "-t", table, "-X", chain, check=False)
 
 
-def read_or_none(path: Path) -> str | None:
+def _read(path: Path) -> str | None:
     try:
         return path.read_text().strip()
     except OSError:
         return None
+
+
+def status_quiet() -> bool:
+    """Is every component running?"""
+    return all(pid_of(n) is not None for n in COMPONENTS)
 
 
 COMPONENTS = (
@@ -939,10 +946,19 @@ COMPONENTS = (
 
 
 def status() -> int:
-    running = {n: pid_of(n) for n in COMPONENTS}
+    running = {n: pid_of(n) for n in (
+        "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "containerd",
+        "upstream-dns", "kubelet", "kube-proxy")}  # fmt: skip
     for name, pid in running.items():
         print(f"{name:24} {'pid ' + str(pid) if pid else 'not running'}")
     return 0 if all(running.values()) else 1
+
+
+@contextlib.contextmanager
+def timed(label: str) -> Iterator[None]:
+    t0 = time.monotonic()
+    yield
+    say(f"{label}: {time.monotonic() - t0:.1f} s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -953,8 +969,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     u = sub.add_parser("up", help="bring the node up (idempotent) with the interceptor deployed")
     # Defaults: what the running cluster has, else $CLUSTER_CNI / $CLUSTER_PROXY_MODE, else
     # ptp and iptables.
-    running_cni = read_or_none(STATE / "cni" / "variant") if pid_of("kubelet") else None
-    running_mode = read_or_none(STATE / "proxy-mode") if pid_of("kube-proxy") else None
+    running_cni = _read(STATE / "cni" / "variant") if pid_of("kubelet") else None
+    running_mode = _read(STATE / "proxy-mode") if pid_of("kube-proxy") else None
     u.add_argument(
         "--cni", choices=["ptp", "bridge"],
         default=running_cni or os.environ.get("CLUSTER_CNI", "ptp"),

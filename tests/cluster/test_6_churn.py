@@ -65,7 +65,9 @@ def churn_pods(kube: Kube) -> list[dict[str, object]]:
 
 def our_datapath_ips(kube: Kube) -> set[str]:
     """Pod addresses the agent has in its PODS map and state (interceptor stats' view)."""
-    return {p["ip"] for p in kube.attached()}
+    state = json.loads(kube.exec("kube-system", kube.agent_pod(), "cat",
+                                 "/run/dns-interceptor/state.json"))  # fmt: skip
+    return {p["ip"] for p in state.get("pods", [])}
 
 
 def flows_of(kube: Kube, ips: set[str]) -> list[str]:
@@ -90,7 +92,9 @@ def filtered() -> set[str]:
 
 
 def attached_ifnames(kube: Kube) -> set[str]:
-    return {p["ifname"] for p in kube.attached()}
+    state = json.loads(kube.exec("kube-system", kube.agent_pod(), "cat",
+                                 "/run/dns-interceptor/state.json"))  # fmt: skip
+    return {p["ifname"] for p in state.get("pods", [])}
 
 
 def test_scale_up_and_down_twice(kube: Kube, workload: Workload) -> None:
@@ -149,7 +153,7 @@ def test_scale_up_and_down_twice(kube: Kube, workload: Workload) -> None:
         f"(30 at once, twice); the very first query of {first_query_captured} of them was "
         "captured (the rest of the time is the container starting)",
     )
-    if node.read_or_none(node.STATE / "cni" / "variant") == "ptp":
+    if (node.STATE / "cni" / "variant").read_text() == "ptp":
         # A point-to-point CNI routes the pod's address before its containers start: the
         # agent takes the veth from the route (--early-capture), so not one query escapes.
         assert first_query_captured == len(latencies), misses
