@@ -16,7 +16,6 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,12 +29,11 @@ from interceptor.health import HealthServer, self_query
 from interceptor.inspect.agentops import AgentOps
 from interceptor.inspect.state import ADMIN_SOCKET, DEFAULT_STATE_DIR
 from interceptor.lifecycle import OwnerWatch, StopMode
-from interceptor.model.nodepods import NodePod, node_pods
+from interceptor.model.nodepods import NodePod, node_pod_ips, node_pods
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolver import Resolver
 from interceptor.server import DnsServer
 from interceptor.settings import Endpoint, Settings
-from interceptor.sources.kube import ClientApi
 from interceptor.upstream import Forwarder
 
 log = logging.getLogger(__name__)
@@ -186,9 +184,8 @@ class Agent:
 
     async def reconcile(self, finder: LinkFinder) -> None:
         # The service map is only touched on the loop thread; the netlink thread gets a copy.
-        pods, skipped = node_pods(self.smap, self.agent.node_name)
-        # Every address the API gives a pod of this node, captured or not (early capture).
-        known = {ip for p in pods for ip in p.ips} | {ip for p in skipped for ip in p.ips}
+        pods, _ = node_pods(self.smap, self.agent.node_name)
+        known = node_pod_ips(self.smap, self.agent.node_name)
         await self._netlink(self._apply, pods, finder, known)
 
     async def _netlink(self, fn: Callable[..., T], *args: object) -> T:
@@ -314,6 +311,10 @@ class Agent:
         kube = self.settings.kube
         if not (a.handover_grace > 0 and a.pod_name and a.pod_namespace and kube is not None):
             return None
+        from functools import partial
+
+        from interceptor.sources.kube import ClientApi
+
         owner = OwnerWatch(partial(ClientApi, kube.kubeconfig), a.pod_namespace, a.pod_name)
         owner.start()
         return owner

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from interceptor.sources.kube import Api
+from interceptor.sources.kube import Api, ApiError
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,10 @@ class OwnerWatch:
                         return
                 self._follow(api)
                 backoff = 0.5
-            except Exception as exc:  # API errors (401/403 after a force-delete or an
-                # uninstall), the client's own (urllib3, config): keep the last state seen.
+            except (ApiError, OSError, ValueError) as exc:
+                # 401/403 after a force-delete or an uninstall: keep the last state seen.
+                log.debug("owner watch: %s", exc)
+            except Exception as exc:  # the client's own errors (urllib3, config)
                 log.debug("owner watch: %s", exc)
             self.stopped.wait(backoff)
             backoff = min(backoff * 2, 10.0)

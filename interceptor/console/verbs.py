@@ -21,6 +21,7 @@ from interceptor.errors import InterceptorError
 from interceptor.inspect.state import ADMIN_SOCKET, DEFAULT_STATE_DIR, NodeState, read_state
 from interceptor.settings import DEFAULT_PIN_DIR
 
+DEFAULT_PIN_PATH = DEFAULT_PIN_DIR
 COMMANDS = ("net", "prog", "map", "stats", "services", "query", "top")
 
 EXAMPLES = {
@@ -90,7 +91,7 @@ def _common() -> argparse.ArgumentParser:
         type=Path,
         default=argparse.SUPPRESS,
         metavar="DIR",
-        help=f"pinned maps (default: the agent's, from its state file, else {DEFAULT_PIN_DIR})",
+        help=f"pinned maps (default: the agent's, from its state file, else {DEFAULT_PIN_PATH})",
     )
     p.add_argument(
         "--state-dir",
@@ -211,7 +212,7 @@ class Ctx:
         pin = getattr(args, "pin_path", None)
         if pin is None and self.state is not None:
             pin = Path(self.state.agent.pin_path)
-        self.pin_path: Path = pin or DEFAULT_PIN_DIR
+        self.pin_path: Path = pin or DEFAULT_PIN_PATH
 
     def admin_socket(self) -> Path:
         given = getattr(self.args, "admin_socket", None)

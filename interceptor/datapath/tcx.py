@@ -42,10 +42,8 @@ def tcx_programs(ifindex: int) -> dict[str, list[int]] | None:
         q.prog_cnt = 64
         try:
             bpf_syscall(BPF_PROG_QUERY, attr)
-        except BpfError:  # no syscall number for this machine
-            return None
-        except OSError as exc:
-            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # a kernel without tcx
+        except (OSError, BpfError) as exc:
+            if isinstance(exc, BpfError) or exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
                 return None
             out[direction] = []
             continue

@@ -33,7 +33,6 @@ class Skipped:
     namespace: str
     name: str
     why: str
-    ips: tuple[str, ...] = ()
 
 
 def node_pods(smap: ServiceMap, node: str) -> tuple[list[NodePod], list[Skipped]]:
@@ -73,5 +72,15 @@ def node_pods(smap: ServiceMap, node: str) -> tuple[list[NodePod], list[Skipped]
         if why is None:
             keep.append(NodePod(pod.namespace, pod.name, pod.ips))
         else:
-            skipped.append(Skipped(pod.namespace, pod.name, why, pod.ips))
+            skipped.append(Skipped(pod.namespace, pod.name, why))
     return keep, skipped
+
+
+def node_pod_ips(smap: ServiceMap, node: str) -> set[str]:
+    """Every address the API gives a pod of this node, captured or not."""
+    return {
+        ip
+        for obj in smap.objects.values()
+        if isinstance(obj, Pod) and obj.node_name == node
+        for ip in obj.ips
+    }
