@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,31 @@ from interceptor.settings import Endpoint, Settings
 from interceptor.upstream import Forwarder
 
 log = logging.getLogger(__name__)
+
+
+class _StopTimer:
+    """Times each step of a stop: kubelet kills us when its grace period ends, so the log
+    says how long each step took, and names a slow one as it happens."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.steps: list[str] = []
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            took = time.monotonic() - t0
+            self.steps.append(f"{name} {took:.2f}s")
+            if took > 1:
+                log.warning("stop: %s took %.2fs", name, took)
+
+    def done(self) -> None:
+        log.info("stopped in %.2fs: %s", time.monotonic() - self.t0, ", ".join(self.steps))
+
+
 T = TypeVar("T")
 
 HEARTBEAT_INTERVAL = 0.2
@@ -274,34 +299,47 @@ class Agent:
             finally:
                 await self._netlink(finder.ipr.close)
         finally:
+            timer = _StopTimer()
             if health is not None:
-                await health.close()
-            await self.ops.close()
-            await self.feed.stop()
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
-            if events is not None:
-                events.close()
-            mode = owner.mode() if owner is not None else StopMode.DETACH
-            if owner is not None:
-                owner.stop()
+                with timer.step("health"):
+                    await health.close()
+            with timer.step("admin"):
+                await self.ops.close()
+            with timer.step("feed"):
+                await self.feed.stop()
+            with timer.step("tasks"):
+                for t in tasks:
+                    t.cancel()
+                for t in tasks:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
+            with timer.step("netlink events"):
+                if events is not None:
+                    events.close()
+            with timer.step("owner"):
+                mode = owner.mode() if owner is not None else StopMode.DETACH
+                if owner is not None:
+                    owner.stop()
             log.info("stop: %s", mode.value)
-            if mode is StopMode.HANDOVER and self._programs_ready:
-                await self._netlink(self.datapath.hand_over, a.handover_grace)
-            else:
-                await self._netlink(self.datapath.detach_all)
-            for server in servers:
-                await server.close()
-            for ip in self.added:
-                await self._netlink(remove_address, a.resolver_device, ip)
+            with timer.step(mode.value):
+                if mode is StopMode.HANDOVER and self._programs_ready:
+                    await self._netlink(self.datapath.hand_over, a.handover_grace)
+                else:
+                    await self._netlink(self.datapath.detach_all)
+            with timer.step("servers"):
+                for server in servers:
+                    await server.close()
+            with timer.step("addresses"):
+                for ip in self.added:
+                    await self._netlink(remove_address, a.resolver_device, ip)
             if mode is StopMode.UNINSTALL:
-                await self._netlink(self.datapath.remove_pins)
-                self.ops.remove_state()
-            await self._netlink(self.datapath.close)
-            self._nl_thread.shutdown()
+                with timer.step("pins"):
+                    await self._netlink(self.datapath.remove_pins)
+                    self.ops.remove_state()
+            with timer.step("close"):
+                await self._netlink(self.datapath.close)
+                self._nl_thread.shutdown()
+            timer.done()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 

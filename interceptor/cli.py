@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -537,6 +539,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.log_level, args.log_format)
     log = logging.getLogger("interceptor")
+    if args.command in ("serve", "agent"):
+        # `kill -USR1 PID` prints every thread's stack: the way to see where a stuck
+        # resolver or a stop that outlives kubelet's grace period is waiting.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         if args.command == "serve":
             from interceptor.app import serve

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -332,12 +333,15 @@ class Agent:
 
 
 def stop(proc: subprocess.Popen[Any], timeout: float = 5) -> int:
-    """SIGTERM, then SIGKILL after ``timeout``: by PID, never by name."""
+    """SIGTERM, then SIGKILL after ``timeout``: by PID, never by name. A process that
+    outlives the timeout first gets SIGUSR1, which makes ours print their threads' stacks."""
     if proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
             proc.kill()
             proc.wait()
     return proc.returncode

@@ -8,9 +8,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fnmatch
 import logging
+import os
+import select
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,41 +146,76 @@ def _nudge(ip: str, family: int) -> None:
         pass
 
 
+RTMGRP_LINK = 0x1
+RTMGRP_NEIGH = 0x4
+RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_ROUTE = 0x400
+WAKING_EVENTS = frozenset((16, 17, 24, 25, 28))
+"""RTM_NEWLINK, RTM_DELLINK, RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWNEIGH."""
+NLMSG_HEADER = struct.Struct("=IHHII")
+
+
 class NetlinkEvents:
-    """Calls ``on_event`` (from a thread) whenever links, addresses, routes or neighbours
-    change, so the agent re-reads the tables right away instead of waiting for its timer."""
+    """Calls ``on_event`` (from a thread) whenever links, routes or neighbours change, so the
+    agent re-reads the tables right away instead of waiting for its timer.
+
+    A plain netlink socket and a pipe, not pyroute2: only the message types matter here, and
+    closing a pyroute2 socket from another thread while it waits in ``get()`` can block on its
+    lock, which once held the agent's stop past kubelet's grace period."""
 
     def __init__(self, on_event: Callable[[], None]) -> None:
         self.on_event = on_event
-        self._ipr: IPRoute | None = None
-        self._stop = False
+        self._sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
+        )
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self._sock.bind((0, RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name="netlink-events", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def _run(self) -> None:
-        # Created here: pyroute2's sync sockets must not be made in the event loop's thread.
-        self._ipr = IPRoute()
-        self._ipr.bind()
-        while not self._stop:
-            try:
-                msgs = self._ipr.get()
-            except Exception as exc:  # socket closed at shutdown, or a netlink hiccup
-                if not self._stop:
-                    log.warning("netlink event socket: %s", exc)
-                return
-            if any(
-                m.get("event")
-                in ("RTM_NEWLINK", "RTM_DELLINK", "RTM_NEWROUTE", "RTM_DELROUTE", "RTM_NEWNEIGH")
-                for m in msgs
-            ):
-                self.on_event()
+        try:
+            while True:
+                ready, _, _ = select.select([self._sock.fileno(), self._wake_r], [], [])
+                if self._wake_r in ready:
+                    return
+                try:
+                    data = self._sock.recv(1 << 16)
+                except OSError as exc:
+                    if exc.errno != errno.ENOBUFS:
+                        log.warning("netlink event socket: %s", exc)
+                        return
+                    self.on_event()  # events were lost: re-read everything
+                    continue
+                if wakes(data):
+                    self.on_event()
+        finally:
+            self._sock.close()
 
     def close(self) -> None:
-        self._stop = True
-        try:
-            if self._ipr is not None:
-                self._ipr.close()
-        except Exception:
-            pass
+        """Stop the thread (it closes its socket); never blocks for long."""
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self._thread.is_alive():
+            self._thread.join(timeout=1)
+        else:
+            self._sock.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def wakes(data: bytes) -> bool:
+    """Whether a batch of netlink messages holds a change the link tables care about."""
+    off = 0
+    while off + NLMSG_HEADER.size <= len(data):
+        length, kind, _, _, _ = NLMSG_HEADER.unpack_from(data, off)
+        if kind in WAKING_EVENTS:
+            return True
+        if length < NLMSG_HEADER.size:
+            return False
+        off += (length + 3) & ~3
+    return False

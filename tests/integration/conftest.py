@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +57,8 @@ class Node:
         if self.agent is None:
             return None
         rc = stop(self.agent.proc)
+        if rc != 0:  # the log says which stop step hung
+            print("\n".join(self.agent.log[-40:]), file=sys.stderr)
         self.agent = None
         return rc
 
