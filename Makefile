@@ -9,11 +9,11 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	@$(VENV)/bin/interceptor demo
+	@$(PY) -m devlab.demo
 
 lint: setup
-	$(VENV)/bin/ruff check interceptor tests
-	$(VENV)/bin/ruff format --check interceptor tests
+	$(VENV)/bin/ruff check interceptor devlab tests
+	$(VENV)/bin/ruff format --check interceptor devlab tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	clang-format --dry-run --Werror bpf/*.c bpf/lib/*.h

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from interceptor import __version__
 from interceptor.console import verbs
 from interceptor.errors import ConfigError, InterceptorError
-from interceptor.inspect.state import ADMIN_SOCKET, DEFAULT_STATE_DIR
+from interceptor.ops.state import ADMIN_SOCKET, DEFAULT_STATE_DIR
 from interceptor.settings import (
     DEFAULT_MAX_UDP,
     DEFAULT_PIN_DIR,
@@ -36,13 +36,12 @@ from interceptor.settings import (
 )
 
 if TYPE_CHECKING:
-    from interceptor.agent import AgentSettings
+    from interceptor.node.agent import AgentSettings
 
 EPILOG = (
     """examples:
   interceptor serve --listen 127.0.0.1:5353
   interceptor serve --source cluster.yaml --listen 127.0.0.1:53 --upstream 10.0.0.2:53
-  interceptor demo
   interceptor net show
   interceptor query kubernetes.default.svc.cluster.local --from 10.244.1.10
 
@@ -416,7 +415,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument("--dump-bpf", action="store_true", help=argparse.SUPPRESS)
 
-    sub.add_parser("demo", help="run the guided demo (root: builds network namespaces)")
     verbs.add_parsers(sub)
     return parser
 
@@ -475,8 +473,8 @@ def _kube_settings(args: argparse.Namespace) -> KubeSettings | None:
 
 
 def agent_settings_from(args: argparse.Namespace) -> AgentSettings:
-    from interceptor.agent import AgentSettings
     from interceptor.datapath.loader import DatapathSettings
+    from interceptor.node.agent import AgentSettings
 
     if not args.node_name:
         raise ConfigError("--node-name (or NODE_NAME) is required")
@@ -520,8 +518,8 @@ def agent_settings_from(args: argparse.Namespace) -> AgentSettings:
 
 
 def _run_agent(args: argparse.Namespace) -> int:
-    from interceptor.agent import Agent
     from interceptor.datapath.loader import Datapath, bpf_source_dir
+    from interceptor.node.agent import Agent
 
     agent_settings = agent_settings_from(args)
     if args.dump_bpf:
@@ -545,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         if args.command == "serve":
-            from interceptor.app import serve
+            from interceptor.node.runtime import serve
 
             asyncio.run(serve(settings_from(args), admin_socket=args.admin_socket))
             return 0
@@ -553,10 +551,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_agent(args)
         if args.command in verbs.COMMANDS:
             return verbs.run(args, parser)
-        if args.command == "demo":
-            from interceptor.demo import run_demo
-
-            return int(run_demo())
         parser.print_help()
         return 2
     except InterceptorError as exc:

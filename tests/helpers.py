@@ -17,7 +17,7 @@ import dns.message
 import dns.query
 import dns.rdatatype
 
-from interceptor.lab import stop
+from devlab.netns import stop
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"

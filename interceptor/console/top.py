@@ -18,8 +18,8 @@ from typing import TextIO
 
 from interceptor.console.table import render
 from interceptor.errors import InterceptorError
-from interceptor.inspect.counters import COUNTS, CounterReader, Snapshot, rates
-from interceptor.inspect.state import NodeState, agent_alive, read_state
+from interceptor.ops.counters import COUNTS, CounterReader, Snapshot, rates
+from interceptor.ops.state import NodeState, agent_alive, read_state
 
 CLEAR = "\x1b[H\x1b[2J"
 

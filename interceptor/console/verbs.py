@@ -18,7 +18,7 @@ from typing import Any
 
 from interceptor.console.table import fields, render
 from interceptor.errors import InterceptorError
-from interceptor.inspect.state import ADMIN_SOCKET, DEFAULT_STATE_DIR, NodeState, read_state
+from interceptor.ops.state import ADMIN_SOCKET, DEFAULT_STATE_DIR, NodeState, read_state
 from interceptor.settings import DEFAULT_PIN_DIR
 
 DEFAULT_PIN_PATH = DEFAULT_PIN_DIR
@@ -268,7 +268,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def net_show(ctx: Ctx) -> None:
-    from interceptor.inspect.views import net_show as view
+    from interceptor.ops.views import net_show as view
 
     dev = ctx.args.dev
     if dev and (len(dev) != 2 or dev[0] != "dev"):
@@ -308,7 +308,7 @@ def net_show(ctx: Ctx) -> None:
 
 
 def prog_show(ctx: Ctx) -> None:
-    from interceptor.inspect.views import prog_show as view
+    from interceptor.ops.views import prog_show as view
 
     data = view(ctx.pin_path)
     rows = [
@@ -344,7 +344,7 @@ def prog_show(ctx: Ctx) -> None:
 
 
 def map_show(ctx: Ctx) -> None:
-    from interceptor.inspect.views import map_show as view
+    from interceptor.ops.views import map_show as view
 
     data = view(ctx.pin_path)
     rows = [
@@ -365,7 +365,7 @@ def map_show(ctx: Ctx) -> None:
 
 
 def map_dump(ctx: Ctx) -> None:
-    from interceptor.inspect.views import map_dump as view
+    from interceptor.ops.views import map_dump as view
 
     words = ctx.args.name
     if len(words) == 2 and words[0] == "name":
@@ -396,7 +396,7 @@ def map_dump(ctx: Ctx) -> None:
 
 
 def stats(ctx: Ctx) -> None:
-    from interceptor.inspect.views import stats as view
+    from interceptor.ops.views import stats as view
 
     data = view(ctx.pin_path, ctx.state)
     counts = data["pod_counters"]
@@ -420,7 +420,7 @@ def stats(ctx: Ctx) -> None:
 
 
 def services(ctx: Ctx) -> None:
-    from interceptor.inspect.admin import request
+    from interceptor.ops.admin import request
 
     data = request(ctx.admin_socket(), {"op": "services", "name": ctx.args.name})
     if ctx.args.name and not data:
@@ -439,7 +439,7 @@ def services(ctx: Ctx) -> None:
 
 
 def query(ctx: Ctx) -> None:
-    from interceptor.inspect.admin import request
+    from interceptor.ops.admin import request
 
     a = ctx.args
     data = request(

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from interceptor.lab import DNS_IP, Lab, PodSpec, stop
+from devlab.netns import DNS_IP, Lab, PodSpec, stop
 from tests.bench.common import PerfResult, parse_dnsperf, table
 from tests.bench.nodelocal import agent_flags
 

@@ -91,7 +91,7 @@ def memory(pods: int, verified: bool) -> dict[str, float]:
 
 
 def freshness(changes: int) -> list[float]:
-    from interceptor.lab import stop
+    from devlab.netns import stop
     from tests.e2e.apiserver import Cluster
     from tests.helpers import ROOT, start_serve
 

@@ -46,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from interceptor.lab import DNS_IP, RESOLVER_IP, Lab, PodSpec, stop
+from devlab.netns import DNS_IP, RESOLVER_IP, Lab, PodSpec, stop
 from tests.bench.common import BenchError, positive, require_tool
 from tests.bench.nodelocal import (
     CpuUse,

@@ -1,4 +1,4 @@
-"""The node-local DNS bench: the netns lab node (:mod:`interceptor.lab`) with one pod, DNS
+"""The node-local DNS bench: the netns lab node (:mod:`devlab.netns`) with one pod, DNS
 servers started in the node namespace on the node-local address, dnsperf run from the pod,
 per-CPU accounting, latency percentiles and markdown tables.
 
@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from interceptor.lab import DNS_IP, RESOLVER_IP, Agent, Lab, sh, stop
+from devlab.netns import DNS_IP, RESOLVER_IP, Agent, Lab, sh, stop
 from tests.bench.common import (
     BenchError,
     PerfResult,
@@ -64,7 +64,7 @@ def cpu_plan(pin: bool = True) -> tuple[set[int] | None, set[int] | None]:
 
 
 def pin_process(pid: int, cpus: set[int] | None) -> None:
-    """Pin every thread of a running process (the agent is started by :mod:`interceptor.lab`,
+    """Pin every thread of a running process (the agent is started by :mod:`devlab.netns`,
     which takes no ``preexec_fn``); threads it starts later inherit the mask."""
     if not cpus:
         return

@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from interceptor.lab import DNS_IP, RESOLVER_IP, Lab, PodSpec
+from devlab.netns import DNS_IP, RESOLVER_IP, Lab, PodSpec
 from tests.bench.common import BenchError, positive, require_tool
 from tests.bench.nodelocal import (
     ROOT,

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from interceptor.lab import stop
+from devlab.netns import stop
 from tests.helpers import ROOT, free_tcp_ports
 
 ADMIN_TOKEN = "e2e-admin-token"

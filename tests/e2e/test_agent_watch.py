@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from interceptor.lab import Agent, Lab, PodSpec, stop
+from devlab.netns import Agent, Lab, PodSpec, stop
 from tests.e2e.apiserver import Cluster
 from tests.e2e.relay import start_relays
 

@@ -17,7 +17,7 @@ import dns.exception
 import dns.rcode
 import pytest
 
-from interceptor.lab import stop
+from devlab.netns import stop
 from tests.e2e.apiserver import Cluster
 from tests.helpers import DATA, Served, free_tcp_ports, start_serve
 

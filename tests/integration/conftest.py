@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from interceptor.lab import Agent, Lab, PodSpec, stop
+from devlab.netns import Agent, Lab, PodSpec, stop
 from tests.helpers import DATA
 
 UPSTREAM_RECORDS = (

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from interceptor.lab import DNS_IP, Lab, PodSpec, sh
+from devlab.netns import DNS_IP, Lab, PodSpec, sh
 from tests.integration.conftest import Node, need_root
 
 METRICS_PORT = 19253  # inside the lab's node namespace: nothing else listens there

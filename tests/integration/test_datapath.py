@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from devlab.netns import PodSpec, sh
 from interceptor.datapath.loader import open_maps
 from interceptor.datapath.maps import REASONS
-from interceptor.inspect.state import read_state
-from interceptor.lab import PodSpec, sh
+from interceptor.ops.state import read_state
 from tests.integration.conftest import Node
 
 INTERCEPTED = "10.96.1.1"  # the interceptor's answer for svc1

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from interceptor.lab import DNS_IP, RESOLVER_IP, Agent, Lab, LabError, PodSpec, stop
+from devlab.netns import DNS_IP, RESOLVER_IP, Agent, Lab, LabError, PodSpec, stop
 from tests.deploy_manifests import DEPLOY, AgentSpec, agent_spec, render
 from tests.helpers import ROOT
 from tests.integration.conftest import need_root

@@ -29,9 +29,9 @@ import dns.rrset
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from interceptor.lab import stop
+from devlab.netns import stop
+from interceptor.resolve.upstream import Forwarder, TcpPool, UpstreamFailed
 from interceptor.settings import Endpoint, UpstreamSettings
-from interceptor.upstream import Forwarder, TcpPool, UpstreamFailed
 from tests.helpers import DATA, Dnsmasq, ask, free_tcp_ports, start_serve
 
 

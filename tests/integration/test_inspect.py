@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from interceptor.lab import sh, stop
+from devlab.netns import sh, stop
 from tests.helpers import ROOT, free_tcp_ports, start_serve
 from tests.integration.conftest import Node, make_node
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import dns.rcode
 import pytest
 
-from interceptor.lab import stop
+from devlab.netns import stop
 from tests.helpers import Dnsmasq, FakeUpstream, Served, ask, free_tcp_ports, start_serve
 
 

@@ -17,14 +17,14 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from interceptor.autopath import ClientIndex, expansion, search_list
-from interceptor.cache import Cache
 from interceptor.model.objects import Pod, parse
 from interceptor.model.servicemap import ServiceMap
-from interceptor.resolver import Resolver
+from interceptor.resolve.autopath import ClientIndex, expansion, search_list
+from interceptor.resolve.cache import Cache
+from interceptor.resolve.resolver import Resolver
+from interceptor.resolve.upstream import Forwarder, UpstreamFailed
 from interceptor.settings import AutopathSettings, Endpoint, Settings, ZoneSettings
 from interceptor.sources.yamlfile import load_file
-from interceptor.upstream import Forwarder, UpstreamFailed
 from tests.helpers import DATA
 
 ZONE = "cluster.local"

@@ -7,7 +7,7 @@ import dns.message
 import dns.rcode
 import dns.rrset
 
-from interceptor.cache import STALE_TTL, Cache
+from interceptor.resolve.cache import STALE_TTL, Cache
 
 
 class Clock:

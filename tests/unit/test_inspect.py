@@ -22,13 +22,14 @@ from interceptor.console.table import render
 from interceptor.console.verbs import COMMANDS, EXAMPLES
 from interceptor.datapath import maps
 from interceptor.errors import InterceptorError
-from interceptor.health import HealthServer, self_query
-from interceptor.inspect.admin import AdminError, AdminServer, request
-from interceptor.inspect.catalog import CATALOG, Context, decode
-from interceptor.inspect.collector import BpfCollector, programming_histogram
-from interceptor.inspect.counters import PodCounters, Snapshot, rates
-from interceptor.inspect.explain import explain, qtype_code, services
-from interceptor.inspect.state import (
+from interceptor.model.servicemap import ServiceMap
+from interceptor.node.health import HealthServer, self_query
+from interceptor.ops.admin import AdminError, AdminServer, request
+from interceptor.ops.catalog import CATALOG, Context, decode
+from interceptor.ops.collector import BpfCollector, programming_histogram
+from interceptor.ops.counters import PodCounters, Snapshot, rates
+from interceptor.ops.explain import explain, qtype_code, services
+from interceptor.ops.state import (
     AgentInfo,
     NodeState,
     PodEntry,
@@ -36,11 +37,10 @@ from interceptor.inspect.state import (
     read_state,
     write_state,
 )
-from interceptor.model.servicemap import ServiceMap
-from interceptor.resolver import Resolver
+from interceptor.resolve.resolver import Resolver
+from interceptor.resolve.upstream import Forwarder
 from interceptor.settings import Endpoint, Settings, UpstreamSettings, ZoneSettings
 from interceptor.sources.yamlfile import load_file
-from interceptor.upstream import Forwarder
 from tests.helpers import DATA
 
 # ----------------------------------------------------------------------------- tables

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from interceptor.lifecycle import OwnerWatch, StopMode
+from interceptor.node.lifecycle import OwnerWatch, StopMode
 from interceptor.sources.kube import ApiError
 
 POD = {

@@ -10,10 +10,10 @@ import pytest
 
 from interceptor.dns.message import Malformed, fast_response, parse_query
 from interceptor.model.servicemap import ServiceMap
-from interceptor.resolver import Resolver
+from interceptor.resolve.resolver import Resolver
+from interceptor.resolve.upstream import Forwarder
 from interceptor.settings import Endpoint, Settings, ZoneSettings
 from interceptor.sources.yamlfile import load_file
-from interceptor.upstream import Forwarder
 from tests.helpers import DATA
 
 

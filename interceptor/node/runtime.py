@@ -15,22 +15,14 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from interceptor import __version__
-from interceptor.cache import Cache
 from interceptor.errors import ConfigError
-from interceptor.health import HealthServer, self_query
-from interceptor.inspect.admin import AdminServer
-from interceptor.metrics import (
-    BuildCollector,
-    CacheCollector,
-    MapCollector,
-    RequestCollector,
-    UpstreamCollector,
-    WatchCollector,
-    serve_metrics,
-)
 from interceptor.model.servicemap import ServiceMap
-from interceptor.resolver import Resolver
-from interceptor.server import DnsServer
+from interceptor.node.health import HealthServer, self_query
+from interceptor.ops.admin import AdminServer
+from interceptor.resolve.cache import Cache
+from interceptor.resolve.listener import DnsServer
+from interceptor.resolve.resolver import Resolver
+from interceptor.resolve.upstream import Forwarder
 from interceptor.settings import (
     Endpoint,
     KubeDnsConfig,
@@ -41,7 +33,15 @@ from interceptor.settings import (
 )
 from interceptor.sources.kube import ClientApi, KubeSource
 from interceptor.sources.yamlfile import FileSource
-from interceptor.upstream import Forwarder
+from interceptor.telemetry.prometheus import (
+    BuildCollector,
+    CacheCollector,
+    MapCollector,
+    RequestCollector,
+    UpstreamCollector,
+    WatchCollector,
+    serve_metrics,
+)
 
 log = logging.getLogger(__name__)
 

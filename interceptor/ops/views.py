@@ -27,9 +27,9 @@ from interceptor.datapath.introspect import (
     programs,
     stats_enabled,
 )
-from interceptor.inspect.catalog import CATALOG, COUNTER_SETS, Context, decode
-from interceptor.inspect.counters import COUNTS, CounterReader
-from interceptor.inspect.state import NodeState, agent_alive
+from interceptor.ops.catalog import CATALOG, COUNTER_SETS, Context, decode
+from interceptor.ops.counters import COUNTS, CounterReader
+from interceptor.ops.state import NodeState, agent_alive
 
 View = dict[str, Any]
 

@@ -20,21 +20,21 @@ from pathlib import Path
 from typing import TypeVar
 
 from interceptor import __version__
-from interceptor.app import Feed, make_cache, start_metrics
 from interceptor.datapath.addresses import add_address, remove_address
 from interceptor.datapath.answers import AnswerMap
 from interceptor.datapath.discovery import LinkFinder, NetlinkEvents
 from interceptor.datapath.loader import Datapath, DatapathSettings
-from interceptor.health import HealthServer, self_query
-from interceptor.inspect.agentops import AgentOps
-from interceptor.inspect.state import ADMIN_SOCKET, DEFAULT_STATE_DIR
-from interceptor.lifecycle import OwnerWatch, StopMode
 from interceptor.model.nodepods import NodePod, node_pod_ips, node_pods
 from interceptor.model.servicemap import ServiceMap
-from interceptor.resolver import Resolver
-from interceptor.server import DnsServer
+from interceptor.node.health import HealthServer, self_query
+from interceptor.node.lifecycle import OwnerWatch, StopMode
+from interceptor.node.runtime import Feed, make_cache, start_metrics
+from interceptor.ops.agentops import AgentOps
+from interceptor.ops.state import ADMIN_SOCKET, DEFAULT_STATE_DIR
+from interceptor.resolve.listener import DnsServer
+from interceptor.resolve.resolver import Resolver
+from interceptor.resolve.upstream import Forwarder
 from interceptor.settings import Endpoint, Settings
-from interceptor.upstream import Forwarder
 
 log = logging.getLogger(__name__)
 

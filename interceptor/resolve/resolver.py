@@ -15,8 +15,6 @@ from typing import Any
 
 import dnslib
 
-from interceptor.autopath import MAX_UPSTREAM_CANDIDATES, ClientIndex, candidate_wires, expansion
-from interceptor.cache import Cache
 from interceptor.dns import wire
 from interceptor.dns.message import (
     HEADER,
@@ -36,9 +34,16 @@ from interceptor.dns.message import (
 from interceptor.logutil import RateLimitedLog
 from interceptor.model.records import MeshHost
 from interceptor.model.servicemap import ServiceMap
+from interceptor.resolve.autopath import (
+    MAX_UPSTREAM_CANDIDATES,
+    ClientIndex,
+    candidate_wires,
+    expansion,
+)
+from interceptor.resolve.cache import Cache
+from interceptor.resolve.upstream import Forwarder, UpstreamFailed, build_query
 from interceptor.settings import Endpoint, KubeDnsConfig, PodRecords, Settings, forwarding
-from interceptor.stats import DURATION_BUCKETS, RequestStats
-from interceptor.upstream import Forwarder, UpstreamFailed, build_query
+from interceptor.telemetry.stats import DURATION_BUCKETS, RequestStats
 
 log = logging.getLogger(__name__)
 _rl = RateLimitedLog(log)

@@ -1,4 +1,4 @@
-"""``interceptor demo``: a guided tour for newcomers.
+"""``make demo`` (``python -m devlab.demo``): a guided tour for newcomers.
 
 It starts a real upstream DNS server (dnsmasq, on loopback only) standing in for the world
 outside the cluster, starts ``interceptor serve`` on the bundled example cluster, and asks it
@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from interceptor.lab import stop
+from devlab.netns import stop
 
 BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
 
@@ -109,7 +109,7 @@ def _summarise(dig_output: str) -> tuple[str, list[str]]:
 def run_demo() -> int:
     """The node demo as root (network namespaces, BPF); the resolver-only tour otherwise."""
     if os.geteuid() == 0:
-        from interceptor.demo_node import run_node_demo
+        from devlab.demo_node import run_node_demo
 
         return run_node_demo()
     print("Not root: showing the resolver alone (the node demo needs network namespaces).\n")
@@ -190,3 +190,7 @@ def run_serve_tour() -> int:
         finally:
             for proc in reversed(procs):
                 stop(proc)
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo())

@@ -1,7 +1,7 @@
 """Prometheus figures of the BPF datapath, read from the pinned per-CPU maps at scrape time.
 
 The collector takes its reader as a constructor argument (client_python's ProcessCollector
-pattern): the agent hands it a :class:`~interceptor.inspect.counters.CounterReader` over its
+pattern): the agent hands it a :class:`~interceptor.ops.counters.CounterReader` over its
 pins, tests hand it a fake.  Nothing is counted in Python: every figure is the kernel's,
 summed over CPUs when scraped.
 """
@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from interceptor.inspect.catalog import COUNTER_SETS, CounterSet
-from interceptor.inspect.counters import Snapshot
+from interceptor.ops.catalog import COUNTER_SETS, CounterSet
+from interceptor.ops.counters import Snapshot
 
 log = logging.getLogger(__name__)
 

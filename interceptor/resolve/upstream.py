@@ -29,7 +29,7 @@ from interceptor.dns.message import skip_name
 from interceptor.dns.wire import encode_name
 from interceptor.logutil import RateLimitedLog
 from interceptor.settings import DEFAULT_MAX_UDP, Endpoint, UpstreamSettings
-from interceptor.stats import MAX_UPSTREAM_LABELS, UpstreamStats
+from interceptor.telemetry.stats import MAX_UPSTREAM_LABELS, UpstreamStats
 
 log = logging.getLogger(__name__)
 _rl = RateLimitedLog(log)

@@ -1,5 +1,5 @@
 """The datapath's counters, summed over CPUs and named: per pod (``stats``, ``top``, the
-per-pod metrics) and per reason (and any other :data:`~interceptor.inspect.catalog.COUNTER_SETS`).
+per-pod metrics) and per reason (and any other :data:`~interceptor.ops.catalog.COUNTER_SETS`).
 
 A pod may have several addresses (dual stack), each with its own counter slot; they are
 added up under the pod's name.  Slots the state file does not name (an agent that never
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from interceptor.datapath import maps
 from interceptor.datapath.introspect import IntrospectError, RawMap
-from interceptor.inspect.catalog import COUNTER_SETS, sum_values
-from interceptor.inspect.state import NodeState
+from interceptor.ops.catalog import COUNTER_SETS, sum_values
+from interceptor.ops.state import NodeState
 
 COUNTS: tuple[str, ...] = tuple(name for name, *_ in maps.PodStats._fields_)
 """Per-pod counters, as struct pod_stats has them (queries, redirected, passed, replies...)."""

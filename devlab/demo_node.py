@@ -8,8 +8,8 @@ import signal
 import time
 from pathlib import Path
 
-from interceptor.app import example_cluster
-from interceptor.lab import Lab, PodSpec, sh
+from devlab.netns import Lab, PodSpec, sh
+from interceptor.node.runtime import example_cluster
 
 B, D, G, R = "\033[1m", "\033[2m", "\033[32m", "\033[0m"
 POD = "frontend-7d4b9c-x2x8q"

@@ -32,8 +32,8 @@ import dnslib
 
 from interceptor.dns import wire
 from interceptor.errors import InterceptorError
-from interceptor.inspect.explain import explain, qtype_code, qtype_text, reply_to_json, services
-from interceptor.resolver import Resolver
+from interceptor.ops.explain import explain, qtype_code, qtype_text, reply_to_json, services
+from interceptor.resolve.resolver import Resolver
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from time import perf_counter_ns
 
 from interceptor.errors import InterceptorError
 from interceptor.logutil import RateLimitedLog
-from interceptor.resolver import Resolver
+from interceptor.resolve.resolver import Resolver
 from interceptor.settings import Endpoint, ServerSettings
 
 log = logging.getLogger(__name__)

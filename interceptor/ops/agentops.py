@@ -15,12 +15,12 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
 
-from interceptor.inspect.admin import AdminError, AdminServer
-from interceptor.inspect.collector import BpfCollector, programming_histogram
-from interceptor.inspect.counters import CounterReader
-from interceptor.inspect.state import STATE_FILE, AgentInfo, NodeState, PodEntry, write_state
 from interceptor.model.nodepods import NodePod
-from interceptor.resolver import Resolver
+from interceptor.ops.admin import AdminError, AdminServer
+from interceptor.ops.collector import BpfCollector, programming_histogram
+from interceptor.ops.counters import CounterReader
+from interceptor.ops.state import STATE_FILE, AgentInfo, NodeState, PodEntry, write_state
+from interceptor.resolve.resolver import Resolver
 
 log = logging.getLogger(__name__)
 

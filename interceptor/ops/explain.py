@@ -19,7 +19,7 @@ import dnslib
 
 from interceptor.dns import wire
 from interceptor.model.objects import EndpointSlice, Namespace, Pod, Service, ServiceEntry
-from interceptor.resolver import Resolver
+from interceptor.resolve.resolver import Resolver
 
 Client = tuple[str, int]
 

@@ -16,10 +16,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from interceptor.cache import CacheStats
+from interceptor.resolve.cache import CacheStats
 from interceptor.settings import Endpoint
 from interceptor.sources.kube import SyncState
-from interceptor.stats import DURATION_BUCKETS, SOURCES, RequestStats, UpstreamStats
+from interceptor.telemetry.stats import DURATION_BUCKETS, SOURCES, RequestStats, UpstreamStats
 
 
 class WatchCollector(Collector):
@@ -136,7 +136,7 @@ def _histogram(
 
 class RequestCollector(Collector):
     """What the resolver answered (both paths), how long it took, and autopath's outcomes,
-    from the plain counters the resolver keeps (:mod:`interceptor.stats`)."""
+    from the plain counters the resolver keeps (:mod:`interceptor.telemetry.stats`)."""
 
     def __init__(self, stats: Callable[[], RequestStats]) -> None:
         self.stats = stats

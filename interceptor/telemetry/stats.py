@@ -2,7 +2,7 @@
 
 The resolver answers ~125k queries per second on its hot path, where a prometheus-client
 ``Counter.labels(...).inc()`` per query (a lock, a label lookup) would cost more than the
-answer itself.  So the hot path only bumps a dict entry, and :mod:`interceptor.metrics`
+answer itself.  So the hot path only bumps a dict entry, and :mod:`interceptor.telemetry.prometheus`
 turns these into metric families when Prometheus scrapes (a custom collector).  A scrape runs
 on another thread: it copies each dict first (``dict.copy`` holds the GIL throughout).
 """

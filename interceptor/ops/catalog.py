@@ -18,7 +18,7 @@ from typing import Any
 
 from interceptor.datapath import maps
 from interceptor.dns import wire
-from interceptor.inspect.state import NodeState, PodEntry
+from interceptor.ops.state import NodeState, PodEntry
 
 Fields = dict[str, Any]
 

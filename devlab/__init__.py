@@ -1,0 +1,1 @@
+"""Developer tooling, not shipped: the network-namespace node (the lab) and the demo."""

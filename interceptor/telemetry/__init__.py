@@ -1,0 +1,1 @@
+"""Figures: the hot path's plain counters and their Prometheus export."""
