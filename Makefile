@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test unit integration lint bench clean peers cluster cluster-down
+.PHONY: setup demo test unit process lab e2e lint bench clean peers cluster cluster-down
 
 setup:
 	@bash scripts/setup.sh
@@ -18,18 +18,31 @@ lint: setup
 	$(VENV)/bin/lint-imports
 	clang-format --dry-run --Werror bpf/*.c bpf/lib/*.h
 
+# The tiers, cheapest first (docs/testing.md): unit is pure Python and needs neither root nor
+# Go; process runs real programs without root; lab needs root (netns, BPF); e2e needs root
+# and a real API server; cluster needs root and the one-node cluster.
 unit: setup
 	$(PY) -m pytest tests/unit -q
 
-# The full suite: lint, types, unit, integration (root) and e2e tiers, then the cluster tier
+process: setup peers
+	$(PY) -m pytest tests/process -q
+
+lab: setup
+	$(PY) -m pytest tests/lab -q
+
+e2e: setup peers
+	$(PY) -m pytest tests/e2e -q
+
+# The full suite: lint, types, the unit, process, lab and e2e tiers, then the cluster tier
 # (a real node: kubelet, containerd, CNI, kube-proxy, CoreDNS, the DaemonSet).  The e2e and
 # cluster tiers need Kubernetes components, built once per machine from the Go module proxy
 # (cached).  The cluster tier runs last, on its own: its kube-proxy rules and pins must not
 # meet the lab's.
+# --no-skip: everything is installed here, so a skipped test fails the run.
 test: lint peers
-	$(PY) -m pytest tests -q --ignore=tests/cluster
-	$(PY) -m pytest tests/cluster -q
-	CLUSTER_CNI=bridge CLUSTER_PROXY_MODE=nftables $(PY) -m pytest -q $(BRIDGE_TIER)
+	$(PY) -m pytest tests -q --no-skip --ignore=tests/cluster
+	$(PY) -m pytest tests/cluster -q --no-skip
+	CLUSTER_CNI=bridge CLUSTER_PROXY_MODE=nftables $(PY) -m pytest -q --no-skip $(BRIDGE_TIER)
 
 # The second variant (a flannel-style bridge, kube-proxy in nftables mode): what depends on
 # the CNI and the proxy (capture, resolution, the smoke test, service changes, what is left

@@ -21,7 +21,19 @@ from devlab.netns import stop
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
-DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+
+
+def need(binary: str) -> str:
+    """The path of an external program a test needs; the test skips, naming it, if it is
+    not installed (scripts/setup.sh installs them all, and `make test` fails on a skip)."""
+    path = shutil.which(binary) or next(
+        (p for p in (f"/usr/sbin/{binary}", f"/sbin/{binary}") if os.access(p, os.X_OK)), None
+    )
+    if path is None:
+        import pytest
+
+        pytest.skip(f"{binary} is not installed (scripts/setup.sh installs it)")
+    return path
 
 
 def free_tcp_ports(n: int) -> list[int]:
@@ -142,7 +154,7 @@ def start_dnsmasq(tmp: Path, *records: str) -> Dnsmasq:
     logfile = tmp / "dnsmasq.log"
     proc = subprocess.Popen(
         [
-            DNSMASQ,
+            need("dnsmasq"),
             "--keep-in-foreground",
             "--no-resolv",
             "--no-hosts",

@@ -1,7 +1,7 @@
 """The metric-name contract: every metric the agent exports, with its type and labels.
 
 One list for everything that depends on the names: the Grafana dashboard
-(deploy/dashboard.json, checked by tests/unit/test_deploy.py), the smoke test
+(deploy/dashboard.json, checked by tests/process/test_deploy.py), the smoke test
 (deploy/smoke-test.sh), and tests that scrape a live agent and compare.  A metric added to
 or renamed in the agent is added or renamed here, and the dashboard test then tells whether
 the dashboard still matches.

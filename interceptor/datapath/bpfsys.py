@@ -81,7 +81,7 @@ def possible_cpus() -> int:
 
 
 class MapInfo(ct.Structure):
-    """The kernel's struct bpf_map_info (uapi/linux/bpf.h); tests/unit/test_introspect_abi.py
+    """The kernel's struct bpf_map_info (uapi/linux/bpf.h); tests/process/test_introspect_abi.py
     checks it against the system's header."""
 
     _fields_ = [

@@ -1,6 +1,6 @@
 """ctypes mirrors of the structs in bpf/lib/maps.h, and typed access to the pinned maps.
 
-Each class's docstring names its C struct; tests/unit/test_maps_abi.py compiles maps.h with
+Each class's docstring names its C struct; tests/process/test_maps_abi.py compiles maps.h with
 the host compiler and checks every size and offset against these mirrors.
 """
 

@@ -20,14 +20,6 @@ import pytest
 
 from tests.cluster import images, node
 
-pytestmark = pytest.mark.cluster
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "tests/cluster/" in str(item.fspath):
-            item.add_marker(pytest.mark.cluster)
-
 
 @dataclass
 class Kube:

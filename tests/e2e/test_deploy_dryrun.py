@@ -12,8 +12,6 @@ import pytest
 from tests.deploy_manifests import OVERLAYS, one, render
 from tests.e2e.apiserver import Cluster, HttpError
 
-pytestmark = pytest.mark.e2e
-
 MANAGER = "dns-interceptor-e2e"
 
 

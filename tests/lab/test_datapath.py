@@ -12,7 +12,7 @@ from devlab.netns import PodSpec, sh
 from interceptor.datapath.loader import open_maps
 from interceptor.datapath.maps import REASONS
 from interceptor.ops.state import read_state
-from tests.integration.conftest import Node
+from tests.lab.conftest import Node
 
 INTERCEPTED = "10.96.1.1"  # the interceptor's answer for svc1
 DIRECT = "10.96.99.99"  # kube-dns's answer for svc1: the query bypassed us

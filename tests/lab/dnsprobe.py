@@ -1,6 +1,6 @@
 """Send DNS queries from inside a network namespace and report the raw replies.
 
-Run as ``python -m tests.integration.dnsprobe SERVER`` with a JSON list of hex queries on
+Run as ``python -m tests.lab.dnsprobe SERVER`` with a JSON list of hex queries on
 stdin; prints a JSON list of ``{"reply": hex, "csum_ok": bool}`` (``reply`` None on timeout).
 Each reply is also captured off the wire with an AF_PACKET socket, and its IPv4 header and UDP
 checksums are recomputed here: a reply built in the kernel must carry correct checksums, even

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from devlab.netns import DNS_IP, Lab, PodSpec, sh
-from tests.integration.conftest import Node, need_root
+from tests.lab.conftest import Node, need_root
 
 METRICS_PORT = 19253  # inside the lab's node namespace: nothing else listens there
 NODE_SEARCH = "corp.test"

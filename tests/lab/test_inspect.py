@@ -23,7 +23,7 @@ import pytest
 
 from devlab.netns import sh, stop
 from tests.helpers import ROOT, free_tcp_ports, start_serve
-from tests.integration.conftest import Node, make_node
+from tests.lab.conftest import Node, make_node
 
 METRICS = "127.0.0.1:9253"
 HEALTH = "127.0.0.1:8053"

@@ -20,7 +20,7 @@ from interceptor.datapath.maps import FASTPATH_RESULTS
 from interceptor.dns import wire
 from interceptor.dns.message import parse_query
 from tests.helpers import ROOT
-from tests.integration.conftest import Node, make_node
+from tests.lab.conftest import Node, make_node
 
 EXTRA = """
 - apiVersion: v1
@@ -89,7 +89,7 @@ def probe(node: Node, pod: str, server: str, queries: list[bytes]) -> list[dict[
     netns = node.lab.pod_ns(pod) if pod else node.lab.node
     r = subprocess.run(
         ["ip", "netns", "exec", netns, str(ROOT / ".venv/bin/python"), "-m"]
-        + ["tests.integration.dnsprobe", server],
+        + ["tests.lab.dnsprobe", server],
         input=json.dumps([q.hex() for q in queries]),
         capture_output=True,
         text=True,

@@ -5,7 +5,7 @@ expansion from the ConfigMap), its environment, its capability list as the whole
 set (setpriv: root with only those capabilities, no_new_privs), and its filesystem: the root
 and /sys read-only, /tmp an empty tmpfs, /sys/fs/bpf and the state directory writable mounts,
 /lib/modules and /usr/src read-only.  Then deploy/smoke-test.sh runs against it with kubectl
-replaced by tests/integration/kubectl_shim.py; everything below kubectl is real.
+replaced by tests/lab/kubectl_shim.py; everything below kubectl is real.
 
 What differs from a real node, and why: maps are pinned in a lab-specific directory bound
 over /sys/fs/bpf (a real agent's pins must not be touched); the service map comes from a YAML
@@ -33,9 +33,7 @@ import yaml
 from devlab.netns import DNS_IP, RESOLVER_IP, Agent, Lab, LabError, PodSpec, stop
 from tests.deploy_manifests import DEPLOY, AgentSpec, agent_spec, render
 from tests.helpers import ROOT
-from tests.integration.conftest import need_root
-
-pytestmark = pytest.mark.integration
+from tests.lab.conftest import need_root
 
 NODE = "node-1"
 KUBERNETES_IP = "10.96.0.1"

@@ -1,0 +1,1 @@
+"""Process tier: real processes and external binaries, no root."""
