@@ -18,6 +18,7 @@ from interceptor.dns.wire import (
     NOTIMP,
     OPT,
     decode_name_plain,
+    encode_name,
 )
 from interceptor.settings import DEFAULT_MAX_UDP
 
@@ -205,6 +206,22 @@ def skip_name(data: bytes, offset: int) -> int:
         if length > 63:
             raise ValueError("extended label")
         offset += length + 1
+
+
+def question_end(msg: bytes) -> int:
+    """Offset just past the first question of a message.  Raises ValueError/IndexError."""
+    return skip_name(msg, 12) + 4
+
+
+def build_query(
+    name: str, qtype: int, udp_size: int | None = DEFAULT_MAX_UDP, qid: int = 0
+) -> bytes:
+    """A recursive query (RD) for (name, IN, qtype), with EDNS unless ``udp_size`` is None:
+    the resolver's own lookups, the admin's ``query`` and the health check all ask with it."""
+    question = encode_name(name) + struct.pack("!HH", qtype, CLASS_IN)
+    if udp_size is None:
+        return HEADER.pack(qid, RD, 1, 0, 0, 0) + question
+    return HEADER.pack(qid, RD, 1, 0, 0, 1) + question + opt_record(udp_size, False)
 
 
 def opt_record(udp_size: int, do: bool, ext_rcode: int = 0) -> bytes:

@@ -9,14 +9,20 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-# RR types (RFC 1035 3.2.2, RFC 3596, RFC 2782, RFC 6891).
-A, NS, CNAME, SOA, PTR, MX, TXT, AAAA, SRV, OPT = 1, 2, 5, 6, 12, 15, 16, 28, 33, 41
-IXFR, AXFR, ANY = 251, 252, 255
-CLASS_IN = 1
+from interceptor.dns.codes import Rcode, RRType
 
-# RCODEs (RFC 1035 4.1.1, RFC 6891 6.1.3).
-NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
-BADVERS = 16
+# Plain ints for the hot path (an IntEnum member compares more slowly); names: dns/codes.py.
+A, NS, CNAME, SOA, PTR = (
+    int(t) for t in (RRType.A, RRType.NS, RRType.CNAME, RRType.SOA, RRType.PTR)
+)
+MX, TXT, AAAA, SRV, OPT = (
+    int(t) for t in (RRType.MX, RRType.TXT, RRType.AAAA, RRType.SRV, RRType.OPT)
+)
+IXFR, AXFR, ANY = int(RRType.IXFR), int(RRType.AXFR), int(RRType.ANY)
+CLASS_IN = 1
+NOERROR, FORMERR, SERVFAIL = int(Rcode.NOERROR), int(Rcode.FORMERR), int(Rcode.SERVFAIL)
+NXDOMAIN, NOTIMP, REFUSED = int(Rcode.NXDOMAIN), int(Rcode.NOTIMP), int(Rcode.REFUSED)
+BADVERS = int(Rcode.BADVERS)
 
 # An owner name that is a compression pointer to offset 12: the question's QNAME.  Answers
 # use it so that owner names echo the case the client asked in (RFC 4343 section 4.1).

@@ -230,6 +230,7 @@ class Agent:
             or tuple(Endpoint(ip, 53) for ip in a.captures),
             original_destination=self.datapath.original_destination,
             cache=make_cache(self.settings),
+            synced=self.feed.synced,
         )
         await self.feed.start(resolver)
         owner = self._watch_owner()

@@ -21,6 +21,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from interceptor.dns import wire
+from interceptor.dns.codes import rcode_text
+from interceptor.dns.message import build_query
 from interceptor.settings import Endpoint
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,6 @@ Check = Callable[[], tuple[bool, str] | Awaitable[tuple[bool, str]]]
 """() -> (ok, one line saying why), or a coroutine of it."""
 
 SELF_QUERY_TIMEOUT = 1.0
-RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
 
 
 class _Reply(asyncio.DatagramProtocol):
@@ -57,8 +58,7 @@ async def self_query(
     if host in ("0.0.0.0", "::"):  # bound to every address: ask over loopback
         host = "::1" if host == "::" else "127.0.0.1"
     qid = secrets.randbelow(0x10000)
-    question = wire.encode_name(f"dns-version.{zone}") + struct.pack("!HH", wire.TXT, 1)
-    data = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + question
+    data = build_query(f"dns-version.{zone}", wire.TXT, udp_size=None, qid=qid)
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
     try:
@@ -81,7 +81,7 @@ async def self_query(
         transport.close()
     rcode = struct.unpack_from("!H", reply, 2)[0] & 0xF
     return True, (
-        f"ok: resolver answered dns-version.{zone} TXT ({RCODES.get(rcode, rcode)}) in "
+        f"ok: resolver answered dns-version.{zone} TXT ({rcode_text(rcode)}) in "
         f"{(time.monotonic() - t0) * 1000:.1f} ms"
     )
 

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from interceptor import __version__
 from interceptor.errors import ConfigError
+from interceptor.model.gate import SyncGate
 from interceptor.model.servicemap import ServiceMap
 from interceptor.node.health import HealthServer, self_query
 from interceptor.ops.admin import AdminServer
@@ -60,6 +61,8 @@ class Feed:
         self.smap = smap
         self.kube: KubeSource | None = None
         self.file: FileSource | None = None
+        self.synced = SyncGate(is_open=settings.kube is None)
+        """Opened by the first full sync; the resolver reads it."""
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -88,14 +91,13 @@ class Feed:
         api = partial(ClientApi, k.kubeconfig)
         all_pods = self.settings.zone.pod_records is PodRecords.VERIFIED
         self.kube = KubeSource(api, self.smap, k.node_name, all_pods, asyncio.get_running_loop())
-        resolver.ready = False
         self.kube.start()
-        self._tasks.append(asyncio.ensure_future(self._await_sync(resolver)))
+        self._tasks.append(asyncio.ensure_future(self._await_sync()))
 
-    async def _await_sync(self, resolver: Resolver) -> None:
+    async def _await_sync(self) -> None:
         assert self.kube is not None and self.kube.state.first_sync is not None
         await self.kube.state.first_sync.wait()
-        resolver.ready = True
+        self.synced.open()
         self._log_loaded()
 
     @property
@@ -206,7 +208,12 @@ async def serve(
     feed = Feed(settings, smap)
     upstreams = settings.upstream.servers or resolv_conf_nameservers(settings.resolv_conf)
     resolver = Resolver(
-        smap, Forwarder(settings.upstream), settings, upstreams, cache=make_cache(settings)
+        smap,
+        Forwarder(settings.upstream),
+        settings,
+        upstreams,
+        cache=make_cache(settings),
+        synced=feed.synced,
     )
     await feed.start(resolver)
     start_metrics(settings, feed, resolver)
@@ -226,7 +233,9 @@ async def serve(
     if health is not None:
         await health.start()
     admin = (
-        AdminServer(admin_socket, resolver, lambda: {"pid": os.getpid(), "ready": resolver.ready})
+        AdminServer(
+            admin_socket, resolver, lambda: {"pid": os.getpid(), "ready": feed.synced.is_open}
+        )
         if admin_socket is not None
         else None
     )

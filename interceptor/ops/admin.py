@@ -28,11 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import dnslib
-
 from interceptor.dns import wire
+from interceptor.dns.codes import type_code, type_text
+from interceptor.dns.message import build_query
 from interceptor.errors import InterceptorError
-from interceptor.ops.explain import explain, qtype_code, qtype_text, reply_to_json, services
+from interceptor.ops.explain import describe, reply_to_json, services
 from interceptor.resolve.resolver import Resolver
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class AdminServer:
             return self.status()
         if op == "services":
             name = req.get("name")
-            return services(self.resolver, str(name) if name else None)
+            return services(self.resolver.smap, str(name) if name else None)
         if op == "query":
             return await self.query(req)
         raise AdminError(f"unknown op {op!r} (status, services, query)")
@@ -158,7 +158,7 @@ class AdminServer:
         except (wire.NameError_, UnicodeError) as exc:
             raise AdminError(f"{name!r} is not a valid domain name") from exc
         try:
-            qtype = qtype_code(str(req.get("type") or "A"))
+            qtype = type_code(str(req.get("type") or "A"))
         except ValueError as exc:
             raise AdminError(str(exc)) from exc
         source = req.get("from")
@@ -169,39 +169,18 @@ class AdminServer:
             except ValueError as exc:
                 raise AdminError(f"--from {source!r} is not an IP address") from exc
         resolver = self.resolver
-        why = explain(resolver, name, qtype, client)
-        data = bytes(dnslib.DNSRecord.question(name.rstrip(".") + ".", qtype_text(qtype)).pack())
-        cache = resolver.cache
-        hits, stale = (cache.stats.hits, cache.stats.stale_served) if cache else (0, 0)
+        data = build_query(name.rstrip("."), qtype)
         t0 = time.monotonic()
-        reply = resolver.fast(data)
-        if reply is None:
-            reply = await asyncio.wait_for(resolver.resolve(data, False, client), QUERY_TIMEOUT)
+        decision = await asyncio.wait_for(resolver.decide(data, False, client), QUERY_TIMEOUT)
         elapsed = time.monotonic() - t0
-        if reply is None:
+        if decision.reply is None:
             raise AdminError("the resolver dropped the query")
-        answer = reply_to_json(reply)
-        if why.rule == "forwarded" and cache is not None:
-            # Best effort under load: another query may hit the cache at the same moment.
-            if cache.stats.stale_served > stale:
-                why.rule = "stale"
-                why.detail = "every upstream failed: an expired cached answer was served (RFC 8767)"
-            elif cache.stats.hits > hits:
-                why.rule = "cached"
-                why.detail = "answered from the node cache (" + why.detail + ")"
-        cnames = [r["data"] for r in answer["answer"] if r["type"] == "CNAME"]
-        if why.rule in ("search-path-junk", "nxdomain") and cnames:
-            # The resolver completed the pod's search list itself (autopath): the NXDOMAIN
-            # the map gives this name became a CNAME to the first candidate that exists.
-            why.rule = "autopath"
-            why.detail = (
-                f"the rest of the client's search list was tried on the server; CNAME "
-                f"to the first name that exists, {cnames[0].rstrip('.')}"
-            )
+        answer = reply_to_json(decision.reply)
+        why = describe(resolver.smap, decision, name, qtype)
         return {
             "question": {
                 "name": name,
-                "type": qtype_text(qtype),
+                "type": type_text(qtype),
                 "from": client[0] if client else None,
             },
             "answer": answer,

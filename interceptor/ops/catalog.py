@@ -18,6 +18,7 @@ from typing import Any
 
 from interceptor.datapath import maps
 from interceptor.dns import wire
+from interceptor.dns.codes import rcode_text, type_text
 from interceptor.ops.state import NodeState, PodEntry
 
 Fields = dict[str, Any]
@@ -169,13 +170,13 @@ def _fp_key(k: maps.FpKey, ctx: Context) -> Fields:
     except (ValueError, IndexError):
         name = raw.rstrip(b"\0").hex()
     qtype = socket.ntohs(k.qtype)
-    return {"name": name or ".", "qtype": {wire.A: "A", wire.AAAA: "AAAA"}.get(qtype, str(qtype))}
+    return {"name": name or ".", "qtype": type_text(qtype)}
 
 
 def _fp_answer(v: maps.FpAnswer, k: Any, ctx: Context) -> Fields:
     rcode = v.flag_lo & 0xF
     return {
-        "rcode": {0: "NOERROR", 3: "NXDOMAIN"}.get(rcode, str(rcode)),
+        "rcode": rcode_text(rcode),
         "answers": socket.ntohs(v.an),
         "authority": socket.ntohs(v.ns),
         "additional": socket.ntohs(v.ar),

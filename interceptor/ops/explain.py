@@ -1,12 +1,11 @@
-"""Why the running resolver answers a name the way it does: which rule, and which Kubernetes
-objects the answer comes from.  Also the list of services it knows.
+"""Why the running resolver answered a name the way it did: the rule it reports, in words,
+and the Kubernetes objects the answer comes from.  Also the list of services it knows.
 
-The rule is found by walking the same decisions as :meth:`Resolver.resolve` in the same
-order (readiness, the precomputed table, the cluster zone, ExternalName, pod records,
-existence, mesh wildcards, forwarding) using only the resolver's and the service map's
-public views; the objects are found from the name's structure
-(``<svc>.<ns>.svc.<zone>``, ``<ip>.in-addr.arpa`` ...) and the map's objects.  The answer
-itself is not predicted here: the admin endpoint runs the real resolver for it.
+The rule is the resolver's own (:class:`~interceptor.resolve.decision.Decision`): nothing
+here repeats its decisions.  What this module adds is description: what kind of records a
+table answer holds (a ClusterIP, a headless endpoint, SRV ...), whether an NXDOMAIN is
+search-path junk, and which objects in the map hold the name, found from the name's
+structure (``<svc>.<ns>.svc.<zone>``, ``<ip>.in-addr.arpa`` ...) and the map's objects.
 """
 
 from __future__ import annotations
@@ -18,18 +17,18 @@ from typing import Any
 import dnslib
 
 from interceptor.dns import wire
+from interceptor.dns.codes import rcode_text, type_text
 from interceptor.model.objects import EndpointSlice, Namespace, Pod, Service, ServiceEntry
-from interceptor.resolve.resolver import Resolver
-
-Client = tuple[str, int]
+from interceptor.model.servicemap import ServiceMap
+from interceptor.resolve.decision import Decision, Rule
 
 
 @dataclass
 class Explanation:
     rule: str
-    """Short identifier: clusterip-service, headless-service, headless-endpoint, srv, ptr,
-    externalname, mesh-vip, mesh-wildcard, pod-record, apex, nodata, empty-non-terminal,
-    search-path-junk, nxdomain, not-synced, refused, forwarded, cached, autopath."""
+    """Short identifier: the resolver's rule, or for a table answer the kind of its records
+    (clusterip-service, headless-service, headless-endpoint, srv, ptr, externalname,
+    mesh-vip, apex, nodata), and for a cluster NXDOMAIN search-path-junk or nxdomain."""
     detail: str
     """One sentence for a person."""
     objects: list[str] = field(default_factory=list)
@@ -41,82 +40,90 @@ class Explanation:
         return asdict(self)
 
 
-def qtype_code(text: str) -> int:
-    """``A``, ``aaaa``, ``TYPE65`` or ``65`` -> the type number; ValueError if unknown."""
-    t = text.strip().upper()
-    if t.isdigit():
-        return int(t)
-    if t.startswith("TYPE") and t[4:].isdigit():
-        return int(t[4:])
-    try:
-        code = getattr(dnslib.QTYPE, t)
-    except (dnslib.DNSError, AttributeError):
-        code = None
-    if not isinstance(code, int):
-        raise ValueError(f"unknown query type {text!r}")
-    return code
+FIXED = {
+    Rule.DROPPED: "not a DNS query: dropped without an answer",
+    Rule.MALFORMED: "the query is malformed or uses an opcode we do not serve",
+    Rule.BADVERS: "EDNS version other than 0: BADVERS (RFC 6891)",
+    Rule.REFUSED: "zone transfers and classes other than IN are refused (they would list "
+    "every service)",
+    Rule.NOT_SYNCED: "SERVFAIL: the first full sync from the source is not done (an NXDOMAIN "
+    "now would be cached by clients)",
+    Rule.POD_RECORD: "pod A/AAAA synthesized from the dashed IP in the name "
+    "(--pod-records insecure)",
+    Rule.CNAME_LOOP: "SERVFAIL: the ExternalName chain is longer than the resolver follows",
+}
 
 
-def qtype_text(code: int) -> str:
-    try:
-        return str(dnslib.QTYPE[code])
-    except Exception:  # dnslib raises its own error for unknown numbers
-        return f"TYPE{code}"
-
-
-def explain(resolver: Resolver, qname: str, qtype: int, client: Client | None) -> Explanation:
-    smap = resolver.smap
-    name = qname.strip().rstrip(".").lower()
-    zone = smap.zone
-    if qtype in (wire.AXFR, wire.IXFR):
-        return Explanation("refused", "zone transfers are refused (they would list every service)")
-    in_zone = smap.in_zone(name)
-    if in_zone and not resolver.ready:
+def describe(smap: ServiceMap, decision: Decision, name: str, qtype: int) -> Explanation:
+    """The resolver's ``decision`` for (``name``, ``qtype``), in words and objects."""
+    name = name.strip().rstrip(".").lower()
+    rule = decision.rule
+    servers = [str(s) for s in decision.upstreams]
+    if rule in FIXED:
+        objs = _objects_for(smap, name) if rule == Rule.POD_RECORD else []
+        if rule == Rule.POD_RECORD:
+            ns = name[: -len(f".pod.{smap.zone}")].split(".")[1]
+            objs = [f"Namespace {ns}"] if ("Namespace", "", ns) in smap.objects else []
+        return Explanation(rule, FIXED[rule], objs)
+    if rule == Rule.TABLE:
+        empty = decision.reply is not None and decision.reply[6:8] == b"\x00\x00"
+        return _table_kind(smap, name, qtype, empty)
+    if rule == Rule.EMPTY_NON_TERMINAL:
         return Explanation(
-            "not-synced",
-            "SERVFAIL: the first full sync from the source is not done (an NXDOMAIN now "
-            "would be cached by clients)",
+            "empty-non-terminal" if qtype != wire.ANY else "nodata",
+            "NODATA: the name exists (names below it do) but has no records of this type",
+            _objects_for(smap, name),
         )
-    key = wire.encode_name(name) + qtype.to_bytes(2, "big")
-    hit = smap.answers.get(key)
-    if hit is not None:
-        return _table_hit(resolver, name, qtype, hit.an == 0)
-    if in_zone:
-        target = smap.cname(name)
-        if target is not None:
-            return _externalname(resolver, name, target)
-        if resolver.pod_record_ip(name) is not None:
-            ns = name[: -len(f".pod.{zone}")].split(".")[1]
-            return Explanation(
-                "pod-record",
-                "pod A/AAAA synthesized from the dashed IP in the name (--pod-records insecure)",
-                [f"Namespace {ns}"] if _has(resolver, ("Namespace", "", ns)) else [],
-            )
-        if smap.exists(name):
-            return Explanation(
-                "empty-non-terminal" if qtype != wire.ANY else "nodata",
-                "NODATA: the name exists (names below it do) but has no records of this type",
-                _objects_for(resolver, name),
-            )
-        return _nxdomain(resolver, name)
-    wild = smap.mesh_wildcard(name)
-    if wild is not None and qtype in (wire.A, wire.AAAA):
+    if rule == Rule.NXDOMAIN:
+        return _nxdomain(smap, name)
+    if rule == Rule.AUTOPATH:
         return Explanation(
-            "mesh-wildcard",
-            f"mesh wildcard host *.{_wild_suffix(resolver, name)}: its addresses",
-            _service_entries(resolver, name, wildcard=True),
+            rule,
+            "the rest of the client's search list was tried on the server; CNAME to the "
+            f"first name that exists, {decision.target}",
+            _objects_for(smap, name),
         )
-    servers = [str(s) for s in resolver.upstreams_for(client, False, name)]
-    return Explanation("forwarded", _forward_reason(resolver, name, client), [], servers)
+    if rule == Rule.MESH_WILDCARD:
+        return Explanation(
+            rule,
+            f"mesh wildcard host *.{_wild_suffix(smap, name)}: its addresses",
+            _service_entries(smap, name, wildcard=True),
+        )
+    if rule == Rule.EXTERNALNAME:
+        where = (
+            "from the service map"
+            if decision.target is None or smap.in_zone(decision.target)
+            else f"through the upstream ({', '.join(servers)})"
+            if servers
+            else "from the mesh"
+        )
+        return Explanation(
+            rule,
+            f"ExternalName: CNAME to {decision.target}, then its records {where}",
+            _objects_for(smap, name),
+            servers,
+        )
+    if rule == Rule.CACHED:
+        return Explanation(rule, f"answered from the node cache ({decision.via})", [], servers)
+    if rule == Rule.STALE:
+        return Explanation(
+            rule,
+            "every upstream failed: an expired cached answer was served (RFC 8767)",
+            [],
+            servers,
+        )
+    if rule == Rule.UPSTREAM_FAILED:
+        return Explanation(rule, f"SERVFAIL: no upstream answered ({decision.via})", [], servers)
+    return Explanation(Rule.FORWARDED, decision.via or "not ours: forwarded", [], servers)
 
 
-def _table_hit(resolver: Resolver, name: str, qtype: int, empty: bool) -> Explanation:
-    smap = resolver.smap
+def _table_kind(smap: ServiceMap, name: str, qtype: int, empty: bool) -> Explanation:
+    """What a precomputed answer holds, from the name's structure and the map's objects."""
     zone = smap.zone
-    objs = _objects_for(resolver, name)
+    objs = _objects_for(smap, name)
     if empty:
         return Explanation(
-            "nodata", f"NODATA: the name has records, but none of type {qtype_text(qtype)}", objs
+            "nodata", f"NODATA: the name has records, but none of type {type_text(qtype)}", objs
         )
     if name == zone or name == f"dns-version.{zone}" or name == f"ns.dns.{zone}":
         return Explanation("apex", "the zone's own records (SOA, NS, schema version)", objs)
@@ -128,12 +135,10 @@ def _table_hit(resolver: Resolver, name: str, qtype: int, empty: bool) -> Explan
     if parts is None:
         return Explanation("table", "precomputed answer", objs)
     prefix, svc_name, ns = parts
-    svc = resolver.smap.objects.get(("Service", ns, svc_name))
+    svc = smap.objects.get(("Service", ns, svc_name))
     if isinstance(svc, Service):
         if prefix.startswith("_") or qtype == wire.SRV:
             return Explanation("srv", "SRV records of the service's named ports", objs)
-        if svc.external_name is not None:
-            return Explanation("externalname", f"ExternalName: CNAME to {svc.external_name}", objs)
         if svc.headless:
             if prefix:
                 return Explanation(
@@ -146,23 +151,9 @@ def _table_hit(resolver: Resolver, name: str, qtype: int, empty: bool) -> Explan
     return Explanation("table", "precomputed answer", objs)
 
 
-def _externalname(resolver: Resolver, name: str, target: str) -> Explanation:
-    objs = _objects_for(resolver, name)
-    where = (
-        "from the service map"
-        if resolver.smap.in_zone(target)
-        else "through the upstream ("
-        + ", ".join(str(s) for s in resolver.upstreams_for(None, False, target))
-        + ")"
-    )
-    return Explanation(
-        "externalname", f"ExternalName: CNAME to {target}, then its records {where}", objs
-    )
-
-
-def _nxdomain(resolver: Resolver, name: str) -> Explanation:
-    zone = resolver.smap.zone
-    for suffix in sorted(_search_suffixes(resolver), key=len, reverse=True):
+def _nxdomain(smap: ServiceMap, name: str) -> Explanation:
+    zone = smap.zone
+    for suffix in sorted(_search_suffixes(smap), key=len, reverse=True):
         if name.endswith("." + suffix):
             head = name[: -len(suffix) - 1]
             # A dotted name plus a search suffix is what ndots:5 makes of "example.com";
@@ -182,31 +173,16 @@ def _nxdomain(resolver: Resolver, name: str) -> Explanation:
     )
 
 
-def _search_suffixes(resolver: Resolver) -> set[str]:
+def _search_suffixes(smap: ServiceMap) -> set[str]:
     """What glibc appends with a kube-style resolv.conf: <ns>.svc.<zone>, svc.<zone>, <zone>."""
-    zone = resolver.smap.zone
+    zone = smap.zone
     out = {f"svc.{zone}", zone}
-    for kind, ns, name in resolver.smap.objects:
+    for kind, ns, name in smap.objects:
         if kind == "Namespace":
             out.add(f"{name}.svc.{zone}")
         elif ns:
             out.add(f"{ns}.svc.{zone}")
     return out
-
-
-def _forward_reason(resolver: Resolver, name: str, client: Client | None) -> str:
-    # The zones and servers in effect: flags plus the kube-dns ConfigMap, if one is followed.
-    for zone, _servers in resolver.forward_zones:
-        if name == zone or name.endswith("." + zone):
-            return f"not ours: forwarded to the servers of zone {zone} (--forward, stubDomains)"
-    if resolver.default_servers:
-        return "not ours: forwarded to --upstream (or upstreamNameservers)"
-    if client is not None and resolver.original_destination is not None:
-        return (
-            "not ours: forwarded to the server the pod asked (its flow's original destination; "
-            "without a live flow, to the captured servers)"
-        )
-    return "not ours: forwarded to the default upstream servers"
 
 
 def _svc_parts(name: str, zone: str) -> tuple[str, str, str] | None:
@@ -220,13 +196,8 @@ def _svc_parts(name: str, zone: str) -> tuple[str, str, str] | None:
     return ".".join(labels[:-2]), labels[-2], labels[-1]
 
 
-def _has(resolver: Resolver, key: tuple[str, str, str]) -> bool:
-    return key in resolver.smap.objects
-
-
-def _objects_for(resolver: Resolver, name: str) -> list[str]:
+def _objects_for(smap: ServiceMap, name: str) -> list[str]:
     """The objects whose records or existence make up ``name``."""
-    smap = resolver.smap
     zone = smap.zone
     out: list[str] = []
     parts = _svc_parts(name, zone)
@@ -268,7 +239,7 @@ def _objects_for(resolver: Resolver, name: str) -> list[str]:
         dns_ns, _, dns_name = smap.settings.dns_service.partition("/")
         if isinstance(smap.objects.get(("Service", dns_ns, dns_name)), Service):
             out.append(f"Service {dns_ns}/{dns_name}")
-    out += _service_entries(resolver, name, wildcard=False)
+    out += _service_entries(smap, name, wildcard=False)
     return list(dict.fromkeys(out))
 
 
@@ -284,11 +255,11 @@ def _reverse_ip(name: str) -> str | None:
     return None
 
 
-def _wild_suffix(resolver: Resolver, name: str) -> str:
+def _wild_suffix(smap: ServiceMap, name: str) -> str:
     """The most specific wildcard host covering ``name`` (as the resolver picks it)."""
     suffixes = [
         host[2:]
-        for o in resolver.smap.objects.values()
+        for o in smap.objects.values()
         if isinstance(o, ServiceEntry)
         for host in o.hosts
         if host.startswith("*.") and name.endswith(host[1:])
@@ -296,9 +267,9 @@ def _wild_suffix(resolver: Resolver, name: str) -> str:
     return max(suffixes, key=len, default=name.partition(".")[2])
 
 
-def _service_entries(resolver: Resolver, name: str, wildcard: bool) -> list[str]:
+def _service_entries(smap: ServiceMap, name: str, wildcard: bool) -> list[str]:
     out = []
-    for obj in resolver.smap.objects.values():
+    for obj in smap.objects.values():
         if not isinstance(obj, ServiceEntry):
             continue
         for host in obj.hosts:
@@ -308,10 +279,9 @@ def _service_entries(resolver: Resolver, name: str, wildcard: bool) -> list[str]
     return out
 
 
-def services(resolver: Resolver, name: str | None = None) -> list[dict[str, Any]]:
+def services(smap: ServiceMap, name: str | None = None) -> list[dict[str, Any]]:
     """Services and mesh hosts the resolver answers for; ``name`` filters by service name,
     ``namespace/name`` or a DNS name."""
-    smap = resolver.smap
     zone = smap.zone
     want = name.strip().rstrip(".").lower() if name else None
     slices: dict[tuple[str, str], list[EndpointSlice]] = {}
@@ -395,7 +365,7 @@ def reply_to_json(reply: bytes) -> dict[str, Any]:
         return [
             {
                 "name": str(r.rname).rstrip(".") or ".",
-                "type": qtype_text(r.rtype),
+                "type": type_text(r.rtype),
                 "ttl": r.ttl,
                 "data": str(r.rdata),
             }
@@ -405,7 +375,7 @@ def reply_to_json(reply: bytes) -> dict[str, Any]:
 
     flags = [f for f, on in (("aa", h.aa), ("tc", h.tc), ("rd", h.rd), ("ra", h.ra)) if on]
     return {
-        "rcode": str(dnslib.RCODE[h.rcode]),
+        "rcode": rcode_text(h.rcode),
         "flags": flags,
         "answer": rrs(msg.rr),
         "authority": rrs(msg.auth),

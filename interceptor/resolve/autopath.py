@@ -15,12 +15,20 @@ assumes the ClusterFirst list for every pod, a pod's custom search domains are f
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from interceptor.dns import wire
+from interceptor.dns.message import Answer, Query, assemble, question_end
+from interceptor.dns.records import sections
 from interceptor.model.objects import Pod
 from interceptor.model.servicemap import ServiceMap
+from interceptor.resolve.decision import Client, Decision, Rule
+from interceptor.telemetry.stats import RequestStats
+
+Ask = Callable[[bytes, bool, Client], Awaitable[Decision]]
+"""The resolver's own decision for one candidate, asked as the pod would ask it."""
 
 MAX_SEARCH = 32
 """kubelet's limit on search domains (MaxDNSSearchPaths since Kubernetes 1.28)."""
@@ -129,3 +137,129 @@ def candidate_wires(
         name, _ = wire.decode_name_plain(full, 0)
         out.append((full, name.lower()))
     return out
+
+
+class Autopath:
+    """Completes a known pod's search list on the server (see the module's docstring)."""
+
+    def __init__(
+        self,
+        smap: ServiceMap,
+        node_search: tuple[str, ...],
+        ask: Ask,
+        stats: RequestStats,
+        max_udp: int,
+    ) -> None:
+        self.smap = smap
+        self.clients = ClientIndex(smap, node_search)
+        self.ask = ask
+        self.stats = stats
+        self.max_udp = max_udp
+
+    async def complete(
+        self, query: Query, tcp: bool, client: Client, limit: int | None
+    ) -> Decision | None:
+        """``query`` is NXDOMAIN here; if it is the first search expansion of a known pod,
+        the answer with the first candidate of that pod's search list that exists.
+
+        Each candidate is resolved as the pod itself would ask it (same flags and EDNS), so
+        cluster candidates come from the map and the others share the cache with the pod's
+        own queries; the upstream ones are asked together, not one after another.  Then, in
+        the pod's order, the first candidate that is not NXDOMAIN decides:
+
+        * it has records: CNAME from the asked name to it, then its records (a hit);
+        * it is NODATA and every later candidate is NXDOMAIN: CNAME plus that NODATA, which
+          is where the pod's own search would end too, whatever its stub resolver;
+        * anything else (SERVFAIL, or NODATA with more to find later, where glibc searches
+          on and musl stops): None, so the asked name's own NXDOMAIN stands and the pod's
+          own search goes on exactly as without autopath (a miss).  Nothing found is a miss.
+        """
+        search = self.clients.search(client[0])
+        if search is None:
+            return None
+        if expansion(query.qname, search, self.smap.zone) is None:
+            return None
+        qname_wire = query.data[12 : query.question_end - 4]
+        tail = query.data[query.question_end - 4 :]  # QTYPE, QCLASS, the client's OPT
+        candidates = candidate_wires(qname_wire, search[0], search[1:])
+        local = [self.smap.in_zone(name) for _, name in candidates]
+        if local.count(False) > MAX_UPSTREAM_CANDIDATES:
+            return None  # one packet must not become dozens of upstream queries
+        tasks: dict[int, asyncio.Future[Decision]] = {}
+
+        def start(i: int) -> None:
+            synthetic = query.data[:12] + candidates[i][0] + tail
+            tasks[i] = asyncio.ensure_future(self.ask(synthetic, tcp, client))
+
+        results: list[Decision] = []
+        decided: int | None = None
+        try:
+            for i in range(len(candidates)):
+                if i not in tasks:
+                    if local[i]:
+                        start(i)  # from the map: no I/O, nothing to overlap
+                    else:
+                        # The first upstream candidate: ask it and every later one at once,
+                        # one round trip in all instead of one each.
+                        for j in range(i, len(candidates)):
+                            if not local[j]:
+                                start(j)
+                results.append(await tasks[i])
+                decided = choose([r.reply for r in results], len(candidates))
+                if decided is not None:
+                    break
+        finally:
+            for task in tasks.values():
+                task.cancel()  # their upstream queries still complete, into the cache
+        if decided is None or decided < 0:
+            self.stats.autopath_result(False)
+            return None
+        found = results[decided]
+        composed = None if found.reply is None else self._cname_to(query, found.reply, limit)
+        self.stats.autopath_result(composed is not None)
+        if composed is None:
+            return None
+        return Decision(composed, found.source, Rule.AUTOPATH, target=candidates[decided][1])
+
+    def _cname_to(self, query: Query, reply: bytes, limit: int | None) -> bytes | None:
+        """The answer to ``query``: a CNAME to the question of ``reply`` (a full response for
+        the candidate), then ``reply``'s records.  The CNAME lives no longer than the
+        cluster's negative TTL: a service created meanwhile under an earlier candidate would
+        have ended the pod's own search there."""
+        parts = sections(reply)
+        if parts is None:
+            return None
+        target = reply[12 : question_end(reply) - 4]
+        ttl = min([self.smap.ttl, *(parts.answer_ttls or parts.negative_ttls)])
+        cname = wire.rr(wire.QNAME_POINTER, wire.CNAME, ttl, target)
+        body = cname + b"".join(parts.answer + parts.authority + parts.additional)
+        answer = Answer(
+            parts.rcode,
+            parts.aa,
+            1 + len(parts.answer),
+            len(parts.authority),
+            len(parts.additional),
+            body,
+        )
+        return assemble(query, answer, self.max_udp, limit)
+
+
+def choose(replies: list[bytes | None], total: int) -> int | None:
+    """Which candidate answers (its index), -1 for none (the asked name's NXDOMAIN stands),
+    or None while the replies so far (in search order) cannot tell yet."""
+    for i, reply in enumerate(replies):
+        if reply is None or len(reply) < 12:
+            return -1
+        rcode = reply[3] & 15
+        if rcode == wire.NXDOMAIN:
+            continue
+        if rcode != wire.NOERROR:
+            return -1
+        if reply[6:8] != b"\x00\x00":
+            return i  # records (or a CNAME chain): the pod's search would stop here
+        # NODATA: final only if nothing after it exists (glibc searches on, musl stops).
+        later = replies[i + 1 :]
+        if any(r is None or len(r) < 12 or r[3] & 15 != wire.NXDOMAIN for r in later):
+            return -1
+        return i if len(replies) == total else None
+    return None if len(replies) < total else -1

@@ -29,7 +29,6 @@ class CacheStats:
     evictions: int = 0
     stale_served: int = 0
     prefetches: int = 0
-    inserts: int = 0
 
 
 @dataclass
@@ -123,7 +122,6 @@ class Cache:
             self.bytes -= old.size
         self.entries[key] = entry
         self.bytes += entry.size
-        self.stats.inserts += 1
         while len(self.entries) > self.max_entries or self.bytes > self.max_bytes:
             _, gone = self.entries.popitem(last=False)
             self.bytes -= gone.size
@@ -163,9 +161,14 @@ class Cache:
             struct.pack_into("!I", out, off, ttl_of(ttl))
         return bytes(out)
 
-    def wants_prefetch(self, entry: Entry, min_hits: int = 2) -> bool:
-        """A popular entry in the last 10% of its lifetime is refreshed ahead of expiry."""
+    def claim_prefetch(self, entry: Entry, min_hits: int = 2) -> bool:
+        """Whether to refresh ``entry`` ahead of expiry now (a popular entry in the last 10%
+        of its lifetime, not being refreshed already); a True claims and counts it."""
         if entry.prefetching or entry.hits < min_hits:
             return False
         life = entry.expires - entry.stored
-        return self.clock() >= entry.expires - life * 0.1
+        if self.clock() < entry.expires - life * 0.1:
+            return False
+        entry.prefetching = True
+        self.stats.prefetches += 1
+        return True

@@ -23,12 +23,11 @@ import struct
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from interceptor.dns.message import skip_name
-from interceptor.dns.wire import encode_name
+from interceptor.dns.message import question_end
 from interceptor.logutil import RateLimitedLog
-from interceptor.settings import DEFAULT_MAX_UDP, Endpoint, UpstreamSettings
+from interceptor.settings import Endpoint, UpstreamSettings
 from interceptor.telemetry.stats import MAX_UPSTREAM_LABELS, UpstreamStats
 
 log = logging.getLogger(__name__)
@@ -48,12 +47,28 @@ class UpstreamFailed(Exception):
     """No upstream gave a usable answer in time."""
 
 
+class Upstream(Protocol):
+    """What the resolver needs of a forwarder: the reply to one query from the first of
+    ``servers`` that gives a usable one.  :class:`Forwarder` is the real one; tests hand
+    the resolver their own."""
+
+    stats: UpstreamStats
+
+    async def forward(self, query: bytes, servers: Sequence[Endpoint]) -> bytes:
+        """The reply (its ID is ours, not the client's); UpstreamFailed if none came."""
+        ...
+
+    def healthy(self) -> dict[str, bool]: ...
+
+    def close(self) -> None: ...
+
+
 def _matches(reply: bytes, query: bytes) -> bool:
     """Same ID, QR set, and the same question (names compared case-insensitively)."""
     if len(reply) < 12 or reply[:2] != query[:2] or not reply[2] & 0x80:
         return False
     try:
-        end = skip_name(query, 12) + 4
+        end = question_end(query)
     except (ValueError, IndexError):
         return False
     if reply[4:6] != b"\x00\x01":
@@ -400,10 +415,3 @@ class Forwarder:
         for pool in self.pools.values():
             pool.close()
         self.pools.clear()
-
-
-def build_query(name: str, qtype: int, udp_size: int = DEFAULT_MAX_UDP) -> bytes:
-    """A recursive query for (name, IN, qtype) with EDNS, for the resolver's own lookups."""
-    header = struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 1)
-    opt = b"\x00\x00\x29" + struct.pack("!HBBHH", udp_size, 0, 0, 0, 0)
-    return header + encode_name(name) + struct.pack("!HH", qtype, 1) + opt

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
+from interceptor.dns.codes import RRType, rcode_text, type_text
+
 DURATION_BUCKETS: tuple[float, ...] = (
     0.0001,
     0.00025,
@@ -30,40 +32,22 @@ DURATION_BUCKETS: tuple[float, ...] = (
 )
 """Upper bounds (seconds).  From 100 µs: a node-local answer takes tens of microseconds, a
 forwarded one a millisecond or more, a timed-out one seconds."""
+FIRST_BOUND = DURATION_BUCKETS[0]
 
-QTYPE_NAMES: dict[int, str] = {
-    1: "A",
-    2: "NS",
-    5: "CNAME",
-    6: "SOA",
-    12: "PTR",
-    15: "MX",
-    16: "TXT",
-    28: "AAAA",
-    33: "SRV",
-    35: "NAPTR",
-    43: "DS",
-    48: "DNSKEY",
-    64: "SVCB",
-    65: "HTTPS",
-    99: "SPF",
-    252: "AXFR",
-    251: "IXFR",
-    255: "ANY",
-    257: "CAA",
-}
+LABELLED_TYPES = frozenset(
+    int(t)
+    for t in (
+        RRType.A, RRType.NS, RRType.CNAME, RRType.SOA, RRType.PTR, RRType.MX, RRType.TXT,
+        RRType.AAAA, RRType.SRV, RRType.NAPTR, RRType.DS, RRType.DNSKEY, RRType.SVCB,
+        RRType.HTTPS, RRType.SPF, RRType.AXFR, RRType.IXFR, RRType.ANY, RRType.CAA,
+    )
+)  # fmt: skip
 """Types with their own label value; every other type is ``other``: the type is chosen by the
 client, and 65536 label values would be a cardinality bomb."""
 
-RCODE_NAMES: dict[int, str] = {
-    0: "NOERROR",
-    1: "FORMERR",
-    2: "SERVFAIL",
-    3: "NXDOMAIN",
-    4: "NOTIMP",
-    5: "REFUSED",
-}
-"""Header RCODEs by name (4 bits); the rest, and BADVERS (extended, 16), by number."""
+NAMED_RCODES = 6
+"""Header RCODEs below this get their name as the label; the rest (rare, and BADVERS, which
+is extended) their number, as they always have."""
 
 SOURCES = ("authoritative", "mesh", "cache", "upstream", "stale", "error")
 """Where an answer came from (the ``source`` label)."""
@@ -74,11 +58,11 @@ MAX_UPSTREAM_LABELS = 64
 
 
 def qtype_label(qtype: int) -> str:
-    return QTYPE_NAMES.get(qtype, "other")
+    return type_text(qtype) if qtype in LABELLED_TYPES else "other"
 
 
 def rcode_label(rcode: int) -> str:
-    return RCODE_NAMES.get(rcode, str(rcode))
+    return rcode_text(rcode) if 0 <= rcode < NAMED_RCODES else str(rcode)
 
 
 class Histogram:
@@ -91,8 +75,11 @@ class Histogram:
         self.total = 0.0
 
     def observe(self, seconds: float, n: int = 1) -> None:
-        # bisect_left: a value equal to a bound belongs to that bucket (Prometheus "le").
-        self.counts[bisect_left(DURATION_BUCKETS, seconds)] += n
+        if seconds <= FIRST_BOUND:  # a node-local answer, nearly always: no bucket search
+            self.counts[0] += n
+        else:
+            # bisect_left: a value equal to a bound belongs to that bucket (Prometheus "le").
+            self.counts[bisect_left(DURATION_BUCKETS, seconds)] += n
         self.total += seconds * n
 
     def snapshot(self) -> tuple[list[int], float]:
@@ -110,6 +97,18 @@ class RequestStats:
         cheaper to build per query than a tuple of decoded fields; decoded at scrape time."""
         self.durations: dict[str, Histogram] = {s: Histogram() for s in SOURCES}
         self.autopath: dict[str, int] = {"hit": 0, "miss": 0}
+
+    def fast_batch(self, answered: int, mesh: int, seconds: float) -> None:
+        """``answered`` hot-path answers (``mesh`` of them for mesh hosts), each timed as
+        its batch's time over the batch's queries: timing every answer would cost more
+        than answering it."""
+        if mesh:
+            self.durations["mesh"].observe(seconds, mesh)
+        if answered > mesh:
+            self.durations["authoritative"].observe(seconds, answered - mesh)
+
+    def autopath_result(self, hit: bool) -> None:
+        self.autopath["hit" if hit else "miss"] += 1
 
     def count(self, proto: str, qtype: int, rcode: int, source: str, seconds: float) -> None:
         key = (proto, qtype, rcode, source)
@@ -131,9 +130,8 @@ class RequestStats:
 
 
 class UpstreamStats:
-    """Attempts per upstream server and how they ended, and how long they took."""
-
-    OUTCOMES = ("ok", "timeout", "error", "truncated")
+    """Attempts per upstream server and how they ended (ok, timeout, error, truncated), and
+    how long they took."""
 
     def __init__(self) -> None:
         self.attempts: dict[tuple[str, str], int] = {}

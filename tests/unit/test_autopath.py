@@ -22,46 +22,14 @@ from interceptor.model.servicemap import ServiceMap
 from interceptor.resolve.autopath import ClientIndex, expansion, search_list
 from interceptor.resolve.cache import Cache
 from interceptor.resolve.resolver import Resolver
-from interceptor.resolve.upstream import Forwarder, UpstreamFailed
 from interceptor.settings import AutopathSettings, Endpoint, Settings, ZoneSettings
 from interceptor.sources.yamlfile import load_file
 from tests.helpers import DATA
+from tests.unit.fakes import FakeForwarder
 
 ZONE = "cluster.local"
 POD_IP = "10.244.0.5"  # ns1/client in tests/data/cluster.yaml
 UPSTREAM = (Endpoint("192.0.2.53", 53),)
-
-
-class FakeForwarder(Forwarder):
-    """Answers from ``records`` (name -> type -> rdata texts) like an authoritative server
-    for example.org and corp.test: NXDOMAIN for unknown names, NODATA with an SOA for known
-    names without the type.  ``failing`` names raise UpstreamFailed (SERVFAIL)."""
-
-    def __init__(
-        self, records: dict[str, dict[str, list[str]]], failing: frozenset[str] = frozenset()
-    ) -> None:
-        super().__init__(Settings().upstream)
-        self.records = records
-        self.failing = failing
-        self.asked: list[tuple[str, str]] = []
-
-    async def forward(self, query: bytes, servers: Sequence[Endpoint]) -> bytes:
-        q = dns.message.from_wire(query)
-        name = q.question[0].name.to_text(omit_final_dot=True).lower()
-        rtype = dns.rdatatype.to_text(q.question[0].rdtype)
-        self.asked.append((name, rtype))
-        if name in self.failing:
-            raise UpstreamFailed("blackholed")
-        r = dns.message.make_response(q)
-        types = self.records.get(name)
-        if types is None:
-            r.set_rcode(dns.rcode.NXDOMAIN)
-        if types and rtype in types:
-            r.answer.append(dns.rrset.from_text(name + ".", 300, "IN", rtype, *types[rtype]))
-        else:
-            soa = "ns.example.org. host.example.org. 1 7200 900 1209600 120"
-            r.authority.append(dns.rrset.from_text("example.org.", 600, "IN", "SOA", soa))
-        return r.to_wire()
 
 
 RECORDS = {

@@ -105,7 +105,9 @@ def test_prefetch_for_popular_entries_near_expiry() -> None:
     c = Cache(clock=clock)
     c.put(b"k", reply(ttl=100))
     got = c.get(b"k")
-    assert got is not None and not c.wants_prefetch(got[1])
+    assert got is not None and not c.claim_prefetch(got[1])
     clock.now += 95
     got = c.get(b"k")
-    assert got is not None and c.wants_prefetch(got[1])
+    assert got is not None and c.claim_prefetch(got[1])
+    assert c.stats.prefetches == 1
+    assert not c.claim_prefetch(got[1])  # claimed: one refresh at a time

@@ -1,16 +1,29 @@
-"""`interceptor query`'s explanations against the real resolver and service map."""
+"""`interceptor query`'s explanations: the real resolver decides (its rule is reported, not
+guessed), then the description and the objects behind the answer, against the real map."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from interceptor.dns.codes import type_code
+from interceptor.dns.message import build_query
 from interceptor.model.servicemap import ServiceMap
-from interceptor.ops.explain import explain, qtype_code, services
+from interceptor.ops.explain import Explanation, describe, services
+from interceptor.resolve.cache import Cache
+from interceptor.resolve.decision import Client
 from interceptor.resolve.resolver import Resolver
-from interceptor.resolve.upstream import Forwarder
 from interceptor.settings import Endpoint, Settings, UpstreamSettings, ZoneSettings
+from tests.unit.fakes import FakeForwarder
 
 A, AAAA, SRV, PTR, CNAME = 1, 28, 33, 12, 5
+
+
+def explain(resolver: Resolver, name: str, qtype: int, client: Client | None) -> Explanation:
+    """What ``interceptor query`` does: the resolver decides, the decision is described."""
+    decision = asyncio.run(resolver.decide(build_query(name, qtype), False, client))
+    return describe(resolver.smap, decision, name, qtype)
 
 
 @pytest.mark.parametrize(
@@ -58,36 +71,38 @@ def test_explanations(
 
 
 def test_explanation_before_the_first_sync(resolver: Resolver) -> None:
-    resolver.ready = False
+    resolver.synced.is_open = False
     try:
         assert explain(resolver, "svc1.ns1.svc.cluster.local", A, None).rule == "not-synced"
         assert explain(resolver, "www.example.com", A, None).rule == "forwarded"
     finally:
-        resolver.ready = True
+        resolver.synced.is_open = True
 
 
 def test_services_listing_and_filters(resolver: Resolver) -> None:
-    all_ = services(resolver)
+    all_ = services(resolver.smap)
     svc1 = [s for s in all_ if s["name"] == "svc1"][0]
     assert svc1["type"] == "ClusterIP" and svc1["addresses"] == ["10.96.1.1"]
     assert "http:80/tcp" in svc1["ports"]
-    assert {s["dns_name"] for s in services(resolver, "auto")} == {
+    assert {s["dns_name"] for s in services(resolver.smap, "auto")} == {
         "auto.mesh.test",
         "auto2.mesh.test",
     }
-    hdls = services(resolver, "ns1/hdls")
+    hdls = services(resolver.smap, "ns1/hdls")
     assert len(hdls) == 1 and hdls[0]["type"] == "Headless"
     assert "172.0.0.4" not in hdls[0]["addresses"]  # not ready
-    assert services(resolver, "ext.ns1.svc.cluster.local")[0]["external_name"] == (
+    assert services(resolver.smap, "ext.ns1.svc.cluster.local")[0]["external_name"] == (
         "www.upstream.test"
     )
-    assert services(resolver, "no-such") == []
+    assert services(resolver.smap, "no-such") == []
 
 
 def test_qtype_names() -> None:
-    assert (qtype_code("aaaa"), qtype_code("TYPE65"), qtype_code("33")) == (28, 65, 33)
+    assert (type_code("aaaa"), type_code("TYPE65"), type_code("33")) == (28, 65, 33)
     with pytest.raises(ValueError):
-        qtype_code("BOGUS")
+        type_code("BOGUS")
+    with pytest.raises(ValueError):
+        type_code("70000")
 
 
 def test_forwarding_explanations_follow_the_servers_in_effect() -> None:
@@ -98,8 +113,24 @@ def test_forwarding_explanations_follow_the_servers_in_effect() -> None:
             zones=(("corp.example", (Endpoint("192.0.2.9", 5353),)),),
         )
     )
-    r = Resolver(m, Forwarder(s.upstream), s, [Endpoint("127.0.0.1", 9)])
+    r = Resolver(m, FakeForwarder({}), s, [Endpoint("127.0.0.1", 9)])
     why = explain(r, "db.corp.example", A, None)
     assert "corp.example" in why.detail and why.upstreams == ["192.0.2.9:5353"]
     why = explain(r, "www.example.org", A, ("10.244.1.10", 0))
     assert "--upstream" in why.detail and why.upstreams == ["192.0.2.1:53"]
+
+
+def test_the_cache_and_serve_stale_are_the_resolvers_own_report() -> None:
+    m = ServiceMap(ZoneSettings())
+    s = Settings()
+    fwd = FakeForwarder({"www.example.org": {"A": ["192.0.2.80"]}})
+    r = Resolver(m, fwd, s, [Endpoint("192.0.2.53", 53)], cache=Cache(stale_for=3600))
+    assert explain(r, "www.example.org", A, None).rule == "forwarded"
+    why = explain(r, "www.example.org", A, None)
+    assert why.rule == "cached" and why.upstreams == ["192.0.2.53:53"], why
+    assert r.cache is not None
+    for entry in r.cache.entries.values():
+        entry.expires = entry.stored  # expired now, within the stale window
+    fwd.failing = frozenset({"www.example.org", "new.example.org"})
+    assert explain(r, "www.example.org", A, None).rule == "stale"
+    assert explain(r, "new.example.org", A, None).rule == "upstream-failed"

@@ -1,0 +1,104 @@
+"""The forwarder wrapped in the node cache, as CoreDNS puts ``cache`` in front of ``forward``.
+
+Identical questions in flight share one upstream query (coalescing); a popular entry near
+the end of its life is refreshed in the background (prefetch); and when every upstream fails,
+an expired answer beats SERVFAIL (serve-stale, RFC 8767).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from interceptor.dns import wire
+from interceptor.dns.message import HEADER, Query, cap_edns, error_response, opt_record
+from interceptor.resolve.cache import Cache
+from interceptor.resolve.decision import Decision, Rule
+from interceptor.resolve.upstream import Upstream, UpstreamFailed
+from interceptor.settings import Endpoint
+
+
+class CachingForwarder:
+    def __init__(self, upstream: Upstream, cache: Cache | None, max_udp: int) -> None:
+        self.upstream = upstream
+        self.cache = cache
+        self.max_udp = max_udp
+        self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def forward(
+        self, query: Query, limit: int | None, servers: Sequence[Endpoint]
+    ) -> Decision:
+        """The answer to ``query`` from the cache or ``servers``, made this client's."""
+        key = cache_key(query, servers)
+        asked = tuple(servers)
+        cache = self.cache
+        if cache is not None:
+            hit = cache.get(key)
+            if hit is not None:
+                reply, entry = hit
+                if cache.claim_prefetch(entry):
+                    self._background(self._fetch(key, cap_edns(query, self.max_udp), servers))
+                out = for_client(reply, query, limit, self.max_udp)
+                return Decision(out, "cache", Rule.CACHED, upstreams=asked)
+        pending = self._inflight.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(
+                self._fetch(key, cap_edns(query, self.max_udp), servers)
+            )
+            self._inflight[key] = pending
+            pending.add_done_callback(lambda _: self._inflight.pop(key, None))
+        try:
+            reply = await asyncio.shield(pending)
+        except UpstreamFailed:
+            stale = cache.get(key, stale=True) if cache is not None else None
+            if stale is not None:
+                out = for_client(stale[0], query, limit, self.max_udp)
+                return Decision(out, "stale", Rule.STALE, upstreams=asked)
+            failed = error_response(query.data, wire.SERVFAIL, query, self.max_udp)
+            return Decision(failed, "error", Rule.UPSTREAM_FAILED, upstreams=asked)
+        out = for_client(reply, query, limit, self.max_udp)
+        return Decision(out, "upstream", Rule.FORWARDED, upstreams=asked)
+
+    async def _fetch(self, key: bytes, data: bytes, servers: Sequence[Endpoint]) -> bytes:
+        reply = await self.upstream.forward(data, servers)
+        if self.cache is not None:
+            self.cache.put(key, reply)
+        return reply
+
+    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+def cache_key(query: Query, servers: Sequence[Endpoint]) -> bytes:
+    """Question (lowercased name, type, class), whether the client spoke EDNS and set DO and
+    CD (they change the reply), and the servers asked (split horizons stay apart)."""
+    edns = query.edns
+    flags = (1 if edns else 0) | (2 if edns and edns.do else 0) | (4 if query.flags & 0x10 else 0)
+    names = ",".join(map(str, servers)).encode()
+    return query.key + struct.pack("!HB", query.qclass, flags) + names
+
+
+def for_client(reply: bytes, query: Query, limit: int | None, max_udp: int) -> bytes:
+    """A cached or shared reply, made this client's: its ID and its question bytes (case
+    included), truncated if it cannot take it."""
+    qend = query.question_end
+    if reply[12:qend].lower() != query.data[12:qend].lower():
+        return error_response(query.data, wire.SERVFAIL, query, max_udp) or b""
+    out = query.data[:2] + reply[2:12] + query.data[12:qend] + reply[qend:]
+    if limit is not None and len(out) > limit:
+        return _truncate(out, query, max_udp)
+    return out
+
+
+def _truncate(reply: bytes, query: Query, max_udp: int) -> bytes:
+    """An upstream reply too big for the client: header and question only, TC set."""
+    _, flags, *_ = HEADER.unpack_from(reply)
+    opt = opt_record(max_udp, query.edns.do) if query.edns is not None else b""
+    header = HEADER.pack(query.id, flags | 0x0200, 1, 0, 0, 1 if opt else 0)
+    return header + query.data[12 : query.question_end] + opt
