@@ -11,9 +11,13 @@
  *   asked, so the pod's stub resolver accepts the reply.
  *
  * Everything else passes untouched with TC_ACT_UNSPEC, so filters after ours (the CNI's) still
- * run; a packet we rewrote ends classification with TC_ACT_OK.  Helpers return -errno style
- * values; only the entry programs turn them into verdicts.  Fail-open: a stale heartbeat or a
- * missing resolver socket means "pass to the original server".
+ * run; a packet we rewrote ends classification with TC_ACT_OK.  Helpers return 0 or
+ * -REASON_* (lib/metrics.h); only the two entry programs count a reason and choose a verdict.
+ * Fail-open: a stale heartbeat or a missing resolver socket means "pass to the original
+ * server".
+ *
+ * Minimum kernel: 5.8 (bpf_sk_lookup_* from tc with BPF_F_CURRENT_NETNS, 4.20; bounded loops,
+ * 5.3; the BPF token of CAP_BPF, 5.8).  docs/kernel.md lists every feature and its version.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -79,8 +83,10 @@ static __always_inline struct pod_stats *__pod_stats(struct pod_info *pod)
 	return POD_STATS.lookup(&id);
 }
 
-/* Parse Ethernet / IPv4 or IPv6 / UDP or TCP.  Returns 0 with *p filled, -1 if the packet is
- * not UDP/TCP over IP (or is too short to tell). */
+#define NOT_OURS 1 /* __parse: not UDP/TCP over IP (or a fragment); passed, not counted */
+
+/* Parse Ethernet / IPv4 or IPv6 / UDP or TCP.  Returns 0 with *p filled; NOT_OURS for other
+ * traffic; -REASON_MALFORMED when a header the packet announces is cut short. */
 static __always_inline int __parse(struct __sk_buff *skb, struct pkt *p)
 {
 	void *data = (void *)(long)skb->data;
@@ -89,14 +95,16 @@ static __always_inline int __parse(struct __sk_buff *skb, struct pkt *p)
 	__u32 off = ETH_HLEN;
 
 	if ((void *)(eth + 1) > data_end)
-		return -1;
+		return -REASON_MALFORMED;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = data + ETH_HLEN;
 
 		if ((void *)(ip + 1) > data_end)
-			return -1;
-		if (ip->ihl < 5 || (ip->frag_off & bpf_htons(0x3fff)))
-			return -1; /* options are fine, fragments are not ours to rewrite */
+			return -REASON_MALFORMED;
+		if (ip->ihl < 5)
+			return -REASON_MALFORMED;
+		if (ip->frag_off & bpf_htons(0x3fff))
+			return NOT_OURS; /* options are fine, fragments are not ours to rewrite */
 		p->family = FAMILY_V4;
 		p->saddr.a[0] = ip->saddr;
 		p->daddr.a[0] = ip->daddr;
@@ -107,7 +115,7 @@ static __always_inline int __parse(struct __sk_buff *skb, struct pkt *p)
 		struct ipv6hdr *ip6 = data + ETH_HLEN;
 
 		if ((void *)(ip6 + 1) > data_end)
-			return -1;
+			return -REASON_MALFORMED;
 		p->family = FAMILY_V6;
 		__builtin_memcpy(&p->saddr, &ip6->saddr, 16);
 		__builtin_memcpy(&p->daddr, &ip6->daddr, 16);
@@ -115,14 +123,14 @@ static __always_inline int __parse(struct __sk_buff *skb, struct pkt *p)
 		off += sizeof(*ip6);
 #endif /* ENABLE_IPV6 */
 	} else {
-		return -1;
+		return NOT_OURS;
 	}
 	p->l4_off = off;
 	if (p->proto == IPPROTO_UDP) {
 		struct udphdr *udp = data + off;
 
 		if ((void *)(udp + 1) > data_end)
-			return -1;
+			return -REASON_MALFORMED;
 		p->sport = udp->source;
 		p->dport = udp->dest;
 		return 0;
@@ -132,14 +140,14 @@ static __always_inline int __parse(struct __sk_buff *skb, struct pkt *p)
 		struct tcphdr *tcp = data + off;
 
 		if ((void *)(tcp + 1) > data_end)
-			return -1;
+			return -REASON_MALFORMED;
 		p->sport = tcp->source;
 		p->dport = tcp->dest;
 		p->syn_only = tcp->syn && !tcp->ack;
 		return 0;
 	}
 #endif /* ENABLE_TCP */
-	return -1;
+	return NOT_OURS;
 }
 
 static __always_inline __u32 __l4_csum_off(struct pkt *p)
@@ -194,13 +202,19 @@ static __always_inline int __answers_vouched(struct __sk_buff *skb, struct pkt *
 }
 
 /* Token bucket per pod on new flows: a flooding pod's excess goes to its own server
- * untouched instead of evicting other pods' flows from the LRU. */
+ * untouched instead of evicting other pods' flows from the LRU.  Returns 0 or
+ * -REASON_RATE_LIMITED.
+ *
+ * The read-modify-write of pod->tokens is not atomic: two CPUs taking a token from the same
+ * pod at the same instant may both see the same balance, so a pod can get a few tokens more
+ * than its budget under contention.  Accepted: the bucket bounds a flood, it does not meter
+ * exactly, and a spin lock per pod on every new flow would cost every pod. */
 static __always_inline int __take_token(struct pod_info *pod, struct config *cfg, __u64 now)
 {
 	__u64 cap, tokens;
 
 	if (!cfg->flow_rate)
-		return 1;
+		return 0;
 	cap = (__u64)cfg->flow_burst * 1000000000ULL;
 	tokens = pod->tokens + (now - pod->tokens_ts) * cfg->flow_rate;
 	if (tokens > cap)
@@ -208,23 +222,74 @@ static __always_inline int __take_token(struct pod_info *pod, struct config *cfg
 	pod->tokens_ts = now;
 	if (tokens < 1000000000ULL) {
 		pod->tokens = tokens;
-		return 0;
+		return -REASON_RATE_LIMITED;
 	}
 	pod->tokens = tokens - 1000000000ULL;
-	return 1;
+	return 0;
 }
 
+/* Replace the destination (dst) or source address; 0 or -REASON_CSUM_ERROR. */
 static __always_inline int __rewrite(struct __sk_buff *skb, struct pkt *p, int dst,
 				     struct ip_addr *from, struct ip_addr *to)
 {
+	int ret;
+
 	if (p->family == FAMILY_V4)
-		return __rewrite_v4(skb, dst ? IP_DST_OFF : IP_SRC_OFF, __l4_csum_off(p), p->proto,
-				    from->a[0], to->a[0]);
+		ret = __rewrite_v4(skb, dst ? IP_DST_OFF : IP_SRC_OFF, __l4_csum_off(p), p->proto,
+				   from->a[0], to->a[0]);
+	else
 #ifdef ENABLE_IPV6
-	return __rewrite_v6(skb, dst ? IP6_DST_OFF : IP6_SRC_OFF, __l4_csum_off(p), from, to);
+		ret =
+		    __rewrite_v6(skb, dst ? IP6_DST_OFF : IP6_SRC_OFF, __l4_csum_off(p), from, to);
 #else
-	return -1;
+		ret = -1;
 #endif /* ENABLE_IPV6 */
+	return ret < 0 ? -REASON_CSUM_ERROR : 0;
+}
+
+/* The pod behind this packet: the destination must be captured and the source must be the
+ * veth's own pod (anti-spoofing).  0 with *pod set, or -REASON_* . */
+static __always_inline int __sending_pod(struct pkt *p, struct config *cfg, __u32 ifindex,
+					 struct pod_info **pod)
+{
+	struct capture_key ck = {};
+	struct pod_key pk = {};
+
+	ck.addr = p->daddr;
+	ck.family = p->family;
+	if (!(cfg->flags & CFG_CAPTURE_ALL) && !CAPTURE.lookup(&ck))
+		return -REASON_NOT_CAPTURED;
+	pk.ifindex = ifindex;
+	pk.family = p->family;
+	pk.addr = p->saddr;
+	*pod = PODS.lookup(&pk);
+	if (!*pod)
+		return IFACES.lookup(&ifindex) ? -REASON_SPOOFED : -REASON_UNKNOWN_POD;
+	return 0;
+}
+
+/* May this query open a flow to the resolver?  A resolver socket must be there and the pod
+ * within its budget; then the flow is recorded.  0 or -REASON_* (the query then goes to the
+ * server the pod asked, untouched). */
+static __always_inline int __open_flow(struct __sk_buff *skb, struct pkt *p, struct config *cfg,
+				       struct pod_info *pod, struct flow_key *fk, __u64 now)
+{
+	struct flow_val fv = {};
+	int ret;
+
+	if (!__resolver_listening(skb, p, cfg))
+		return -REASON_NO_SOCKET;
+	ret = __take_token(pod, cfg, now);
+	if (ret < 0)
+		return ret;
+	fv.orig = p->daddr;
+	fv.orig_port = p->dport;
+	fv.ifindex = skb->ifindex;
+	fv.pod_id = pod->pod_id;
+	fv.created_ns = now;
+	if (FLOWS.update(fk, &fv) < 0)
+		return -REASON_NO_FLOW;
+	return 0;
 }
 
 #ifdef ENABLE_FASTPATH
@@ -268,18 +333,20 @@ static __always_inline int __fastpath(struct __sk_buff *skb, struct pkt *p, stru
 int dnsi_from_pod(struct __sk_buff *skb)
 {
 	struct pkt p = {};
-	struct capture_key ck = {};
-	struct pod_key pk = {};
 	struct flow_key fk = {};
-	struct flow_val fv = {};
-	struct pod_info *pod;
+	struct flow_val *have;
+	struct pod_info *pod = NULL;
 	struct pod_stats *ps;
 	struct config *cfg;
 	struct ip_addr *resolver;
 	__u32 zero = 0, ifindex = skb->ifindex;
 	__u64 now;
+	int ret;
 
-	if (__parse(skb, &p) < 0 || p.dport != bpf_htons(DNS_PORT))
+	ret = __parse(skb, &p);
+	if (ret < 0)
+		__count(-ret);
+	if (ret || p.dport != bpf_htons(DNS_PORT))
 		return TC_ACT_UNSPEC;
 	cfg = CONFIG.lookup(&zero);
 	if (!cfg)
@@ -287,20 +354,13 @@ int dnsi_from_pod(struct __sk_buff *skb)
 	resolver = p.family == FAMILY_V4 ? &cfg->resolver4 : &cfg->resolver6;
 	if (!(resolver->a[0] | resolver->a[1] | resolver->a[2] | resolver->a[3]))
 		return TC_ACT_UNSPEC; /* no resolver address for this family */
-	ck.addr = p.daddr;
-	ck.family = p.family;
-	if (!(cfg->flags & CFG_CAPTURE_ALL) && !CAPTURE.lookup(&ck)) {
-		__count(REASON_NOT_CAPTURED);
+	ret = __sending_pod(&p, cfg, ifindex, &pod);
+	if (ret < 0) {
+		__count(-ret);
 		return TC_ACT_UNSPEC;
 	}
-	pk.ifindex = ifindex;
-	pk.family = p.family;
-	pk.addr = p.saddr;
-	pod = PODS.lookup(&pk);
-	if (!pod) {
-		__count(IFACES.lookup(&ifindex) ? REASON_SPOOFED : REASON_UNKNOWN_POD);
-		return TC_ACT_UNSPEC;
-	}
+	if (!pod)
+		return TC_ACT_UNSPEC; /* cannot happen; the verifier wants to see it */
 	ps = __pod_stats(pod);
 	if (ps)
 		ps->queries += 1;
@@ -313,8 +373,7 @@ int dnsi_from_pod(struct __sk_buff *skb)
 	 * vouches for the map until grace_until_ns, so names only we know (mesh hosts) keep
 	 * resolving while no agent runs; everything else fails open as usual. */
 	if (p.proto == IPPROTO_UDP && __answers_vouched(skb, &p, cfg, now)) {
-		int ret = __fastpath(skb, &p, cfg);
-
+		ret = __fastpath(skb, &p, cfg);
 		if (ret >= 0) {
 			__fp_count(FP_HIT);
 			if (ps)
@@ -334,9 +393,8 @@ int dnsi_from_pod(struct __sk_buff *skb)
 	fk.family = p.family;
 	if (p.proto == IPPROTO_TCP && !p.syn_only) {
 		/* A segment of a connection: follow the decision taken at its SYN. */
-		struct flow_val *known = FLOWS.lookup(&fk);
-
-		if (!known || !__addr_eq(&known->orig, &p.daddr)) {
+		have = FLOWS.lookup(&fk);
+		if (!have || !__addr_eq(&have->orig, &p.daddr)) {
 			__count(REASON_NO_FLOW);
 			return TC_ACT_UNSPEC;
 		}
@@ -349,28 +407,18 @@ int dnsi_from_pod(struct __sk_buff *skb)
 	/* A socket that keeps asking the same server (the common case for long-lived clients)
 	 * already has its flow: its LRU position is refreshed by the lookup, and the socket
 	 * check, the token bucket and the map update are only paid for new flows. */
-	struct flow_val *have = FLOWS.lookup(&fk);
-
+	have = FLOWS.lookup(&fk);
 	if (have && __addr_eq(&have->orig, &p.daddr) && have->ifindex == ifindex)
 		goto rewrite;
-	if (!__resolver_listening(skb, &p, cfg)) {
-		__count(REASON_NO_SOCKET);
+	ret = __open_flow(skb, &p, cfg, pod, &fk, now);
+	if (ret < 0) {
+		__count(-ret);
 		goto pass;
 	}
-	if (!__take_token(pod, cfg, now)) {
-		__count(REASON_RATE_LIMITED);
-		goto pass;
-	}
-	fv.orig = p.daddr;
-	fv.orig_port = p.dport;
-	fv.ifindex = ifindex;
-	fv.pod_id = pod->pod_id;
-	fv.created_ns = now;
-	if (FLOWS.update(&fk, &fv) < 0)
-		goto pass;
 rewrite:
-	if (__rewrite(skb, &p, 1, &p.daddr, resolver) < 0) {
-		__count(REASON_CSUM_ERROR);
+	ret = __rewrite(skb, &p, 1, &p.daddr, resolver);
+	if (ret < 0) {
+		__count(-ret);
 		return TC_ACT_SHOT;
 	}
 	__count(REASON_REDIRECTED);
@@ -392,8 +440,11 @@ int dnsi_to_pod(struct __sk_buff *skb)
 	struct ip_addr *resolver;
 	__u32 zero = 0;
 
-	if (__parse(skb, &p) < 0 || p.sport != bpf_htons(DNS_PORT))
-		return TC_ACT_UNSPEC;
+	int ret;
+
+	ret = __parse(skb, &p);
+	if (ret || p.sport != bpf_htons(DNS_PORT))
+		return TC_ACT_UNSPEC; /* malformed replies are the pod's stack's business */
 	cfg = CONFIG.lookup(&zero);
 	if (!cfg)
 		return TC_ACT_UNSPEC;
@@ -411,8 +462,9 @@ int dnsi_to_pod(struct __sk_buff *skb)
 	}
 	struct ip_addr orig = fv->orig;
 
-	if (__rewrite(skb, &p, 0, resolver, &orig) < 0) {
-		__count(REASON_CSUM_ERROR);
+	ret = __rewrite(skb, &p, 0, resolver, &orig);
+	if (ret < 0) {
+		__count(-ret);
 		return TC_ACT_SHOT;
 	}
 	__count(REASON_REPLY_RESTORED);

@@ -11,10 +11,10 @@ enum reason {
 	REASON_STALE_HEARTBEAT = 4, /* agent heartbeat too old: fail open */
 	REASON_NO_SOCKET = 5,	    /* no resolver socket: fail open */
 	REASON_RATE_LIMITED = 6,    /* pod over its new-flow budget: passed to its server */
-	REASON_NO_FLOW = 7,	    /* reply or TCP segment without a flow: passed */
-	REASON_NOT_CAPTURED = 8,    /* port 53 but destination not captured: passed */
-	REASON_CSUM_ERROR = 9,	    /* a rewrite helper failed: dropped (state is inconsistent) */
-	REASON_MALFORMED = 10,	    /* truncated headers: passed */
+	REASON_NO_FLOW = 7, /* reply or TCP segment without a flow (or no room for one): passed */
+	REASON_NOT_CAPTURED = 8, /* port 53 but destination not captured: passed */
+	REASON_CSUM_ERROR = 9,	 /* a rewrite helper failed: dropped (state is inconsistent) */
+	REASON_MALFORMED = 10,	 /* a pod's packet with truncated headers: passed */
 	REASON_MAX = 11,
 };
 

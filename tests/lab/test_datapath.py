@@ -167,6 +167,25 @@ def test_spoofed_source_creates_no_state_and_is_not_redirected(node: Node) -> No
     assert node.upstream_queries("spoof.test")[0].endswith("from 10.244.1.99")
 
 
+def test_truncated_headers_are_counted_as_malformed_and_passed(node: Node) -> None:
+    before = reasons(node)["malformed"]
+    script = (
+        "import socket, struct\n"
+        "udp = struct.pack('!HH', 40000, 53)  # half a UDP header\n"
+        "ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,\n"
+        "    socket.inet_aton('10.244.1.10'), socket.inet_aton('10.96.0.10'))\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)\n"
+        "s.sendto(ip + udp, ('10.96.0.10', 0))\n"
+    )
+    r = node.lab.run_in_pod("client1", "/usr/bin/python3", "-c", script)
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and reasons(node)["malformed"] == before:
+        time.sleep(0.05)
+    assert reasons(node)["malformed"] == before + 1
+    assert node.answer("client1", SVC1) == [INTERCEPTED]  # and the pod's DNS goes on
+
+
 def test_fail_open_after_sigkill_within_a_second(fresh_node: Node) -> None:
     agent = fresh_node.start_agent()
     assert fresh_node.answer("client1", SVC1) == [INTERCEPTED]
