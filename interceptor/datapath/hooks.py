@@ -7,17 +7,11 @@ Read-only, for ``interceptor net show``; the agent's attach path lives in tc.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
-from interceptor.datapath.tc import PARENTS
+from interceptor.datapath.tc import list_filters
 from interceptor.datapath.tcx import tcx_programs
-
-# cls_bpf attributes (TCA_BPF_* in uapi/linux/pkt_cls.h) that pyroute2 does not decode.
-TCA_BPF_TAG = 10
-TCA_BPF_ID = 11
 
 
 @dataclass(frozen=True)
@@ -47,50 +41,11 @@ class LinkHooks:
     tcx_supported: bool
 
 
-def _unknown_attrs(opts: Any) -> dict[int, bytes]:
-    """Raw payloads of the attributes pyroute2 left undecoded, by attribute type."""
-    out: dict[int, bytes] = {}
-    for _, value in opts.get("attrs", ()):
-        header = getattr(value, "get", lambda _k: None)("header")
-        if not isinstance(header, dict) or not hasattr(value, "data"):
-            continue
-        start = value.offset + 4
-        out[header["type"]] = bytes(value.data[start : value.offset + header["length"]])
-    return out
-
-
 def _filters(ipr: IPRoute, ifindex: int, ifname: str) -> list[Hook]:
-    out: list[Hook] = []
-    for direction, parent in PARENTS.items():
-        try:
-            msgs = ipr.get_filters(index=ifindex, parent=parent)
-        except NetlinkError:
-            continue  # no clsact on this link
-        for msg in msgs:
-            if not msg["handle"]:
-                continue  # the per-prio chain header, not a filter
-            kind = msg.get_attr("TCA_KIND") or ""
-            opts = msg.get_attr("TCA_OPTIONS")
-            name, prog_id = "", None
-            if kind == "bpf" and opts is not None and hasattr(opts, "get_attr"):
-                name = opts.get_attr("TCA_BPF_NAME") or ""
-                raw = _unknown_attrs(opts).get(TCA_BPF_ID)
-                if raw is not None and len(raw) >= 4:
-                    prog_id = int.from_bytes(raw[:4], "little")
-            out.append(
-                Hook(
-                    ifindex,
-                    ifname,
-                    direction,
-                    "tc",
-                    kind,
-                    (msg["info"] >> 16) & 0xFFFF,
-                    msg["handle"],
-                    name,
-                    prog_id,
-                )
-            )
-    return out
+    return [
+        Hook(ifindex, ifname, f.direction, "tc", f.kind, f.prio, f.handle, f.name, f.prog_id)
+        for f in list_filters(ipr, ifindex)
+    ]
 
 
 def link_hooks(ifname: str | None = None) -> list[LinkHooks]:

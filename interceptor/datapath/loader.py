@@ -153,19 +153,17 @@ class Datapath:
         bcc could pin them itself, but it reopens existing pins by map id, which needs
         CAP_SYS_ADMIN.  A pin with another layout (another version) is replaced without
         copying: that map's state is lost, not the node's DNS."""
-        shapes = dict(MAP_SHAPES)
-        if self.settings.fastpath:
-            shapes["FP_ANSWERS"] = (maps.FpKey, maps.FpAnswer, self.settings.fastpath_entries)
-        else:
-            shapes.pop("FP_STATS")
         carried = 0
-        for name, (key, value, entries) in shapes.items():
+        for name, defn in maps.REGISTRY.items():
+            if defn.fastpath and not self.settings.fastpath:
+                continue
             fd = bpf[name.encode()].map_fd
             path = self.settings.pin_dir / name
             shape = pinned_map_shape(path)
-            want = (ct.sizeof(key), ct.sizeof(value), entries)
+            entries = defn.entries or self.settings.fastpath_entries
+            want = (ct.sizeof(defn.key), ct.sizeof(defn.value), entries)
             if shape == want:
-                carried += copy_entries(path, fd, percpu=name in PERCPU_MAPS)
+                carried += copy_entries(path, fd, percpu=defn.percpu)
             elif shape is not None:
                 log.warning(
                     "pinned map %s has layout %s, this version needs %s: replacing it",
@@ -423,33 +421,11 @@ def _pod_key(ifindex: int, ip: str) -> maps.PodKey:
     return k
 
 
-MAP_SHAPES: dict[str, tuple[Any, Any, int]] = {
-    "CONFIG": (ct.c_uint32, maps.Config, 1),
-    "CAPTURE": (maps.CaptureKey, ct.c_uint32, maps.MAX_CAPTURE),
-    "PODS": (maps.PodKey, maps.PodInfo, maps.MAX_PODS),
-    "IFACES": (ct.c_uint32, maps.IfaceInfo, maps.MAX_PODS),
-    "FLOWS": (maps.FlowKey, maps.FlowVal, maps.MAX_FLOWS),
-    "REASONS": (ct.c_uint32, ct.c_uint64, len(maps.REASONS)),
-    "POD_STATS": (ct.c_uint32, maps.PodStats, maps.MAX_PODS),
-    "FP_STATS": (ct.c_uint32, ct.c_uint64, len(maps.FASTPATH_RESULTS)),
-}
-"""name -> (key type, value type, max entries), as bpf/redirect.c declares them."""
-PERCPU_MAPS = frozenset({"REASONS", "POD_STATS", "FP_STATS"})
-
-
 def open_maps(pin_dir: Path) -> dict[str, PinnedMap]:  # type: ignore[type-arg]
     """Every pinned map of ours, typed by its ctypes mirror (the fast path's only when the
     programs were built with it)."""
-    out: dict[str, PinnedMap] = {  # type: ignore[type-arg]
-        "CONFIG": PinnedMap(pin_dir / "CONFIG", ct.c_uint32, maps.Config),
-        "CAPTURE": PinnedMap(pin_dir / "CAPTURE", maps.CaptureKey, ct.c_uint32),
-        "PODS": PinnedMap(pin_dir / "PODS", maps.PodKey, maps.PodInfo),
-        "IFACES": PinnedMap(pin_dir / "IFACES", ct.c_uint32, maps.IfaceInfo),
-        "FLOWS": PinnedMap(pin_dir / "FLOWS", maps.FlowKey, maps.FlowVal),
-        "REASONS": PinnedMap(pin_dir / "REASONS", ct.c_uint32, ct.c_uint64, percpu=True),
-        "POD_STATS": PinnedMap(pin_dir / "POD_STATS", ct.c_uint32, maps.PodStats, percpu=True),
+    return {
+        name: PinnedMap(pin_dir / name, d.key, d.value, percpu=d.percpu)
+        for name, d in maps.REGISTRY.items()
+        if not d.fastpath or (pin_dir / "FP_ANSWERS").exists()
     }
-    if (pin_dir / "FP_ANSWERS").exists():
-        out["FP_ANSWERS"] = PinnedMap(pin_dir / "FP_ANSWERS", maps.FpKey, maps.FpAnswer)
-        out["FP_STATS"] = PinnedMap(pin_dir / "FP_STATS", ct.c_uint32, ct.c_uint64, percpu=True)
-    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes as ct
 import ipaddress
 import socket
+from dataclasses import dataclass
 
 FAMILY_V4 = 4
 FAMILY_V6 = 6
@@ -182,6 +183,64 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "fp_key": FpKey,
     "fp_answer": FpAnswer,
 }
+
+
+CType = type[ct.Structure] | type[ct.c_uint32] | type[ct.c_uint64]
+"""A map's key or value type: a struct mirror or a plain integer."""
+
+
+@dataclass(frozen=True)
+class MapDef:
+    """One pinned map as bpf/redirect.c declares it."""
+
+    key: CType
+    value: CType
+    entries: int
+    """Max entries; 0 for FP_ANSWERS, whose size is a flag (--fastpath-entries)."""
+    doc: str
+    percpu: bool = False
+    """One value per possible CPU (counters: no atomics on the hot path)."""
+    fastpath: bool = False
+    """Only when the programs are built with the in-kernel fast path."""
+
+
+REGISTRY: dict[str, MapDef] = {
+    "CONFIG": MapDef(ct.c_uint32, Config, 1, "agent settings and heartbeat, read by every packet"),
+    "CAPTURE": MapDef(
+        CaptureKey, ct.c_uint32, MAX_CAPTURE, "DNS server addresses whose traffic is captured"
+    ),
+    "PODS": MapDef(PodKey, PodInfo, MAX_PODS, "(veth, pod address) pairs allowed to create flows"),
+    "IFACES": MapDef(ct.c_uint32, IfaceInfo, MAX_PODS, "host veths under management"),
+    "FLOWS": MapDef(
+        FlowKey,
+        FlowVal,
+        MAX_FLOWS,
+        "pod sockets steered to the resolver, with the server they asked",
+    ),
+    "REASONS": MapDef(
+        ct.c_uint32, ct.c_uint64, len(REASONS), "packets per path through the programs", True
+    ),
+    "POD_STATS": MapDef(
+        ct.c_uint32, PodStats, MAX_PODS, "per-pod packet counters, indexed by pod id", True
+    ),
+    "FP_ANSWERS": MapDef(
+        FpKey,
+        FpAnswer,
+        0,
+        "answers the fast path gives in the kernel (a copy of the resolver's table)",
+        fastpath=True,
+    ),
+    "FP_STATS": MapDef(
+        ct.c_uint32,
+        ct.c_uint64,
+        len(FASTPATH_RESULTS),
+        "in-kernel fast path outcomes",
+        percpu=True,
+        fastpath=True,
+    ),
+}
+"""The one description of our pinned maps: the loader pins and carries them over by it,
+open_maps opens them by it, and the inspection catalog decodes them by it."""
 
 
 def family_of(ip: str) -> int:

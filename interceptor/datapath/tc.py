@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -35,6 +36,24 @@ class Filter:
     handle: int
     kind: str
     name: str
+    prog_id: int | None = None
+    """The kernel's id of a cls_bpf filter's program (None for other kinds)."""
+
+
+# cls_bpf attributes (TCA_BPF_* in uapi/linux/pkt_cls.h) that pyroute2 does not decode.
+TCA_BPF_ID = 11
+
+
+def _unknown_attrs(opts: Any) -> dict[int, bytes]:
+    """Raw payloads of the attributes pyroute2 left undecoded, by attribute type."""
+    out: dict[int, bytes] = {}
+    for _, value in opts.get("attrs", ()):
+        header = getattr(value, "get", lambda _k: None)("header")
+        if not isinstance(header, dict) or not hasattr(value, "data"):
+            continue
+        start = value.offset + 4
+        out[header["type"]] = bytes(value.data[start : value.offset + header["length"]])
+    return out
 
 
 def ensure_clsact(ipr: IPRoute, ifindex: int) -> None:
@@ -79,28 +98,25 @@ def delete_filter(ipr: IPRoute, ifindex: int, direction: str, prio: int, handle:
 
 
 def list_filters(ipr: IPRoute, ifindex: int) -> list[Filter]:
-    """Every filter on the clsact hooks of a link (empty if it has no clsact)."""
+    """Every filter on the clsact hooks of a link (empty if it has no clsact): the one reader
+    of the kernel's filter dump, for the agent's attach path and for ``net show``."""
     out: list[Filter] = []
     for direction, parent in PARENTS.items():
         try:
             msgs = ipr.get_filters(index=ifindex, parent=parent)
         except NetlinkError:
-            continue
+            continue  # no clsact on this link
         for msg in msgs:
             if not msg["handle"]:
                 continue  # the per-prio chain header, not a filter
+            kind = msg.get_attr("TCA_KIND") or ""
             opts = msg.get_attr("TCA_OPTIONS")
-            name = ""
+            name, prog_id = "", None
             if opts is not None and hasattr(opts, "get_attr"):
                 name = opts.get_attr("TCA_BPF_NAME") or ""
-            out.append(
-                Filter(
-                    ifindex,
-                    direction,
-                    (msg["info"] >> 16) & 0xFFFF,
-                    msg["handle"],
-                    msg.get_attr("TCA_KIND") or "",
-                    name,
-                )
-            )
+                raw = _unknown_attrs(opts).get(TCA_BPF_ID) if kind == "bpf" else None
+                if raw is not None and len(raw) >= 4:
+                    prog_id = int.from_bytes(raw[:4], "little")
+            prio = (msg["info"] >> 16) & 0xFFFF
+            out.append(Filter(ifindex, direction, prio, msg["handle"], kind, name, prog_id))
     return out

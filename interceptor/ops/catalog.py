@@ -1,8 +1,9 @@
 """How to read each pinned map: its C types (the ctypes mirrors in datapath/maps.py) and how
 to turn a key and a value into named fields for ``map dump``, ``stats`` and the metrics.
 
-**Adding a map** (e.g. the fast path's): one :class:`MapSpec` entry in :data:`CATALOG`.  A
-per-CPU array of counters indexed by an enum is one line with :func:`counter_map`, plus one
+**Adding a map**: its :class:`~interceptor.datapath.maps.MapDef` in ``maps.REGISTRY``, then
+one :func:`described` entry in :data:`CATALOG`.  A per-CPU array of counters indexed by an
+enum is one line with :func:`counter_map`, plus one
 :class:`CounterSet` in :data:`COUNTER_SETS` to show it in ``interceptor stats`` and export it
 as a Prometheus counter.  A pinned map with no entry here is still listed and dumped, as hex.
 """
@@ -53,7 +54,7 @@ class Context:
         return f"if{ifindex}"
 
 
-CType = type[ct.Structure] | type[ct.c_uint32] | type[ct.c_uint64]
+CType = maps.CType
 DecodeKey = Callable[[Any, Context], Fields]
 DecodeValue = Callable[[Any, Any, Context], Fields]
 """(value, key, context) -> fields: some values only make sense with their key."""
@@ -184,7 +185,19 @@ def _fp_answer(v: maps.FpAnswer, k: Any, ctx: Context) -> Fields:
     }
 
 
-def counter_map(labels: Sequence[str], label: str, doc: str = "") -> MapSpec:
+def described(
+    name: str,
+    decode_key: DecodeKey,
+    decode_value: DecodeValue,
+    columns: tuple[str, ...],
+    skip_zero: bool = False,
+) -> MapSpec:
+    """A map's decoders, with its types, per-CPU flag and description from the registry."""
+    d = maps.REGISTRY[name]
+    return MapSpec(d.key, d.value, decode_key, decode_value, columns, d.percpu, skip_zero, d.doc)
+
+
+def counter_map(name: str, labels: Sequence[str], label: str) -> MapSpec:
     """A per-CPU array of u64 counters indexed by an enum whose names are ``labels``."""
 
     def key(k: ct.c_uint32, ctx: Context) -> Fields:
@@ -194,69 +207,36 @@ def counter_map(labels: Sequence[str], label: str, doc: str = "") -> MapSpec:
     def value(v: ct.c_uint64, k: Any, ctx: Context) -> Fields:
         return {"count": v.value}
 
-    return MapSpec(ct.c_uint32, ct.c_uint64, key, value, (label, "count"), percpu=True, doc=doc)
+    return described(name, key, value, (label, "count"))
 
 
 CATALOG: dict[str, MapSpec] = {
-    "CONFIG": MapSpec(
-        ct.c_uint32,
-        maps.Config,
+    "CONFIG": described(
+        "CONFIG",
         lambda k, ctx: {"index": k.value},
         _config,
         ("heartbeat_age_s", "alive", "resolver4", "resolver6", "flags", "flow_rate"),
-        doc="agent settings and heartbeat, read by every packet",
     ),
-    "CAPTURE": MapSpec(
-        maps.CaptureKey,
-        ct.c_uint32,
-        _capture_key,
-        _u32,
-        ("address", "family"),
-        doc="DNS server addresses whose traffic is captured",
-    ),
-    "PODS": MapSpec(
-        maps.PodKey,
-        maps.PodInfo,
-        _pod_key,
-        _pod_info,
-        ("iface", "ip", "pod_id", "pod", "flow_tokens"),
-        doc="(veth, pod address) pairs allowed to create flows",
-    ),
-    "IFACES": MapSpec(
-        ct.c_uint32,
-        maps.IfaceInfo,
-        _ifindex,
-        _iface_info,
-        ("ifindex", "iface", "pods"),
-        doc="host veths under management",
-    ),
-    "FLOWS": MapSpec(
-        maps.FlowKey,
-        maps.FlowVal,
+    "CAPTURE": described("CAPTURE", _capture_key, _u32, ("address", "family")),
+    "PODS": described("PODS", _pod_key, _pod_info, ("iface", "ip", "pod_id", "pod", "flow_tokens")),
+    "IFACES": described("IFACES", _ifindex, _iface_info, ("ifindex", "iface", "pods")),
+    "FLOWS": described(
+        "FLOWS",
         _flow_key,
         _flow_val,
         ("pod_ip", "pod_port", "proto", "server", "pod", "age_s"),
-        doc="pod sockets steered to the resolver, with the server they asked",
     ),
-    "REASONS": counter_map(maps.REASONS, "reason", "packets per path through the programs"),
-    "POD_STATS": MapSpec(
-        ct.c_uint32,
-        maps.PodStats,
+    "REASONS": counter_map("REASONS", maps.REASONS, "reason"),
+    "POD_STATS": described(
+        "POD_STATS",
         _slot,
         _struct_fields,
         ("pod_id", "pod", *(n for n, *_ in maps.PodStats._fields_)),
-        percpu=True,
         skip_zero=True,
-        doc="per-pod packet counters, indexed by pod id",
     ),
-    "FP_STATS": counter_map(maps.FASTPATH_RESULTS, "result", "in-kernel fast path outcomes"),
-    "FP_ANSWERS": MapSpec(
-        maps.FpKey,
-        maps.FpAnswer,
-        _fp_key,
-        _fp_answer,
-        ("name", "qtype", "rcode", "answers", "body_bytes"),
-        doc="answers the fast path gives in the kernel (a copy of the resolver's table)",
+    "FP_STATS": counter_map("FP_STATS", maps.FASTPATH_RESULTS, "result"),
+    "FP_ANSWERS": described(
+        "FP_ANSWERS", _fp_key, _fp_answer, ("name", "qtype", "rcode", "answers", "body_bytes")
     ),
 }
 

@@ -91,3 +91,10 @@ def test_rates_per_second_busiest_first_and_reused_slots_restart() -> None:
     after = Snapshot(2_000_000_000, (pod("a", 300), pod("b", 70), pod("c", 10)))
     out = rates(before, after)
     assert [(r.pod.name, r.rate("queries")) for r in out] == [("a", 100), ("b", 10), ("c", 5)]
+
+
+def test_every_registered_map_has_a_decoder_and_the_registrys_types() -> None:
+    assert CATALOG.keys() == maps.REGISTRY.keys()
+    for name, spec in CATALOG.items():
+        d = maps.REGISTRY[name]
+        assert (spec.key, spec.value, spec.percpu, spec.doc) == (d.key, d.value, d.percpu, d.doc)
