@@ -13,17 +13,18 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from interceptor import __version__
 from interceptor.console import verbs
 from interceptor.errors import ConfigError, InterceptorError
-from interceptor.ops.state import ADMIN_SOCKET, DEFAULT_STATE_DIR
 from interceptor.settings import (
-    DEFAULT_MAX_UDP,
-    DEFAULT_PIN_DIR,
+    ADMIN_SOCKET,
+    AGENT_HEALTH,
+    AGENT_METRICS,
+    AgentSettings,
     AutopathSettings,
     CacheSettings,
+    DatapathSettings,
     Endpoint,
     KubeSettings,
     PodRecords,
@@ -34,9 +35,6 @@ from interceptor.settings import (
     load_kube_dns_config,
     resolv_conf_search,
 )
-
-if TYPE_CHECKING:
-    from interceptor.node.agent import AgentSettings
 
 EPILOG = (
     """examples:
@@ -115,18 +113,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_zone_flags(p: argparse.ArgumentParser) -> None:
+# Every default below is read from the settings dataclasses (one home per fact), as kopf's
+# configuration does: changing a default there changes the flag, its --help and the docs.
+ZONE = ZoneSettings()
+SERVER = ServerSettings()
+UPSTREAM = UpstreamSettings()
+CACHE = CacheSettings()
+AUTOPATH = AutopathSettings()
+DATAPATH = DatapathSettings()
+AGENT = AgentSettings(node_name="")
+RESOLV_CONF = Settings().resolv_conf
+
+
+def _add_resolver_flags(p: argparse.ArgumentParser) -> None:
+    """The flags ``serve`` and ``agent`` share: the zone, sources, forwarding, the cache."""
     p.add_argument(
         "--metrics-address",
         type=_endpoint,
         metavar="ADDR:PORT",
-        help="serve Prometheus metrics here (the agent's default: 0.0.0.0:9253)",
+        help=f"serve Prometheus metrics here (the agent's default: {AGENT_METRICS})",
     )
     p.add_argument(
         "--health-address",
         type=_endpoint,
         metavar="ADDR:PORT",
-        help="serve /healthz and /readyz here (the agent's default: 0.0.0.0:8053)",
+        help=f"serve /healthz and /readyz here (the agent's default: {AGENT_HEALTH})",
     )
     p.add_argument(
         "--kubeconfig",
@@ -143,21 +154,21 @@ def _add_zone_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cluster-domain",
-        default="cluster.local",
+        default=ZONE.cluster_domain,
         metavar="D",
         help="the cluster domain (default: %(default)s)",
     )
     p.add_argument(
         "--ttl",
         type=_non_negative_int,
-        default=30,
+        default=ZONE.ttl,
         metavar="N",
         help="TTL of authoritative answers in seconds (default: %(default)s)",
     )
     p.add_argument(
         "--pod-records",
         choices=[m.value for m in PodRecords],
-        default="insecure",
+        default=ZONE.pod_records.value,
         help="answering of a-b-c-d.<ns>.pod.<zone> names (default: %(default)s)",
     )
     p.add_argument(
@@ -184,7 +195,7 @@ def _add_zone_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--upstream-timeout",
         type=float,
-        default=2.0,
+        default=UPSTREAM.timeout,
         metavar="SECONDS",
         help="timeout of one upstream attempt (default: %(default)s)",
     )
@@ -203,14 +214,14 @@ def _add_zone_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--autopath",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=AUTOPATH.enabled,
         help="complete a known pod's search path on the server: one round trip instead of "
         "up to five (default: on)",
     )
     p.add_argument(
         "--resolv-conf",
         type=Path,
-        default=Path("/etc/resolv.conf"),
+        default=RESOLV_CONF,
         metavar="PATH",
         help="the node's resolv.conf: serve's default upstreams and the node search domains "
         "pods inherit (default: %(default)s)",
@@ -218,28 +229,28 @@ def _add_zone_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-size",
         type=_non_negative_int,
-        default=10000,
+        default=CACHE.size,
         metavar="N",
         help="forwarded answers cached (0: no cache; default: %(default)s)",
     )
     p.add_argument(
         "--cache-min-ttl",
         type=_non_negative_int,
-        default=0,
+        default=CACHE.min_ttl,
         metavar="S",
         help="cache answers at least S seconds (default: %(default)s)",
     )
     p.add_argument(
         "--cache-max-ttl",
         type=_non_negative_int,
-        default=3600,
+        default=CACHE.max_ttl,
         metavar="S",
         help="cache answers at most S seconds (default: %(default)s)",
     )
     p.add_argument(
         "--max-udp-size",
         type=_non_negative_int,
-        default=DEFAULT_MAX_UDP,
+        default=SERVER.max_udp_size,
         metavar="BYTES",
         help="cap on EDNS UDP response size (default: %(default)s)",
     )
@@ -249,14 +260,14 @@ def _add_tcp_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tcp-idle-timeout",
         type=float,
-        default=10.0,
+        default=SERVER.tcp_idle_timeout,
         metavar="SECONDS",
         help="close idle TCP connections after this long (default: %(default)s)",
     )
     p.add_argument(
         "--tcp-max-connections",
         type=_positive_int,
-        default=1024,
+        default=SERVER.tcp_max_connections,
         metavar="N",
         help="concurrent TCP connections (default: %(default)s)",
     )
@@ -283,12 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_zone_flags(serve)
+    _add_resolver_flags(serve)
     _add_tcp_flags(serve)
     serve.add_argument(
         "--listen",
         type=_endpoint,
-        default=Endpoint("127.0.0.1", 53),
+        default=SERVER.listen,
         metavar="ADDR:PORT",
         help="UDP and TCP listen address (default: %(default)s)",
     )
@@ -305,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=AGENT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_zone_flags(agent)
+    _add_resolver_flags(agent)
     _add_tcp_flags(agent)
     agent.add_argument(
         "--node-name",
@@ -317,11 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="IP",
-        help="node-local resolver address, one per family (default: 169.254.20.10)",
+        help="node-local resolver address, one per family (default: "
+        + ", ".join(AGENT.resolver_addresses)
+        + ")",
     )
     agent.add_argument(
         "--resolver-device",
-        default="lo",
+        default=AGENT.resolver_device,
         metavar="DEV",
         help="device that carries the resolver address (default: %(default)s)",
     )
@@ -341,22 +354,25 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--pin-path",
         type=Path,
-        default=DEFAULT_PIN_DIR,
+        default=DATAPATH.pin_dir,
         help="where BPF maps are pinned (default: %(default)s)",
     )
     agent.add_argument(
-        "--tc-prio", type=_positive_int, default=1, help="tc filter priority (default: %(default)s)"
+        "--tc-prio",
+        type=_positive_int,
+        default=DATAPATH.tc_prio,
+        help="tc filter priority (default: %(default)s)",
     )
     agent.add_argument(
         "--tc-handle",
         type=lambda t: int(t, 0),
-        default=0x1D5,
-        help="tc filter handle (default: 0x1d5)",
+        default=DATAPATH.tc_handle,
+        help=f"tc filter handle (default: {DATAPATH.tc_handle:#x})",
     )
     agent.add_argument(
         "--flow-rate",
         type=_non_negative_int,
-        default=2000,
+        default=DATAPATH.flow_rate,
         metavar="N",
         help="new DNS flows per second per pod before the excess bypasses "
         "the resolver (0: unlimited; default: %(default)s)",
@@ -370,14 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--fastpath-entries",
         type=_positive_int,
-        default=65536,
+        default=DATAPATH.fastpath_entries,
         metavar="N",
         help="capacity of the in-kernel answer map (default: %(default)s)",
     )
     agent.add_argument(
         "--state-dir",
         type=Path,
-        default=DEFAULT_STATE_DIR,
+        default=AGENT.state_dir,
         metavar="DIR",
         help="state file for the inspection verbs (pod names) (default: %(default)s)",
     )
@@ -390,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--kernel-headers",
-        default="auto",
+        default=DATAPATH.kernel_headers,
         metavar="auto|node|bundled|DIR",
         help="headers bcc compiles the programs against: the node's /lib/modules, the "
         "image's ($INTERCEPTOR_KERNEL_HEADERS), or a directory; auto prefers the node's "
@@ -399,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--early-capture",
         type=float,
-        default=30.0,
+        default=AGENT.early_capture,
         metavar="SECONDS",
         help="capture a new pod's veth as soon as the kernel routes its address, for up to "
         "this long before the API reports the pod (0: only pods the API reported; "
@@ -408,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--handover-grace",
         type=float,
-        default=60.0,
+        default=AGENT.handover_grace,
         metavar="SECONDS",
         help="after a graceful stop while the agent's DaemonSet remains (a rollout), the "
         "kernel keeps answering its answer map this long (0: off; default: %(default)s)",
@@ -454,10 +470,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         cache=CacheSettings(
             size=args.cache_size, min_ttl=args.cache_min_ttl, max_ttl=args.cache_max_ttl
         ),
-        health=args.health_address
-        or (Endpoint("0.0.0.0", 8053) if args.command == "agent" else None),
-        metrics=args.metrics_address
-        or (Endpoint("0.0.0.0", 9253) if args.command == "agent" else None),
+        health=args.health_address or (AGENT_HEALTH if args.command == "agent" else None),
+        metrics=args.metrics_address or (AGENT_METRICS if args.command == "agent" else None),
     )
 
 
@@ -473,8 +487,6 @@ def _kube_settings(args: argparse.Namespace) -> KubeSettings | None:
 
 
 def agent_settings_from(args: argparse.Namespace) -> AgentSettings:
-    from interceptor.datapath.loader import DatapathSettings
-    from interceptor.node.agent import AgentSettings
 
     if not args.node_name:
         raise ConfigError("--node-name (or NODE_NAME) is required")
@@ -482,7 +494,7 @@ def agent_settings_from(args: argparse.Namespace) -> AgentSettings:
         raise ConfigError(
             "nothing to capture: give --capture IP (the kube-dns ClusterIP) or --capture-all"
         )
-    resolvers = tuple(args.resolver_address) or ("169.254.20.10",)
+    resolvers = tuple(args.resolver_address) or AGENT.resolver_addresses
     if len({Endpoint.parse(ip).family_v6 for ip in resolvers}) != len(resolvers):
         raise ConfigError("give at most one --resolver-address per address family")
     admin = args.admin_socket or args.state_dir / ADMIN_SOCKET

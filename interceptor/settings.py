@@ -93,6 +93,19 @@ DEFAULT_MAX_UDP = 1232
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/interceptor")
 """Where the agent pins its BPF maps; the inspection verbs look there by default."""
 
+DEFAULT_STATE_DIR = Path("/run/dns-interceptor")
+"""Where the agent keeps its state file and admin socket (a host directory in the DaemonSet,
+so the inspection verbs find them from the node)."""
+STATE_FILE = "state.json"
+ADMIN_SOCKET = "admin.sock"
+
+AGENT_HEALTH = Endpoint("0.0.0.0", 8053)
+"""The agent's /healthz and /readyz by default (serve: none unless asked)."""
+AGENT_METRICS = Endpoint("0.0.0.0", 9253)
+"""The agent's Prometheus endpoint by default (serve: none unless asked)."""
+DEFAULT_RESOLVER_ADDRESS = "169.254.20.10"
+"""NodeLocal DNSCache's link-local address: where the agent's resolver listens."""
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -323,3 +336,65 @@ def forwarding(
     flagged = {zone for zone, _ in settings.zones}
     zones = settings.zones + tuple((z, s) for z, s in config.zones if z not in flagged)
     return zones, settings.servers or config.servers
+
+
+@dataclass(frozen=True)
+class DatapathSettings:
+    """How the programs are built and attached."""
+
+    pin_dir: Path = DEFAULT_PIN_DIR
+    """Where maps are pinned; a restarted agent and the inspection CLI find them here."""
+    tc_prio: int = 1
+    """tc filter priority of our programs (lower runs first)."""
+    tc_handle: int = 0x1D5
+    """tc filter handle; with the prio it identifies our filters and only ours."""
+    enable_tcp: bool = True
+    enable_ipv6: bool = True
+    heartbeat_timeout: float = 1.0
+    """Seconds without a heartbeat after which programs fail open."""
+    socket_lookup: bool = True
+    """Also fail open at once when no resolver socket exists (agent killed)."""
+    flow_rate: int = 2000
+    """New DNS flows per second one pod may open before the excess passes untouched."""
+    flow_burst: int = 4000
+    fastpath: bool = True
+    """Answer hot cluster names in the kernel (bpf/lib/fastpath.h, ENABLE_FASTPATH)."""
+    fastpath_entries: int = 65536
+    """Capacity of the fast-path answer map (allocated as used, ~420 bytes per entry)."""
+    max_udp: int = DEFAULT_MAX_UDP
+    """Our EDNS payload size, as the resolver announces it (the fast path must match)."""
+    kernel_headers: str = "auto"
+    """Headers bcc compiles against: auto, node, bundled or a directory (kheaders.py)."""
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """What the node agent needs beyond the resolver's settings."""
+
+    node_name: str
+    resolver_addresses: tuple[str, ...] = (DEFAULT_RESOLVER_ADDRESS,)
+    """Node-local addresses of the resolver (one per family); replies to pods leave here."""
+    resolver_device: str = "lo"
+    """Device the resolver addresses are put on."""
+    captures: tuple[str, ...] = ()
+    """DNS server addresses whose traffic is captured (e.g. the kube-dns ClusterIP)."""
+    capture_all: bool = False
+    """Capture port 53 to any destination."""
+    interfaces: str | None = None
+    """Glob of host interfaces to attach to, instead of discovering them from pod IPs."""
+    resync_interval: float = 2.0
+    """Seconds between full reconciliations (netlink events trigger them sooner)."""
+    datapath: DatapathSettings = field(default_factory=DatapathSettings)
+    state_dir: Path = DEFAULT_STATE_DIR
+    """Where the state file (pod names of counter slots, for the inspection CLI) is kept."""
+    admin_socket: Path | None = DEFAULT_STATE_DIR / ADMIN_SOCKET
+    """Root-only Unix socket for ``interceptor services`` and ``query``; None: none."""
+    early_capture: float = 30.0
+    """Seconds a veth the kernel routes a pod address to is captured before the API reports
+    that pod (a pod being born: its first queries); then the API decides.  0: off."""
+    handover_grace: float = 60.0
+    """Seconds the kernel keeps answering after a graceful stop with a successor coming
+    (lifecycle.py); 0: never hand over."""
+    pod_name: str | None = None
+    pod_namespace: str | None = None
+    """This agent's own pod ($POD_NAME, $POD_NAMESPACE): how it finds its DaemonSet."""

@@ -18,8 +18,8 @@ from typing import Any
 
 from interceptor.console.table import fields, render
 from interceptor.errors import InterceptorError
-from interceptor.ops.state import ADMIN_SOCKET, DEFAULT_STATE_DIR, NodeState, read_state
-from interceptor.settings import DEFAULT_PIN_DIR
+from interceptor.ops.state import NodeState, read_state
+from interceptor.settings import ADMIN_SOCKET, DEFAULT_PIN_DIR, DEFAULT_STATE_DIR
 
 DEFAULT_PIN_PATH = DEFAULT_PIN_DIR
 COMMANDS = ("net", "prog", "map", "stats", "services", "query", "top")

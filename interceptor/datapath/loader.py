@@ -25,7 +25,7 @@ from interceptor.datapath.bpfsys import (
 )
 from interceptor.datapath.tcx import tcx_programs
 from interceptor.errors import InterceptorError
-from interceptor.settings import DEFAULT_MAX_UDP, DEFAULT_PIN_DIR
+from interceptor.settings import DatapathSettings
 
 log = logging.getLogger(__name__)
 
@@ -39,35 +39,6 @@ def bpf_source_dir() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parent.parent.parent / "bpf"
-
-
-@dataclass(frozen=True)
-class DatapathSettings:
-    """How the programs are built and attached."""
-
-    pin_dir: Path = DEFAULT_PIN_DIR
-    """Where maps are pinned; a restarted agent and the inspection CLI find them here."""
-    tc_prio: int = 1
-    """tc filter priority of our programs (lower runs first)."""
-    tc_handle: int = 0x1D5
-    """tc filter handle; with the prio it identifies our filters and only ours."""
-    enable_tcp: bool = True
-    enable_ipv6: bool = True
-    heartbeat_timeout: float = 1.0
-    """Seconds without a heartbeat after which programs fail open."""
-    socket_lookup: bool = True
-    """Also fail open at once when no resolver socket exists (agent killed)."""
-    flow_rate: int = 2000
-    """New DNS flows per second one pod may open before the excess passes untouched."""
-    flow_burst: int = 4000
-    fastpath: bool = True
-    """Answer hot cluster names in the kernel (bpf/lib/fastpath.h, ENABLE_FASTPATH)."""
-    fastpath_entries: int = 65536
-    """Capacity of the fast-path answer map (allocated as used, ~420 bytes per entry)."""
-    max_udp: int = DEFAULT_MAX_UDP
-    """Our EDNS payload size, as the resolver announces it (the fast path must match)."""
-    kernel_headers: str = "auto"
-    """Headers bcc compiles against: auto, node, bundled or a directory (kheaders.py)."""
 
 
 @dataclass

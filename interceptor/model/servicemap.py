@@ -13,7 +13,6 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from interceptor.dns import wire
 from interceptor.dns.message import Answer
@@ -33,13 +32,6 @@ from interceptor.settings import PodRecords, ZoneSettings
 Owner = tuple[str, ...]
 APEX: Owner = ("apex",)
 MESH: Owner = ("mesh",)
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """What one event did, for logs and metrics."""
-
-    names_changed: int
 
 
 class ServiceMap:
@@ -94,26 +86,24 @@ class ServiceMap:
         for listener in self._listeners:
             listener(changed)
 
-    def upsert(self, obj: KubeObject) -> Change:
+    def upsert(self, obj: KubeObject) -> None:
         """Add or replace one object (a watch ADDED or MODIFIED event)."""
         old = self.objects.get(obj.key)
         if old == obj:
-            return Change(0)
+            return
         self.objects[obj.key] = obj
         self.generation += 1
-        change = self._changed(obj, old)
+        self._changed(obj, old)
         self._notify()
-        return change
 
-    def delete(self, key: Key) -> Change:
+    def delete(self, key: Key) -> None:
         """Remove one object (a watch DELETED event); unknown keys are a no-op."""
         old = self.objects.pop(key, None)
         if old is None:
-            return Change(0)
+            return
         self.generation += 1
-        change = self._changed(None, old)
+        self._changed(None, old)
         self._notify()
-        return change
 
     def replace(self, objects: Iterable[KubeObject], kinds: Iterable[str] | None = None) -> int:
         """Make the map hold exactly ``objects`` (of ``kinds``, default all) by applying the
@@ -132,30 +122,25 @@ class ServiceMap:
                 n += 1
         return n
 
-    def _changed(self, new: KubeObject | None, old: KubeObject | None) -> Change:
+    def _changed(self, new: KubeObject | None, old: KubeObject | None) -> None:
         obj = new if new is not None else old
         assert obj is not None
         if isinstance(obj, Namespace):
-            return self._set_owner(
+            self._set_owner(
                 ("ns", obj.name),
                 None if new is None else records.namespace_names(obj.name, self.zone),
             )
+            return
         if isinstance(obj, Service):
             self._ns_ref(obj.namespace, +1 if old is None else 0, -1 if new is None else 0)
-            change = self._recompute_service(obj.namespace, obj.name)
+            self._recompute_service(obj.namespace, obj.name)
             if f"{obj.namespace}/{obj.name}" == self.settings.dns_service:
                 svc = new if isinstance(new, Service) else None
-                change = Change(
-                    change.names_changed
-                    + self._set_owner(
-                        APEX, records.apex_records(self.zone, self.ttl, svc)
-                    ).names_changed
-                )
-            return change
+                self._set_owner(APEX, records.apex_records(self.zone, self.ttl, svc))
+            return
         if isinstance(obj, EndpointSlice):
             old_svc = old.service if isinstance(old, EndpointSlice) else None
             new_svc = new.service if isinstance(new, EndpointSlice) else None
-            total = 0
             for svc_name, present in ((old_svc, False), (new_svc, True)):
                 if svc_name is None:
                     continue
@@ -168,36 +153,38 @@ class ServiceMap:
                     del self._slices_by_service[(obj.namespace, svc_name)]
             for svc_name in {old_svc, new_svc} - {None}:
                 assert svc_name is not None
-                total += self._recompute_service(obj.namespace, svc_name).names_changed
-            return Change(total)
+                self._recompute_service(obj.namespace, svc_name)
+            return
         if isinstance(obj, Pod):
             self._ns_ref(obj.namespace, +1 if old is None else 0, -1 if new is None else 0)
             verified = self.settings.pod_records is PodRecords.VERIFIED
-            return self._set_owner(
+            self._set_owner(
                 ("pod", obj.namespace, obj.name),
                 None if new is None else records.pod_records(obj, self.zone, verified),
             )
+            return
         assert isinstance(obj, ServiceEntry)
-        return self._recompute_mesh()
+        self._recompute_mesh()
 
     def _ns_ref(self, namespace: str, add: int, remove: int) -> None:
         self._ns_refs[namespace] += add + remove
         if self._ns_refs[namespace] <= 0:
             del self._ns_refs[namespace]
 
-    def _recompute_service(self, namespace: str, name: str) -> Change:
+    def _recompute_service(self, namespace: str, name: str) -> None:
         svc = self.objects.get(("Service", namespace, name))
         owner = ("svc", namespace, name)
         if not isinstance(svc, Service):
-            return self._set_owner(owner, None)
+            self._set_owner(owner, None)
+            return
         slices = [
             s
             for n in sorted(self._slices_by_service.get((namespace, name), ()))
             if isinstance(s := self.objects.get(("EndpointSlice", namespace, n)), EndpointSlice)
         ]
-        return self._set_owner(owner, records.service_records(svc, slices, self.zone))
+        self._set_owner(owner, records.service_records(svc, slices, self.zone))
 
-    def _recompute_mesh(self) -> Change:
+    def _recompute_mesh(self) -> None:
         entries = [o for o in self.objects.values() if isinstance(o, ServiceEntry)]
         hosts = records.mesh_hosts(entries, self.settings.ipv6)
         self._mesh_wild = {h[2:]: m for h, m in hosts.items() if h.startswith("*.")}
@@ -206,11 +193,11 @@ class ServiceMap:
         for host, m in self._mesh.items():
             for ip in m.v4 + m.v6:
                 out.address(host, ip)
-        return self._set_owner(MESH, out)
+        self._set_owner(MESH, out)
 
     # ------------------------------------------------------ record bookkeeping
 
-    def _set_owner(self, owner: Owner, new: Contribution | None) -> Change:
+    def _set_owner(self, owner: Owner, new: Contribution | None) -> None:
         old = self._contrib.pop(owner, None) or Contribution()
         if new is not None and (new.records or new.names):
             self._contrib[owner] = new
@@ -234,7 +221,6 @@ class ServiceMap:
                 dirty.add(rec.name)
         for name in dirty:
             self._compile(name)
-        return Change(len(dirty))
 
     def _in_zone(self, name: str) -> bool:
         return name == self.zone or name.endswith("." + self.zone)

@@ -15,26 +15,23 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 from interceptor import __version__
 from interceptor.datapath.addresses import add_address, remove_address
 from interceptor.datapath.answers import AnswerMap
 from interceptor.datapath.discovery import LinkFinder, NetlinkEvents
-from interceptor.datapath.loader import Datapath, DatapathSettings
+from interceptor.datapath.loader import Datapath
 from interceptor.model.nodepods import NodePod, node_pod_ips, node_pods
 from interceptor.model.servicemap import ServiceMap
 from interceptor.node.health import HealthServer, self_query
 from interceptor.node.lifecycle import OwnerWatch, StopMode
 from interceptor.node.runtime import Feed, make_cache, start_metrics
 from interceptor.ops.agentops import AgentOps
-from interceptor.ops.state import ADMIN_SOCKET, DEFAULT_STATE_DIR
 from interceptor.resolve.listener import DnsServer
 from interceptor.resolve.resolver import Resolver
 from interceptor.resolve.upstream import Forwarder
-from interceptor.settings import Endpoint, Settings
+from interceptor.settings import AgentSettings, Endpoint, Settings
 
 log = logging.getLogger(__name__)
 
@@ -65,39 +62,6 @@ class _StopTimer:
 T = TypeVar("T")
 
 HEARTBEAT_INTERVAL = 0.2
-
-
-@dataclass(frozen=True)
-class AgentSettings:
-    """What the node agent needs beyond the resolver's settings."""
-
-    node_name: str
-    resolver_addresses: tuple[str, ...] = ("169.254.20.10",)
-    """Node-local addresses of the resolver (one per family); replies to pods leave here."""
-    resolver_device: str = "lo"
-    """Device the resolver addresses are put on."""
-    captures: tuple[str, ...] = ()
-    """DNS server addresses whose traffic is captured (e.g. the kube-dns ClusterIP)."""
-    capture_all: bool = False
-    """Capture port 53 to any destination."""
-    interfaces: str | None = None
-    """Glob of host interfaces to attach to, instead of discovering them from pod IPs."""
-    resync_interval: float = 2.0
-    """Seconds between full reconciliations (netlink events trigger them sooner)."""
-    datapath: DatapathSettings = field(default_factory=DatapathSettings)
-    state_dir: Path = DEFAULT_STATE_DIR
-    """Where the state file (pod names of counter slots, for the inspection CLI) is kept."""
-    admin_socket: Path | None = DEFAULT_STATE_DIR / ADMIN_SOCKET
-    """Root-only Unix socket for ``interceptor services`` and ``query``; None: none."""
-    early_capture: float = 30.0
-    """Seconds a veth the kernel routes a pod address to is captured before the API reports
-    that pod (a pod being born: its first queries); then the API decides.  0: off."""
-    handover_grace: float = 60.0
-    """Seconds the kernel keeps answering after a graceful stop with a successor coming
-    (lifecycle.py); 0: never hand over."""
-    pod_name: str | None = None
-    pod_namespace: str | None = None
-    """This agent's own pod ($POD_NAME, $POD_NAMESPACE): how it finds its DaemonSet."""
 
 
 async def _first(*aws: Awaitable[object]) -> None:

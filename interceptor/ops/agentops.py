@@ -19,8 +19,9 @@ from interceptor.model.nodepods import NodePod
 from interceptor.ops.admin import AdminError, AdminServer
 from interceptor.ops.collector import BpfCollector, programming_histogram
 from interceptor.ops.counters import CounterReader
-from interceptor.ops.state import STATE_FILE, AgentInfo, NodeState, PodEntry, write_state
+from interceptor.ops.state import AgentInfo, NodeState, PodEntry, write_state
 from interceptor.resolve.resolver import Resolver
+from interceptor.settings import STATE_FILE
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from interceptor.errors import InterceptorError
+from interceptor.settings import STATE_FILE
 
-STATE_FILE = "state.json"
-ADMIN_SOCKET = "admin.sock"
-DEFAULT_STATE_DIR = Path("/run/dns-interceptor")
 FORMAT = 1
 
 
