@@ -26,11 +26,9 @@ from interceptor.model.nodepods import NodePod, node_pod_ips, node_pods
 from interceptor.model.servicemap import ServiceMap
 from interceptor.node.health import HealthServer, self_query
 from interceptor.node.lifecycle import OwnerWatch, StopMode
-from interceptor.node.runtime import Feed, make_cache, start_metrics
+from interceptor.node.runtime import Feed, make_resolver, start_metrics
 from interceptor.ops.agentops import AgentOps
 from interceptor.resolve.listener import DnsServer
-from interceptor.resolve.resolver import Resolver
-from interceptor.resolve.upstream import Forwarder
 from interceptor.settings import AgentSettings, Endpoint, Settings
 
 log = logging.getLogger(__name__)
@@ -41,12 +39,14 @@ class _StopTimer:
     says how long each step took, and names a slow one as it happens."""
 
     def __init__(self) -> None:
-        self.t0 = time.monotonic()
+        self.t0 = 0.0
         self.steps: list[str] = []
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
         t0 = time.monotonic()
+        if not self.steps:
+            self.t0 = t0
         try:
             yield
         finally:
@@ -55,13 +55,38 @@ class _StopTimer:
             if took > 1:
                 log.warning("stop: %s took %.2fs", name, took)
 
+    def timed(
+        self, name: str, fn: Callable[..., Awaitable[object]], *args: object
+    ) -> Callable[[], Awaitable[None]]:
+        """``fn(*args)`` as a timed stop step, for an exit stack."""
+
+        async def step() -> None:
+            with self.step(name):
+                await fn(*args)
+
+        return step
+
+    def sync(self, name: str, fn: Callable[..., object], *args: object) -> Callable[[], None]:
+        def step() -> None:
+            with self.step(name):
+                fn(*args)
+
+        return step
+
     def done(self) -> None:
-        log.info("stopped in %.2fs: %s", time.monotonic() - self.t0, ", ".join(self.steps))
+        if self.steps:  # the clock starts with the first step of the stop
+            log.info("stopped in %.2fs: %s", time.monotonic() - self.t0, ", ".join(self.steps))
 
 
 T = TypeVar("T")
 
 HEARTBEAT_INTERVAL = 0.2
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _first(*aws: Awaitable[object]) -> None:
@@ -79,7 +104,8 @@ class Agent:
         self.smap = ServiceMap(settings.zone)
         self.feed = Feed(settings, self.smap)
         self.datapath = Datapath(agent.datapath)
-        self.added: list[str] = []
+        self._owner: OwnerWatch | None = None
+        self._mode: StopMode | None = None
         self._kick = asyncio.Event()
         self._last_desired: dict[int, tuple[str, tuple[str, ...]]] = {}
         self._last_names: set[tuple[str, str, tuple[str, ...]]] = set()
@@ -183,50 +209,67 @@ class Agent:
         return await asyncio.get_running_loop().run_in_executor(self._nl_thread, fn, *args)
 
     async def run(self) -> None:
+        """Run until SIGTERM or SIGINT.
+
+        Every resource is entered on one exit stack right where it is set up, so the teardown
+        order is the structure: in reverse.  The programs let go of the veths first (the
+        kernel fails open, or keeps answering for a successor), then the admin and health
+        endpoints, the sockets and the resolver addresses, the owner watch, the source, and
+        last the maps (removed only when the agent is being uninstalled).
+        """
         a = self.agent
-        await self._netlink(self.datapath.load)
-        self.ops.publish([], self.datapath.attached)
-        resolver = Resolver(
-            self.smap,
-            Forwarder(self.settings.upstream),
-            self.settings,
-            upstreams=self.settings.upstream.servers
-            or tuple(Endpoint(ip, 53) for ip in a.captures),
-            original_destination=self.datapath.original_destination,
-            cache=make_cache(self.settings),
-            synced=self.feed.synced,
-        )
-        await self.feed.start(resolver)
-        owner = self._watch_owner()
-        registry = start_metrics(self.settings, self.feed, resolver)
-        self.ops.register_metrics(registry, a.datapath.pin_dir)
-        health = (
-            HealthServer(self.settings.health, self.readiness, self._alive)
-            if self.settings.health
-            else None
-        )
-        if health is not None:
-            await health.start()
-        await self.ops.start_admin(resolver, self.status)
-        servers: list[DnsServer] = []
         loop = self._loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        events: NetlinkEvents | None = None
-        tasks: list[asyncio.Task[None]] = []
-        try:
+        timer = _StopTimer()
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(timer.done)
+            stack.callback(self._nl_thread.shutdown)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+                stack.callback(loop.remove_signal_handler, sig)
+
+            await self._netlink(self.datapath.load)
+            stack.push_async_callback(timer.timed("close", self._netlink, self.datapath.close))
+            stack.push_async_callback(timer.timed("uninstall", self._remove_if_uninstalled))
+            self.ops.publish([], self.datapath.attached)
+
+            resolver = make_resolver(
+                self.settings,
+                self.feed,
+                upstreams=self.settings.upstream.servers
+                or tuple(Endpoint(ip, 53) for ip in a.captures),
+                original_destination=self.datapath.original_destination,
+            )
+            await self.feed.start(resolver)
+            stack.push_async_callback(timer.timed("feed", self.feed.stop))
+            self._owner = self._watch_owner()
+            if self._owner is not None:
+                stack.callback(timer.sync("owner", self._owner.stop))
+
+            registry = start_metrics(self.settings, self.feed, resolver)
+            self.ops.register_metrics(registry, a.datapath.pin_dir)
+            # Sockets first, then the heartbeat, then the programs: a packet steered to us
+            # always finds a listener.
             for ip in a.resolver_addresses:
                 if await self._netlink(add_address, a.resolver_device, ip):
-                    self.added.append(ip)
+                    stack.push_async_callback(
+                        timer.timed(
+                            f"address {ip}", self._netlink, remove_address, a.resolver_device, ip
+                        )
+                    )
                 server = DnsServer(
                     resolver,
                     dataclasses.replace(self.settings.server, listen=Endpoint(ip, 53)),
                 )
                 await server.start()
-                servers.append(server)
-            # Sockets first, then the heartbeat, then the programs: a packet steered to us
-            # always finds a listener.
+                stack.push_async_callback(timer.timed(f"server {ip}", server.close))
+            if self.settings.health is not None:
+                health = HealthServer(self.settings.health, self.readiness, self._alive)
+                await health.start()
+                stack.push_async_callback(timer.timed("health", health.close))
+            await self.ops.start_admin(resolver, self.status)
+            stack.push_async_callback(timer.timed("admin", self.ops.close))
+
             self.datapath.configure(a.resolver_addresses, a.captures, a.capture_all)
             if not self.feed.ready:
                 log.info(
@@ -238,75 +281,49 @@ class Agent:
                     return
             self._start_fastpath()
             finder = await self._netlink(LinkFinder.open)
-            try:
+            stack.push_async_callback(timer.timed("links", self._netlink, finder.ipr.close))
+            stack.push_async_callback(timer.timed("programs", self._let_go))
+            await self.reconcile(finder)
+            for _ in range(10):  # bridge pods may need a neighbour resolution first
+                if self._all_found():
+                    break
+                await asyncio.sleep(0.1)
                 await self.reconcile(finder)
-                for _ in range(10):  # bridge pods may need a neighbour resolution first
-                    if self._all_found():
-                        break
-                    await asyncio.sleep(0.1)
-                    await self.reconcile(finder)
-                self._programs_ready = True
-                events = NetlinkEvents(self._kick_from_thread)
-                events.start()
-                log.info(
-                    "agent ready on node %s: resolver %s on %s, capturing %s",
-                    a.node_name,
-                    ", ".join(a.resolver_addresses),
-                    a.resolver_device,
-                    "all port-53 traffic" if a.capture_all else ", ".join(a.captures),
-                )
-                tasks = [
-                    asyncio.ensure_future(self._heartbeat()),
-                    asyncio.ensure_future(self._reconcile_loop(finder)),
-                ]
-                await stop.wait()
-                log.info("stopping: detaching from %d veth(s)", len(self.datapath.attached))
-            finally:
-                await self._netlink(finder.ipr.close)
-        finally:
-            timer = _StopTimer()
-            if health is not None:
-                with timer.step("health"):
-                    await health.close()
-            with timer.step("admin"):
-                await self.ops.close()
-            with timer.step("feed"):
-                await self.feed.stop()
-            with timer.step("tasks"):
-                for t in tasks:
-                    t.cancel()
-                for t in tasks:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await t
-            with timer.step("netlink events"):
-                if events is not None:
-                    events.close()
-            with timer.step("owner"):
-                mode = owner.mode() if owner is not None else StopMode.DETACH
-                if owner is not None:
-                    owner.stop()
-            log.info("stop: %s", mode.value)
-            with timer.step(mode.value):
-                if mode is StopMode.HANDOVER and self._programs_ready:
-                    await self._netlink(self.datapath.hand_over, a.handover_grace)
-                else:
-                    await self._netlink(self.datapath.detach_all)
-            with timer.step("servers"):
-                for server in servers:
-                    await server.close()
-            with timer.step("addresses"):
-                for ip in self.added:
-                    await self._netlink(remove_address, a.resolver_device, ip)
-            if mode is StopMode.UNINSTALL:
-                with timer.step("pins"):
-                    await self._netlink(self.datapath.remove_pins)
-                    self.ops.remove_state()
-            with timer.step("close"):
-                await self._netlink(self.datapath.close)
-                self._nl_thread.shutdown()
-            timer.done()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+            self._programs_ready = True
+            events = NetlinkEvents(self._kick_from_thread)
+            events.start()
+            stack.callback(timer.sync("netlink events", events.close))
+            for job in (self._heartbeat(), self._reconcile_loop(finder)):
+                stack.push_async_callback(timer.timed("tasks", _cancel, asyncio.ensure_future(job)))
+            log.info(
+                "agent ready on node %s: resolver %s on %s, capturing %s",
+                a.node_name,
+                ", ".join(a.resolver_addresses),
+                a.resolver_device,
+                "all port-53 traffic" if a.capture_all else ", ".join(a.captures),
+            )
+            await stop.wait()
+            log.info("stopping: detaching from %d veth(s)", len(self.datapath.attached))
+
+    def _stop_mode(self) -> StopMode:
+        """Why we stop, asked once (the owner watch knows whether a successor is coming)."""
+        if self._mode is None:
+            self._mode = self._owner.mode() if self._owner is not None else StopMode.DETACH
+            log.info("stop: %s", self._mode.value)
+        return self._mode
+
+    async def _let_go(self) -> None:
+        """The programs leave the veths, or stay answering for a successor (a handover)."""
+        if self._stop_mode() is StopMode.HANDOVER and self._programs_ready:
+            await self._netlink(self.datapath.hand_over, self.agent.handover_grace)
+        else:
+            await self._netlink(self.datapath.detach_all)
+
+    async def _remove_if_uninstalled(self) -> None:
+        """The DaemonSet is gone: nothing will ever read the pins or the state file again."""
+        if self._stop_mode() is StopMode.UNINSTALL:
+            await self._netlink(self.datapath.remove_pins)
+            self.ops.remove_state()
 
     def _watch_owner(self) -> OwnerWatch | None:
         """Follow this pod's DaemonSet, so a stop knows whether a successor is coming."""

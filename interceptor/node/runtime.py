@@ -9,6 +9,7 @@ import importlib.resources
 import logging
 import os
 import signal
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from interceptor.node.health import HealthServer, self_query
 from interceptor.ops.admin import AdminServer
 from interceptor.resolve.cache import Cache
 from interceptor.resolve.listener import DnsServer
-from interceptor.resolve.resolver import Resolver
+from interceptor.resolve.resolver import OriginalDestination, Resolver
 from interceptor.resolve.upstream import Forwarder
 from interceptor.settings import (
     Endpoint,
@@ -172,6 +173,25 @@ async def follow_kube_dns_config(
             )
 
 
+def make_resolver(
+    settings: Settings,
+    feed: Feed,
+    upstreams: Sequence[Endpoint],
+    original_destination: OriginalDestination | None = None,
+) -> Resolver:
+    """The resolver ``serve`` and the agent both run: the forwarder, the node cache, and the
+    source's sync gate."""
+    return Resolver(
+        feed.smap,
+        Forwarder(settings.upstream),
+        settings,
+        upstreams,
+        original_destination=original_destination,
+        cache=make_cache(settings),
+        synced=feed.synced,
+    )
+
+
 def start_metrics(settings: Settings, feed: Feed, resolver: Resolver) -> CollectorRegistry | None:
     """The Prometheus endpoint, if configured, with the collectors of this process."""
     if settings.metrics is None:
@@ -198,68 +218,48 @@ def start_metrics(settings: Settings, feed: Feed, resolver: Resolver) -> Collect
 async def serve(
     settings: Settings, ready: asyncio.Event | None = None, admin_socket: Path | None = None
 ) -> None:
-    """Run ``interceptor serve`` until SIGTERM or SIGINT."""
-    # Signals first: a supervisor may stop us as soon as we say we are serving.
+    """Run ``interceptor serve`` until SIGTERM or SIGINT; each resource is entered on one
+    exit stack where it is set up, so it is torn down in reverse."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    smap = ServiceMap(settings.zone)
-    feed = Feed(settings, smap)
-    upstreams = settings.upstream.servers or resolv_conf_nameservers(settings.resolv_conf)
-    resolver = Resolver(
-        smap,
-        Forwarder(settings.upstream),
-        settings,
-        upstreams,
-        cache=make_cache(settings),
-        synced=feed.synced,
-    )
-    await feed.start(resolver)
-    start_metrics(settings, feed, resolver)
-    server = DnsServer(resolver, settings.server)
-    await server.start()
-    host, port = server.address
-    listening = Endpoint(host, port)
-    health = (
-        HealthServer(
-            settings.health,
-            feed.readiness,
-            lambda: self_query(listening, settings.zone.cluster_domain),
+    async with contextlib.AsyncExitStack() as stack:
+        # Signals first: a supervisor may stop us as soon as we say we are serving.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+            stack.callback(loop.remove_signal_handler, sig)
+        feed = Feed(settings, ServiceMap(settings.zone))
+        upstreams = settings.upstream.servers or resolv_conf_nameservers(settings.resolv_conf)
+        resolver = make_resolver(settings, feed, upstreams)
+        stack.callback(resolver.forwarder.close)
+        await feed.start(resolver)
+        stack.push_async_callback(feed.stop)
+        start_metrics(settings, feed, resolver)
+        server = DnsServer(resolver, settings.server)
+        await server.start()
+        stack.push_async_callback(server.close)
+        host, port = server.address
+        listening = Endpoint(host, port)
+        if settings.health:
+            health = HealthServer(
+                settings.health,
+                feed.readiness,
+                lambda: self_query(listening, settings.zone.cluster_domain),
+            )
+            await health.start()
+            stack.push_async_callback(health.close)
+        if admin_socket is not None:
+            status = lambda: {"pid": os.getpid(), "ready": feed.synced.is_open}  # noqa: E731
+            admin = AdminServer(admin_socket, resolver, status)
+            await admin.start()
+            stack.push_async_callback(admin.close)
+        log.info(
+            "serving DNS on %s port %d (UDP and TCP) for zone %s; forwarding other names to %s",
+            host,
+            port,
+            feed.smap.zone,
+            ", ".join(map(str, resolver.default_servers or upstreams)) or "nowhere",
         )
-        if settings.health
-        else None
-    )
-    if health is not None:
-        await health.start()
-    admin = (
-        AdminServer(
-            admin_socket, resolver, lambda: {"pid": os.getpid(), "ready": feed.synced.is_open}
-        )
-        if admin_socket is not None
-        else None
-    )
-    if admin is not None:
-        await admin.start()
-    log.info(
-        "serving DNS on %s port %d (UDP and TCP) for zone %s; forwarding other names to %s",
-        host,
-        port,
-        smap.zone,
-        ", ".join(map(str, resolver.default_servers or upstreams)) or "nowhere",
-    )
-    if ready is not None:
-        ready.set()
-    try:
+        if ready is not None:
+            ready.set()
         await stop.wait()
         log.info("stopping")
-    finally:
-        await feed.stop()
-        await server.close()
-        resolver.forwarder.close()
-        if health is not None:
-            await health.close()
-        if admin is not None:
-            await admin.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
