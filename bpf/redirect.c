@@ -16,8 +16,9 @@
  * Fail-open: a stale heartbeat or a missing resolver socket means "pass to the original
  * server".
  *
- * Minimum kernel: 5.8 (bpf_sk_lookup_* from tc with BPF_F_CURRENT_NETNS, 4.20; bounded loops,
- * 5.3; the BPF token of CAP_BPF, 5.8).  docs/kernel.md lists every feature and its version.
+ * Minimum kernel: 5.8 (bpf_sk_lookup_* from tc, 4.20; bounded loops, 5.3; CAP_BPF, 5.8), and
+ * 5.11 without CAP_SYS_RESOURCE (BPF memory charged to the cgroup, not RLIMIT_MEMLOCK).
+ * docs/kernel.md lists every feature and the version it needs.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
