@@ -83,9 +83,11 @@ def kube(request: pytest.FixtureRequest) -> Iterator[Kube]:
     # Progress on the terminal while it builds (CoreDNS, images on a fresh machine): minutes.
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
-        subprocess.run(
-            [sys.executable, "-m", "tests.cluster.node", "up"], check=True, cwd=node.ROOT
-        )
+        up = subprocess.run([sys.executable, "-m", "tests.cluster.node", "up"], cwd=node.ROOT)
+    if up.returncode != 0:
+        if not was_up:  # what a failed bring-up started is ours to remove
+            subprocess.run([sys.executable, "-m", "tests.cluster.node", "down"], cwd=node.ROOT)
+        pytest.fail("the cluster did not come up (its log is above)")
     print(f"cluster up in {time.monotonic() - t0:.0f} s (was {'up' if was_up else 'down'})")
     k = Kube()
     try:

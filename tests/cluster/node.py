@@ -144,6 +144,11 @@ def pid_of(name: str) -> int | None:
     return pid if cmdline == expected else None
 
 
+STARTED: dict[str, subprocess.Popen[bytes]] = {}
+"""The processes this run started: whether one exited is asked of the kernel (waitpid), not
+guessed from /proc."""
+
+
 def start(name: str, argv: Sequence[str | Path], env: dict[str, str] | None = None) -> int:
     """Start ``argv`` detached (its own session), logging to LOGS/<name>.log; idempotent."""
     pid = pid_of(name)
@@ -163,7 +168,17 @@ def start(name: str, argv: Sequence[str | Path], env: dict[str, str] | None = No
     )
     (PIDS / f"{name}.pid").write_text(str(proc.pid))
     (PIDS / f"{name}.cmd").write_text(str(argv[0]))
+    STARTED[name] = proc
     return proc.pid
+
+
+def exited(name: str) -> str | None:
+    """How ``name`` ended ("exit status N"), or None while it runs."""
+    proc = STARTED.get(name)
+    if proc is not None:
+        rc = proc.poll()
+        return None if rc is None else f"exit status {rc}"
+    return "not running" if pid_of(name) is None else None
 
 
 def stop(name: str, timeout: float = 15) -> None:
@@ -206,8 +221,11 @@ def wait_for(what: str, check: Any, timeout: float, name: str | None = None) -> 
                 return got
         except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
             last = exc
-        if name is not None and pid_of(name) is None:
-            raise ClusterError(f"{name} exited while waiting for {what}:\n{log_tail(name)}")
+        ended = exited(name) if name is not None else None
+        if name is not None and ended is not None:
+            raise ClusterError(
+                f"{name} ended ({ended}) while waiting for {what}:\n{log_tail(name)}"
+            )
         time.sleep(0.5)
     tail = f"\n{log_tail(name)}" if name else ""
     raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what} ({last}){tail}")
