@@ -200,6 +200,15 @@ def _add_resolver_flags(p: argparse.ArgumentParser) -> None:
         help="timeout of one upstream attempt (default: %(default)s)",
     )
     p.add_argument(
+        "--allow-forward",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="a server a pod's query may also be forwarded to (repeatable); the captured "
+        "addresses, the upstreams and the kube-dns ConfigMap's servers always are, and any "
+        "other a pod addresses (--capture-all) gets REFUSED",
+    )
+    p.add_argument(
         "--force-tcp",
         action="store_true",
         help="ask upstreams over TCP only, on persistent pipelined connections",
@@ -246,6 +255,15 @@ def _add_resolver_flags(p: argparse.ArgumentParser) -> None:
         default=CACHE.max_ttl,
         metavar="S",
         help="cache answers at most S seconds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--stale-after",
+        type=float,
+        default=CACHE.stale_after,
+        metavar="SECONDS",
+        help="a name whose cached answer expired gets it (TTL 30) if the upstream has not "
+        "answered within this long, while the refresh goes on (RFC 8767's client response "
+        "timer; default: %(default)s)",
     )
     p.add_argument(
         "--max-udp-size",
@@ -438,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> Settings:
     if args.ttl > 0x7FFFFFFF:
         raise ConfigError("--ttl must fit in 31 bits (RFC 2181 section 8)")
+    if not 0 < args.stale_after <= 30:
+        raise ConfigError("--stale-after must be more than 0 and at most 30 seconds")
     if not 512 <= args.max_udp_size <= 65535:
         raise ConfigError("--max-udp-size must be between 512 and 65535")
     return Settings(
@@ -458,6 +478,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             timeout=args.upstream_timeout,
             zones=tuple(args.forward),
             force_tcp=args.force_tcp,
+            allow=tuple(Endpoint.parse(ip).host for ip in args.allow_forward),
             kube_dns_config=args.kube_dns_config,
             kube_dns=load_kube_dns_config(args.kube_dns_config) if args.kube_dns_config else None,
         ),
@@ -468,7 +489,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         source=args.source,
         kube=_kube_settings(args),
         cache=CacheSettings(
-            size=args.cache_size, min_ttl=args.cache_min_ttl, max_ttl=args.cache_max_ttl
+            size=args.cache_size,
+            min_ttl=args.cache_min_ttl,
+            max_ttl=args.cache_max_ttl,
+            stale_after=args.stale_after,
         ),
         health=args.health_address or (AGENT_HEALTH if args.command == "agent" else None),
         metrics=args.metrics_address or (AGENT_METRICS if args.command == "agent" else None),

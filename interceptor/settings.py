@@ -154,6 +154,10 @@ class UpstreamSettings:
     Re-read while running."""
     kube_dns: KubeDnsConfig | None = None
     """Its content as read at start-up."""
+    allow: tuple[str, ...] = ()
+    """Servers a pod's query may be forwarded to besides the captured addresses, the
+    upstreams and the ConfigMap's servers: with --capture-all a pod may address any server,
+    and the node must not relay its queries to one nobody allowed (a tunnel out)."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,10 @@ class CacheSettings:
     """...and at most this long."""
     stale_for: float = 3600
     """Expired answers are kept this long for serve-stale (RFC 8767)."""
+    stale_after: float = 1.8
+    """The client response timer (RFC 8767 section 5): a name with an expired answer whose
+    upstream has not answered by then gets the stale answer, while the refresh goes on.
+    Below glibc's 5 s and musl's 2.5 s retry, so the client never times out first."""
 
 
 @dataclass(frozen=True)

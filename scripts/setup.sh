@@ -17,6 +17,7 @@ APT_PACKAGES=(
   clang-format                         # style check for bpf/
   nftables iptables                    # tests prove no rules are ever created
   shellcheck ruby                      # tests check deploy/ scripts and the Vagrantfile
+  musl-tools                           # an Alpine-style stub resolver (musl) for the lab tier
   # The local Kubernetes node (make cluster, the cluster test tier): container runtime and
   # CNI plugins, image builders, and the conntrack tool kube-proxy calls.
   containerd runc containernetworking-plugins podman buildah mmdebstrap conntrack

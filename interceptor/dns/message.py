@@ -245,21 +245,66 @@ def assemble(query: Query, answer: Answer, max_udp: int, limit: int | None) -> b
     """Response to ``query`` from a precomputed ``answer``.
 
     ``limit`` is the largest message the client can take (None over TCP); a bigger response
-    is replaced by an empty one with TC set (RFC 2181 9, RFC 6891 7).
+    is cut down to fit as RFC 2181 section 9 says (see :func:`fit`).
     """
     data = query.data
     edns = query.edns
     opt = opt_record(max_udp, edns.do) if edns is not None else b""
     ar = answer.ar + (1 if edns is not None else 0)
     question = data[12 : query.question_end]
-    size = 12 + len(question) + len(answer.body) + len(opt)
-    if limit is not None and size > limit:
-        flags = response_flags(query.flags, answer.rcode, answer.authoritative, truncated=True)
-        header = HEADER.pack(query.id, flags, 1, 0, 0, 1 if opt else 0)
-        return header + question + opt
     flags = response_flags(query.flags, answer.rcode, answer.authoritative)
     header = HEADER.pack(query.id, flags, 1, answer.an, answer.ns, ar)
-    return header + question + answer.body + opt
+    out = header + question + answer.body + opt
+    if limit is not None and len(out) > limit:
+        return fit(out, limit, opt)
+    return out
+
+
+def _record_ends(msg: bytes, offset: int, count: int) -> list[int]:
+    """Offsets just past each of ``count`` records from ``offset``.  Raises on a bad one."""
+    ends = []
+    for _ in range(count):
+        offset = skip_name(msg, offset)
+        (rdlength,) = struct.unpack_from("!H", msg, offset + 8)
+        offset += 10 + rdlength
+        if offset > len(msg):
+            raise ValueError("record runs past the message")
+        ends.append(offset)
+    return ends
+
+
+def fit(msg: bytes, limit: int, opt: bytes) -> bytes:
+    """A response too big for the client, cut down as RFC 2181 section 9 says.
+
+    The additional section goes first (no TC: nothing required is missing), then the
+    authority section; only when the answer section itself does not fit is TC set, with as
+    many whole answer records as fit (as CoreDNS does: a stub that never retries over TCP,
+    such as musl before 1.2.4, still gets addresses).  ``opt`` is our OPT record, kept last.
+    Names are compressed only backwards, so a cut message stays valid.
+    """
+    msg_id, flags, qd, an, ns, _ = HEADER.unpack_from(msg)
+    extra = 1 if opt else 0
+    room = limit - len(opt)
+    try:
+        start = question_end(msg) if qd else 12
+    except (ValueError, IndexError):
+        return HEADER.pack(msg_id, flags | TC, 0, 0, 0, extra) + opt
+    try:
+        answers = [start, *_record_ends(msg, start, an)]
+        authority = _record_ends(msg, answers[-1], ns)
+    except (ValueError, IndexError, struct.error):
+        # Records we cannot walk cannot be cut: the question alone, and TC for a retry.
+        head = HEADER.pack(msg_id, flags | TC, qd, 0, 0, extra)
+        return head + msg[12:start] + opt
+    if authority and authority[-1] <= room:
+        return HEADER.pack(msg_id, flags, qd, an, ns, extra) + msg[12 : authority[-1]] + opt
+    if answers[-1] <= room:
+        return HEADER.pack(msg_id, flags, qd, an, 0, extra) + msg[12 : answers[-1]] + opt
+    kept = 0
+    while kept < an and answers[kept + 1] <= room:
+        kept += 1
+    head = HEADER.pack(msg_id, flags | TC, qd, kept, 0, extra)
+    return head + msg[12 : answers[kept]] + opt
 
 
 def error_response(

@@ -51,6 +51,8 @@ FIXED = {
     Rule.POD_RECORD: "pod A/AAAA synthesized from the dashed IP in the name "
     "(--pod-records insecure)",
     Rule.CNAME_LOOP: "SERVFAIL: the ExternalName chain is longer than the resolver follows",
+    Rule.NOT_ALLOWED: "REFUSED: the server the pod asked is not an allowed forwarding target "
+    "(--allow-forward), so the node does not relay to it",
 }
 
 

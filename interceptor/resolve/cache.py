@@ -161,6 +161,14 @@ class Cache:
             struct.pack_into("!I", out, off, ttl_of(ttl))
         return bytes(out)
 
+    def has_stale(self, key: bytes) -> bool:
+        """Whether an expired answer for ``key`` could still be served (nothing counted)."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return False
+        now = self.clock()
+        return entry.expires <= now < entry.expires + self.stale_for
+
     def claim_prefetch(self, entry: Entry, min_hits: int = 2) -> bool:
         """Whether to refresh ``entry`` ahead of expiry now (a popular entry in the last 10%
         of its lifetime, not being refreshed already); a True claims and counts it."""

@@ -13,18 +13,25 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from interceptor.dns import wire
-from interceptor.dns.message import HEADER, Query, cap_edns, error_response, opt_record
+from interceptor.dns.message import Query, cap_edns, error_response, fit, opt_record
 from interceptor.resolve.cache import Cache
 from interceptor.resolve.decision import Decision, Rule
 from interceptor.resolve.upstream import Upstream, UpstreamFailed
 from interceptor.settings import Endpoint
 
+STALE_ON = frozenset((wire.SERVFAIL, wire.REFUSED))
+"""Upstream answers that a stale answer beats (RFC 8767 section 4)."""
+
 
 class CachingForwarder:
-    def __init__(self, upstream: Upstream, cache: Cache | None, max_udp: int) -> None:
+    def __init__(
+        self, upstream: Upstream, cache: Cache | None, max_udp: int, stale_after: float = 1.8
+    ) -> None:
         self.upstream = upstream
         self.cache = cache
         self.max_udp = max_udp
+        self.stale_after = stale_after
+        """The client response timer: how long a name with a stale answer waits upstream."""
         self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -50,17 +57,40 @@ class CachingForwarder:
             )
             self._inflight[key] = pending
             pending.add_done_callback(lambda _: self._inflight.pop(key, None))
+        # With a stale answer in hand, the client waits no longer than its response timer:
+        # then it gets the stale answer, and the refresh goes on into the cache.
+        patience = self.stale_after if cache is not None and cache.has_stale(key) else None
         try:
-            reply = await asyncio.shield(pending)
-        except UpstreamFailed:
-            stale = cache.get(key, stale=True) if cache is not None else None
+            reply = await asyncio.wait_for(asyncio.shield(pending), patience)
+        except (UpstreamFailed, TimeoutError):
+            stale = self._stale(key, query, limit, asked)
             if stale is not None:
-                out = for_client(stale[0], query, limit, self.max_udp)
-                return Decision(out, "stale", Rule.STALE, upstreams=asked)
-            failed = error_response(query.data, wire.SERVFAIL, query, self.max_udp)
-            return Decision(failed, "error", Rule.UPSTREAM_FAILED, upstreams=asked)
+                return stale
+            if not pending.done():  # the timer ran out but nothing stale is left: wait on
+                try:
+                    reply = await asyncio.shield(pending)
+                except UpstreamFailed:
+                    reply = b""
+            else:
+                reply = b""
+            if not reply:
+                failed = error_response(query.data, wire.SERVFAIL, query, self.max_udp)
+                return Decision(failed, "error", Rule.UPSTREAM_FAILED, upstreams=asked)
+        if len(reply) >= 12 and reply[3] & 15 in STALE_ON:
+            stale = self._stale(key, query, limit, asked)
+            if stale is not None:
+                return stale
         out = for_client(reply, query, limit, self.max_udp)
         return Decision(out, "upstream", Rule.FORWARDED, upstreams=asked)
+
+    def _stale(
+        self, key: bytes, query: Query, limit: int | None, asked: tuple[Endpoint, ...]
+    ) -> Decision | None:
+        got = self.cache.get(key, stale=True) if self.cache is not None else None
+        if got is None:
+            return None
+        out = for_client(got[0], query, limit, self.max_udp)
+        return Decision(out, "stale", Rule.STALE, upstreams=asked)
 
     async def _fetch(self, key: bytes, data: bytes, servers: Sequence[Endpoint]) -> bytes:
         reply = await self.upstream.forward(data, servers)
@@ -92,13 +122,8 @@ def for_client(reply: bytes, query: Query, limit: int | None, max_udp: int) -> b
         return error_response(query.data, wire.SERVFAIL, query, max_udp) or b""
     out = query.data[:2] + reply[2:12] + query.data[12:qend] + reply[qend:]
     if limit is not None and len(out) > limit:
-        return _truncate(out, query, max_udp)
+        # Cut down as RFC 2181 section 9 says: additional first, TC only when the answer
+        # section itself does not fit, whole records kept.
+        opt = opt_record(max_udp, query.edns.do) if query.edns is not None else b""
+        return fit(out, limit, opt)
     return out
-
-
-def _truncate(reply: bytes, query: Query, max_udp: int) -> bytes:
-    """An upstream reply too big for the client: header and question only, TC set."""
-    _, flags, *_ = HEADER.unpack_from(reply)
-    opt = opt_record(max_udp, query.edns.do) if query.edns is not None else b""
-    header = HEADER.pack(query.id, flags | 0x0200, 1, 0, 0, 1 if opt else 0)
-    return header + query.data[12 : query.question_end] + opt

@@ -44,6 +44,8 @@ class Rule:
     """ExternalName: a CNAME chain, then the target's records (map, mesh or upstream)."""
     CNAME_LOOP = "cname-loop"
     """An ExternalName chain longer than the resolver follows: SERVFAIL."""
+    NOT_ALLOWED = "not-allowed"
+    """The server the pod asked is not an allowed forwarding target: REFUSED, not relayed."""
     CACHED = "cached"
     """Forwarded before; answered from the node cache."""
     FORWARDED = "forwarded"

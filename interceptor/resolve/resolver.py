@@ -69,7 +69,7 @@ class Resolver:
         """Used when no override is set and the server the client asked is not known."""
         self.original_destination = original_destination
         self.max_udp = settings.server.max_udp_size
-        self.caching = CachingForwarder(forwarder, cache, self.max_udp)
+        self.caching = CachingForwarder(forwarder, cache, self.max_udp, settings.cache.stale_after)
         self._zones: list[tuple[str, tuple[Endpoint, ...]]] = []
         self._servers: tuple[Endpoint, ...] = ()
         self.reconfigure(settings.upstream.kube_dns)
@@ -96,6 +96,14 @@ class Resolver:
         zones, servers = forwarding(self.settings.upstream, kube_dns)
         self._zones = sorted(zones, key=lambda z: -len(z[0]))
         self._servers = servers
+        self._allowed = frozenset(
+            [e.host for e in self.upstreams]
+            + [e.host for e in servers]
+            + [e.host for _, zs in zones for e in zs]
+            + list(self.settings.upstream.allow)
+        )
+        """Where a pod's query may be forwarded: the captured servers, the upstreams, the
+        ConfigMap's and --allow-forward's."""
 
     @property
     def default_servers(self) -> tuple[Endpoint, ...]:
@@ -118,6 +126,8 @@ class Resolver:
         if client is not None and self.original_destination is not None:
             orig = self.original_destination(client[0], client[1], tcp)
             if orig is not None:
+                if orig not in self._allowed:
+                    return (), f"no one: {orig} is not an allowed forwarding target"
                 return (Endpoint(orig, 53),), "the server the pod asked (its flow's original "
                 "destination)"
             return self.upstreams, "the captured servers (no live flow says which the pod asked)"
@@ -209,6 +219,13 @@ class Resolver:
         if target is not None:
             return await self._chase(query, target, limit, client, tcp)
         servers, via = self.route(client, tcp, query.qname)
+        if not servers and via.startswith("no one"):
+            # --capture-all: the pod addressed a server nobody allowed; relaying would let it
+            # reach any DNS server from the node's address (a tunnel past its policies).
+            self.stats.not_allowed += 1
+            refused = self._error(query, wire.REFUSED, Rule.NOT_ALLOWED)
+            refused.via = via
+            return refused
         decision = await self.caching.forward(query, limit, servers)
         decision.via = "not ours: forwarded to " + via
         return decision

@@ -168,6 +168,12 @@ class RequestCollector(Collector):
         for result, n in sorted(st.autopath.copy().items()):
             autopath.add_metric([result], float(n))
         yield autopath
+        yield CounterMetricFamily(
+            "interceptor_forward_not_allowed",
+            "Queries refused instead of forwarded: the server the pod asked is not an allowed "
+            "forwarding target (--capture-all)",
+            value=float(st.not_allowed),
+        )
 
 
 class UpstreamCollector(Collector):

@@ -97,6 +97,8 @@ class RequestStats:
         cheaper to build per query than a tuple of decoded fields; decoded at scrape time."""
         self.durations: dict[str, Histogram] = {s: Histogram() for s in SOURCES}
         self.autopath: dict[str, int] = {"hit": 0, "miss": 0}
+        self.not_allowed = 0
+        """Queries refused because the server the pod asked is not an allowed target."""
 
     def fast_batch(self, answered: int, mesh: int, seconds: float) -> None:
         """``answered`` hot-path answers (``mesh`` of them for mesh hosts), each timed as

@@ -241,3 +241,31 @@ def test_pods_appearing_and_disappearing_are_followed(fresh_node: Node) -> None:
     while not any("detached from dvh5" in ln for ln in agent.log):
         assert time.monotonic() < deadline, "\n".join(agent.log[-10:])
         time.sleep(0.1)
+
+
+def test_capture_all_never_relays_to_a_server_nobody_allowed(fresh_node: Node) -> None:
+    """--capture-all: a pod addressing some other DNS server (a tunnel out, past its
+    NetworkPolicy) gets REFUSED from the node, counted; cluster names are still answered,
+    and the captured server's forwarding is untouched."""
+    port = 19254
+    fresh_node.start_agent("--capture-all", "--metrics-address", f"127.0.0.1:{port}")
+    elsewhere = "10.96.0.53"  # no server there, and nobody allowed it
+    out = fresh_node.dig("client1", f"@{elsewhere}", "www.upstream.test")
+    assert "status: REFUSED" in out, out
+    assert fresh_node.answer("client1", f"@{elsewhere}", SVC1) == [INTERCEPTED]
+    assert fresh_node.answer("client1", "www.upstream.test") == ["192.0.2.53"]
+    script = (
+        "import urllib.request;"
+        f"print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read().decode())"
+    )
+    text = sh("/usr/bin/python3", "-c", script, netns=fresh_node.lab.node).stdout
+    assert "interceptor_forward_not_allowed_total 1.0" in text
+
+
+def test_an_allowed_extra_server_is_forwarded_to(fresh_node: Node) -> None:
+    elsewhere = "10.96.0.53"  # allowed, so forwarded; nothing answers there: SERVFAIL
+    fresh_node.start_agent(
+        "--capture-all", "--allow-forward", elsewhere, "--upstream-timeout", "0.3"
+    )
+    out = fresh_node.dig("client1", f"@{elsewhere}", "www.upstream.test")
+    assert "status: SERVFAIL" in out, out

@@ -3,6 +3,7 @@ unit tier; the process and lab tiers use real servers)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import dns.message
@@ -18,7 +19,8 @@ from interceptor.telemetry.stats import UpstreamStats
 class FakeForwarder:
     """Answers from ``records`` (name -> type -> rdata texts) like an authoritative server
     for example.org and corp.test: NXDOMAIN for unknown names, NODATA with an SOA for known
-    names without the type.  ``failing`` names raise UpstreamFailed (SERVFAIL)."""
+    names without the type.  ``failing`` names raise UpstreamFailed (SERVFAIL); ``slow``
+    names answer after that many seconds; ``rcodes`` names answer with that RCODE."""
 
     def __init__(
         self, records: dict[str, dict[str, list[str]]], failing: frozenset[str] = frozenset()
@@ -27,15 +29,22 @@ class FakeForwarder:
         self.records = records
         self.failing = failing
         self.asked: list[tuple[str, str]] = []
+        self.slow: dict[str, float] = {}
+        self.rcodes: dict[str, int] = {}
 
     async def forward(self, query: bytes, servers: Sequence[Endpoint]) -> bytes:
         q = dns.message.from_wire(query)
         name = q.question[0].name.to_text(omit_final_dot=True).lower()
         rtype = dns.rdatatype.to_text(q.question[0].rdtype)
         self.asked.append((name, rtype))
+        if name in self.slow:
+            await asyncio.sleep(self.slow[name])
         if name in self.failing:
             raise UpstreamFailed("blackholed")
         r = dns.message.make_response(q)
+        if name in self.rcodes:
+            r.set_rcode(self.rcodes[name])
+            return r.to_wire()
         types = self.records.get(name)
         if types is None:
             r.set_rcode(dns.rcode.NXDOMAIN)

@@ -4,6 +4,7 @@ guessed), then the description and the objects behind the answer, against the re
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -14,7 +15,13 @@ from interceptor.ops.explain import Explanation, describe, services
 from interceptor.resolve.cache import Cache
 from interceptor.resolve.decision import Client
 from interceptor.resolve.resolver import Resolver
-from interceptor.settings import Endpoint, Settings, UpstreamSettings, ZoneSettings
+from interceptor.settings import (
+    CacheSettings,
+    Endpoint,
+    Settings,
+    UpstreamSettings,
+    ZoneSettings,
+)
 from tests.unit.fakes import FakeForwarder
 
 A, AAAA, SRV, PTR, CNAME = 1, 28, 33, 12, 5
@@ -134,3 +141,46 @@ def test_the_cache_and_serve_stale_are_the_resolvers_own_report() -> None:
     fwd.failing = frozenset({"www.example.org", "new.example.org"})
     assert explain(r, "www.example.org", A, None).rule == "stale"
     assert explain(r, "new.example.org", A, None).rule == "upstream-failed"
+
+
+def _expire(r: Resolver) -> None:
+    assert r.cache is not None
+    for entry in r.cache.entries.values():
+        entry.expires = entry.stored  # expired now, within the stale window
+
+
+def test_a_slow_upstream_gets_the_stale_answer_within_the_client_timer() -> None:
+    m = ServiceMap(ZoneSettings())
+    s = Settings(cache=CacheSettings(stale_after=0.3))
+    fwd = FakeForwarder({"www.example.org": {"A": ["192.0.2.80"]}})
+    r = Resolver(m, fwd, s, [Endpoint("192.0.2.53", 53)], cache=Cache())
+
+    async def run() -> tuple[float, str, str]:
+        data = build_query("www.example.org", A)
+        await r.decide(data, False, None)
+        _expire(r)
+        fwd.records["www.example.org"]["A"] = ["192.0.2.81"]
+        fwd.slow["www.example.org"] = 1.0
+        t0 = time.monotonic()
+        stale = await r.decide(data, False, None)
+        took = time.monotonic() - t0
+        await asyncio.sleep(1.0)  # the refresh goes on and lands in the cache
+        fresh = await r.decide(data, False, None)
+        return took, stale.rule, fresh.rule + " " + repr(fresh.reply)
+
+    took, stale_rule, fresh = asyncio.run(run())
+    assert stale_rule == "stale" and 0.25 < took < 0.9, took
+    assert fresh.startswith("cached") and "\\xc0\\x00\\x02Q" in fresh  # 192.0.2.81
+
+
+@pytest.mark.parametrize("rcode", [2, 5])  # SERVFAIL, REFUSED
+def test_an_upstream_servfail_or_refused_gets_the_stale_answer(rcode: int) -> None:
+    m = ServiceMap(ZoneSettings())
+    fwd = FakeForwarder({"www.example.org": {"A": ["192.0.2.80"]}})
+    r = Resolver(m, fwd, Settings(), [Endpoint("192.0.2.53", 53)], cache=Cache())
+    assert explain(r, "www.example.org", A, None).rule == "forwarded"
+    _expire(r)
+    fwd.rcodes["www.example.org"] = rcode
+    assert explain(r, "www.example.org", A, None).rule == "stale"
+    fwd.rcodes["new.example.org"] = rcode  # nothing stale to give: the upstream's answer
+    assert explain(r, "new.example.org", A, None).rule == "forwarded"
