@@ -98,6 +98,8 @@ DEFAULT_STATE_DIR = Path("/run/dns-interceptor")
 so the inspection verbs find them from the node)."""
 STATE_FILE = "state.json"
 ADMIN_SOCKET = "admin.sock"
+ADDRESS_BOOK = "addresses"
+"""The resolver addresses the agent added to the node (datapath/addresses.py)."""
 
 AGENT_HEALTH = Endpoint("0.0.0.0", 8053)
 """The agent's /healthz and /readyz by default (serve: none unless asked)."""

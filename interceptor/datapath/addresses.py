@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
+from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -48,3 +50,44 @@ def remove_address(device: str, ip: str) -> None:
         except NetlinkError as exc:
             if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT):
                 raise AddressError(f"removing {ip} from {device}: {exc}") from exc
+
+
+class AddressBook:
+    """The resolver addresses this agent put on the node, remembered in its state directory.
+
+    An address already on the device when the agent starts is someone else's, and is left
+    alone, unless the book says an earlier agent of ours added it: one that was killed
+    (OOM, SIGKILL after the grace period) could not take it away, and without the book no
+    agent would ever remove it, not even when the DaemonSet is deleted.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _read(self) -> set[str]:
+        try:
+            return {ln.strip() for ln in self.path.read_text().splitlines() if ln.strip()}
+        except OSError:
+            return set()
+
+    def _write(self, ips: set[str]) -> None:
+        if not ips:
+            self.path.unlink(missing_ok=True)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(f"{ip}\n" for ip in sorted(ips)))
+        os.replace(tmp, self.path)
+
+    def claim(self, device: str, ip: str) -> bool:
+        """Put ``ip`` on ``device``; True if it is ours to remove (added now, or by an
+        earlier agent of ours that could not remove it)."""
+        known = self._read()
+        if add_address(device, ip) or ip in known:
+            self._write(known | {ip})
+            return True
+        return False
+
+    def release(self, device: str, ip: str) -> None:
+        remove_address(device, ip)
+        self._write(self._read() - {ip})

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from interceptor import __version__
-from interceptor.datapath.addresses import add_address, remove_address
+from interceptor.datapath.addresses import AddressBook
 from interceptor.datapath.answers import AnswerMap
 from interceptor.datapath.discovery import LinkFinder, NetlinkEvents
 from interceptor.datapath.loader import Datapath
@@ -29,7 +29,7 @@ from interceptor.node.lifecycle import OwnerWatch, StopMode
 from interceptor.node.runtime import Feed, make_resolver, start_metrics
 from interceptor.ops.agentops import AgentOps
 from interceptor.resolve.listener import DnsServer
-from interceptor.settings import AgentSettings, Endpoint, Settings
+from interceptor.settings import ADDRESS_BOOK, AgentSettings, Endpoint, Settings
 
 log = logging.getLogger(__name__)
 
@@ -250,11 +250,12 @@ class Agent:
             self.ops.register_metrics(registry, a.datapath.pin_dir)
             # Sockets first, then the heartbeat, then the programs: a packet steered to us
             # always finds a listener.
+            book = AddressBook(a.state_dir / ADDRESS_BOOK)
             for ip in a.resolver_addresses:
-                if await self._netlink(add_address, a.resolver_device, ip):
+                if await self._netlink(book.claim, a.resolver_device, ip):
                     stack.push_async_callback(
                         timer.timed(
-                            f"address {ip}", self._netlink, remove_address, a.resolver_device, ip
+                            f"address {ip}", self._netlink, book.release, a.resolver_device, ip
                         )
                     )
                 server = DnsServer(

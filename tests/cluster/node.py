@@ -856,6 +856,11 @@ def down() -> None:
         run(kp, "--cleanup", check=False)
     _remove_chains()
     restore_host()
+    # An agent that could not take its resolver address away (killed): the addresses its
+    # book says it added go, and nothing else on lo.
+    book = Path("/run/dns-interceptor/addresses")
+    for ip in book.read_text().split() if book.exists() else []:
+        run("ip", "addr", "del", ip + ("/128" if ":" in ip else "/32"), "dev", "lo", check=False)
     shutil.rmtree("/sys/fs/bpf/interceptor", ignore_errors=True)
     shutil.rmtree(RUN, ignore_errors=True)
     shutil.rmtree(STATE, ignore_errors=True)

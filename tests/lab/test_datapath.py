@@ -223,6 +223,10 @@ def test_restart_replaces_filters_without_duplicates(fresh_node: Node) -> None:
         out = sh("tc", "filter", "show", "dev", "dvh0", hook, netns=node_ns).stdout
         assert out.count("handle 0x1d5") == 1, out
     assert fresh_node.answer("client1", SVC1) == [INTERCEPTED]
+    # The killed agent left its address; its successor knows (the address book) that it is
+    # ours, and takes it away when it stops.
+    assert fresh_node.stop_agent() == 0
+    assert "169.254.20.10" not in sh("ip", "addr", "show", "dev", "lo", netns=node_ns).stdout
 
 
 def test_pods_appearing_and_disappearing_are_followed(fresh_node: Node) -> None:
