@@ -202,30 +202,49 @@ static __always_inline int __answers_vouched(struct __sk_buff *skb, struct pkt *
 	       __resolver_listening(skb, p, cfg);
 }
 
-/* Token bucket per pod on new flows: a flooding pod's excess goes to its own server
- * untouched instead of evicting other pods' flows from the LRU.  Returns 0 or
- * -REASON_RATE_LIMITED.
+/* Take one token from a bucket refilled at ``rate`` per second up to ``burst``: 0, or -1
+ * when it is empty.  A rate of 0 means no limit.
  *
- * The read-modify-write of pod->tokens is not atomic: two CPUs taking a token from the same
- * pod at the same instant may both see the same balance, so a pod can get a few tokens more
- * than its budget under contention.  Accepted: the bucket bounds a flood, it does not meter
- * exactly, and a spin lock per pod on every new flow would cost every pod. */
+ * The read-modify-write is not atomic: two CPUs taking a token from the same pod at the same
+ * instant may both see the same balance, so a pod can get a few tokens more than its budget
+ * under contention.  Accepted: a bucket bounds a flood, it does not meter exactly, and a spin
+ * lock per pod on every packet would cost every pod. */
+static __always_inline int __bucket_take(__u64 *ts, __u64 *tokens, __u32 rate, __u32 burst,
+					 __u64 now)
+{
+	__u64 cap, have;
+
+	if (!rate)
+		return 0;
+	cap = (__u64)burst * 1000000000ULL;
+	have = *tokens + (now - *ts) * rate;
+	if (have > cap)
+		have = cap;
+	*ts = now;
+	if (have < 1000000000ULL) {
+		*tokens = have;
+		return -1;
+	}
+	*tokens = have - 1000000000ULL;
+	return 0;
+}
+
+/* New flows per pod: a flooding pod's excess goes to its own server untouched instead of
+ * evicting other pods' flows from the LRU.  0 or -REASON_RATE_LIMITED. */
 static __always_inline int __take_token(struct pod_info *pod, struct config *cfg, __u64 now)
 {
-	__u64 cap, tokens;
-
-	if (!cfg->flow_rate)
-		return 0;
-	cap = (__u64)cfg->flow_burst * 1000000000ULL;
-	tokens = pod->tokens + (now - pod->tokens_ts) * cfg->flow_rate;
-	if (tokens > cap)
-		tokens = cap;
-	pod->tokens_ts = now;
-	if (tokens < 1000000000ULL) {
-		pod->tokens = tokens;
+	if (__bucket_take(&pod->tokens_ts, &pod->tokens, cfg->flow_rate, cfg->flow_burst, now))
 		return -REASON_RATE_LIMITED;
-	}
-	pod->tokens = tokens - 1000000000ULL;
+	return 0;
+}
+
+/* Queries a pod sends the resolver (each UDP query, each TCP connection): one pod cannot take
+ * the resolver from the others.  0 or -REASON_QUERY_LIMITED (the query is dropped). */
+static __always_inline int __query_budget(struct pod_info *pod, struct config *cfg, __u64 now)
+{
+	if (__bucket_take(&pod->queries.ts, &pod->queries.tokens, cfg->query_rate, cfg->query_burst,
+			  now))
+		return -REASON_QUERY_LIMITED;
 	return 0;
 }
 
@@ -248,17 +267,18 @@ static __always_inline int __rewrite(struct __sk_buff *skb, struct pkt *p, int d
 	return ret < 0 ? -REASON_CSUM_ERROR : 0;
 }
 
-/* The pod behind this packet: the destination must be captured and the source must be the
- * veth's own pod (anti-spoofing).  0 with *pod set, or -REASON_* . */
+/* The pod behind this packet: the destination must be captured (or the resolver itself,
+ * ``direct``) and the source must be the veth's own pod (anti-spoofing).  0 with *pod set,
+ * or -REASON_* . */
 static __always_inline int __sending_pod(struct pkt *p, struct config *cfg, __u32 ifindex,
-					 struct pod_info **pod)
+					 int direct, struct pod_info **pod)
 {
 	struct capture_key ck = {};
 	struct pod_key pk = {};
 
 	ck.addr = p->daddr;
 	ck.family = p->family;
-	if (!(cfg->flags & CFG_CAPTURE_ALL) && !CAPTURE.lookup(&ck))
+	if (!direct && !(cfg->flags & CFG_CAPTURE_ALL) && !CAPTURE.lookup(&ck))
 		return -REASON_NOT_CAPTURED;
 	pk.ifindex = ifindex;
 	pk.family = p->family;
@@ -309,8 +329,10 @@ static __always_inline void __fp_count(__u32 result)
 		*v += 1;
 }
 
-/* TC_ACT_REDIRECT when answered in the kernel; a negative fp_result otherwise. */
-static __always_inline int __fastpath(struct __sk_buff *skb, struct pkt *p, struct config *cfg)
+/* TC_ACT_REDIRECT when answered in the kernel; a negative fp_result otherwise, -FP_LIMITED
+ * for a hit over the pod's budget of kernel answers (config answer_rate). */
+static __always_inline int __fastpath(struct __sk_buff *skb, struct pkt *p, struct config *cfg,
+				      struct pod_info *pod, __u64 now)
 {
 	struct fp_query q = {};
 	struct fp_scratch *s;
@@ -327,6 +349,9 @@ static __always_inline int __fastpath(struct __sk_buff *skb, struct pkt *p, stru
 	ans = FP_ANSWERS.lookup(&s->key);
 	if (!ans)
 		return -FP_MISS;
+	if (__bucket_take(&pod->answers.ts, &pod->answers.tokens, cfg->answer_rate,
+			  cfg->answer_burst, now))
+		return -FP_LIMITED;
 	return __fp_answer(skb, p, cfg, s, &q, ans);
 }
 #endif /* ENABLE_FASTPATH */
@@ -342,7 +367,7 @@ int dnsi_from_pod(struct __sk_buff *skb)
 	struct ip_addr *resolver;
 	__u32 zero = 0, ifindex = skb->ifindex;
 	__u64 now;
-	int ret;
+	int ret, direct;
 
 	ret = __parse(skb, &p);
 	if (ret < 0)
@@ -355,10 +380,14 @@ int dnsi_from_pod(struct __sk_buff *skb)
 	resolver = p.family == FAMILY_V4 ? &cfg->resolver4 : &cfg->resolver6;
 	if (!(resolver->a[0] | resolver->a[1] | resolver->a[2] | resolver->a[3]))
 		return TC_ACT_UNSPEC; /* no resolver address for this family */
-	ret = __sending_pod(&p, cfg, ifindex, &pod);
+	/* A pod may also ask the resolver's own address (a NodeLocal-style client): delivered as
+	 * addressed, with the same anti-spoofing and budgets as a captured query. */
+	direct = __addr_eq(&p.daddr, resolver);
+	ret = __sending_pod(&p, cfg, ifindex, direct, &pod);
 	if (ret < 0) {
 		__count(-ret);
-		return TC_ACT_UNSPEC;
+		/* A forged source would get the resolver's answer: not ours to deliver. */
+		return direct && ret == -REASON_SPOOFED ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 	}
 	if (!pod)
 		return TC_ACT_UNSPEC; /* cannot happen; the verifier wants to see it */
@@ -367,6 +396,19 @@ int dnsi_from_pod(struct __sk_buff *skb)
 		ps->queries += 1;
 
 	now = bpf_ktime_get_ns();
+	if (direct) {
+		if (p.proto == IPPROTO_UDP || p.syn_only) {
+			ret = __query_budget(pod, cfg, now);
+			if (ret < 0) {
+				__count(-ret);
+				goto limited;
+			}
+		}
+		__count(REASON_DIRECT);
+		if (ps)
+			ps->direct += 1;
+		return TC_ACT_UNSPEC;
+	}
 #ifdef ENABLE_FASTPATH
 	/* Answers only while the agent is alive: its heartbeat and its resolver socket vouch
 	 * for the answer map, so a killed agent fails open at once here too.  The exception is
@@ -374,7 +416,7 @@ int dnsi_from_pod(struct __sk_buff *skb)
 	 * vouches for the map until grace_until_ns, so names only we know (mesh hosts) keep
 	 * resolving while no agent runs; everything else fails open as usual. */
 	if (p.proto == IPPROTO_UDP && __answers_vouched(skb, &p, cfg, now)) {
-		ret = __fastpath(skb, &p, cfg);
+		ret = __fastpath(skb, &p, cfg, pod, now);
 		if (ret >= 0) {
 			__fp_count(FP_HIT);
 			if (ps)
@@ -384,6 +426,10 @@ int dnsi_from_pod(struct __sk_buff *skb)
 		if (ret == -FP_DROP) {
 			__count(REASON_CSUM_ERROR);
 			return TC_ACT_SHOT;
+		}
+		if (ret == -FP_LIMITED) {
+			__count(REASON_ANSWER_LIMITED);
+			goto limited;
 		}
 		__fp_count(-ret);
 	}
@@ -404,6 +450,11 @@ int dnsi_from_pod(struct __sk_buff *skb)
 	if (now - cfg->heartbeat_ns > cfg->heartbeat_timeout) {
 		__count(REASON_STALE_HEARTBEAT);
 		goto pass;
+	}
+	ret = __query_budget(pod, cfg, now);
+	if (ret < 0) {
+		__count(-ret);
+		goto limited;
 	}
 	/* A socket that keeps asking the same server (the common case for long-lived clients)
 	 * already has its flow: its LRU position is refreshed by the lookup, and the socket
@@ -430,6 +481,10 @@ pass:
 	if (ps)
 		ps->passed += 1;
 	return TC_ACT_UNSPEC;
+limited:
+	if (ps)
+		ps->limited += 1;
+	return TC_ACT_SHOT;
 }
 
 int dnsi_to_pod(struct __sk_buff *skb)

@@ -395,6 +395,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="new DNS flows per second per pod before the excess bypasses "
         "the resolver (0: unlimited; default: %(default)s)",
     )
+    agent.add_argument(
+        "--query-rate",
+        type=_non_negative_int,
+        default=DATAPATH.query_rate,
+        metavar="N",
+        help="queries per second per pod to the resolver before the excess is dropped in the "
+        "kernel; the burst is twice the rate (0: unlimited; default: %(default)s)",
+    )
+    agent.add_argument(
+        "--answer-rate",
+        type=_non_negative_int,
+        default=DATAPATH.answer_rate,
+        metavar="N",
+        help="queries per second per pod the kernel answers before the excess is dropped; "
+        "the burst is twice the rate (0: unlimited; default: %(default)s)",
+    )
     agent.add_argument("--no-ipv6", action="store_true", help="build the datapath without IPv6")
     agent.add_argument(
         "--no-fastpath",
@@ -545,6 +561,10 @@ def agent_settings_from(args: argparse.Namespace) -> AgentSettings:
             tc_handle=args.tc_handle,
             enable_ipv6=not args.no_ipv6,
             flow_rate=args.flow_rate,
+            query_rate=args.query_rate,
+            query_burst=2 * args.query_rate,
+            answer_rate=args.answer_rate,
+            answer_burst=2 * args.answer_rate,
             fastpath=not args.no_fastpath,
             fastpath_entries=args.fastpath_entries,
             max_udp=args.max_udp_size,

@@ -367,6 +367,16 @@ class DatapathSettings:
     flow_rate: int = 2000
     """New DNS flows per second one pod may open before the excess passes untouched."""
     flow_burst: int = 4000
+    query_rate: int = 5000
+    """Queries per second one pod may send the resolver (UDP queries and TCP connections,
+    captured or to the resolver's own address); the excess is dropped in the kernel.  A busy
+    service asks tens to hundreds a second; 5000 is ten times beyond that, and a quarter of
+    what the resolver's careful path answers on one core, so no pod can take it all."""
+    query_burst: int = 10000
+    answer_rate: int = 50000
+    """Queries per second the kernel answers for one pod before the excess is dropped: the
+    fast path is cheap, but a pod flooding it still takes softirq time from its neighbours."""
+    answer_burst: int = 100000
     fastpath: bool = True
     """Answer hot cluster names in the kernel (bpf/lib/fastpath.h, ENABLE_FASTPATH)."""
     fastpath_entries: int = 65536

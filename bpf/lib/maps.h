@@ -25,6 +25,10 @@ struct config {
 	__u32 flow_burst;	  /* token bucket depth for flow_rate */
 	__u32 max_udp;		  /* our EDNS payload size (the resolver's), for fast-path OPT */
 	__u64 grace_until_ns;	  /* handover: the fast path answers until then without an agent */
+	__u32 query_rate;   /* queries per second a pod may send the resolver (0: unlimited) */
+	__u32 query_burst;  /* token bucket depth for query_rate */
+	__u32 answer_rate;  /* queries per second the kernel answers for a pod (0: unlimited) */
+	__u32 answer_burst; /* token bucket depth for answer_rate */
 };
 
 #define CFG_CAPTURE_ALL (1U << 0) /* any destination on port 53, not only CAPTURE entries */
@@ -44,11 +48,19 @@ struct pod_key {
 	struct ip_addr addr;
 };
 
+/* A token bucket: tokens scaled by 1e9 (token-nanoseconds), refilled from ts on use. */
+struct bucket {
+	__u64 ts;     /* time of the last refill (ns) */
+	__u64 tokens; /* tokens left, times 1e9 */
+};
+
 struct pod_info {
-	__u32 pod_id;	 /* slot in per-pod counters, assigned by the agent */
-	__u32 flags;	 /* unused for now */
-	__u64 tokens_ts; /* token bucket: time of the last refill (ns) */
-	__u64 tokens;	 /* token bucket: tokens left, scaled by 1e9 (token-nanoseconds) */
+	__u32 pod_id;	       /* slot in per-pod counters, assigned by the agent */
+	__u32 flags;	       /* unused for now */
+	__u64 tokens_ts;       /* new-flow bucket: time of the last refill (ns) */
+	__u64 tokens;	       /* new-flow bucket: tokens left, times 1e9 */
+	struct bucket queries; /* queries to the resolver (config query_rate) */
+	struct bucket answers; /* queries the kernel answers (config answer_rate) */
 };
 
 /* IFACES: host veths under management; value is unused (presence = managed). */
@@ -83,6 +95,8 @@ struct pod_stats {
 	__u64 passed;	  /* left untouched (fail-open, rate limit) */
 	__u64 replies;	  /* replies whose source was restored */
 	__u64 answered;	  /* answered in the kernel by the fast path */
+	__u64 direct;	  /* sent to the resolver's own address, delivered as addressed */
+	__u64 limited;	  /* dropped: over the pod's query or answer budget */
 };
 
 /* FP_ANSWERS: the in-kernel fast path's answers, a copy of the resolver's precomputed table
@@ -120,6 +134,8 @@ enum fp_result {
 /* Not a result (never counted): the fast path had begun rewriting the packet and cannot
  * give it back intact, so the entry program drops it.  The client retries. */
 #define FP_DROP FP_RESULT_MAX
+/* Not a result either: a hit, but the pod is over its budget of kernel answers. */
+#define FP_LIMITED (FP_RESULT_MAX + 1)
 
 #define MAX_PODS    4096
 #define MAX_FLOWS   65536

@@ -15,7 +15,10 @@ enum reason {
 	REASON_NOT_CAPTURED = 8, /* port 53 but destination not captured: passed */
 	REASON_CSUM_ERROR = 9,	 /* a rewrite helper failed: dropped (state is inconsistent) */
 	REASON_MALFORMED = 10,	 /* a pod's packet with truncated headers: passed */
-	REASON_MAX = 11,
+	REASON_DIRECT = 11,	 /* to the resolver's own address, from the veth's pod: delivered */
+	REASON_QUERY_LIMITED = 12,  /* over the pod's budget of queries to the resolver: dropped */
+	REASON_ANSWER_LIMITED = 13, /* over the pod's budget of kernel answers: dropped */
+	REASON_MAX = 14,
 };
 
 #endif /* __INTERCEPTOR_METRICS_H */

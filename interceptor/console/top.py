@@ -33,6 +33,7 @@ COLUMNS = [
         ("redirected", "redir/s"),
         ("answered", "kernel/s"),
         ("passed", "passed/s"),
+        ("limited", "limited/s"),
     )
     if c in COUNTS
 ]
@@ -40,11 +41,14 @@ COLUMNS = [
 
 def frame(before: Snapshot, after: Snapshot, state: NodeState | None, interval: float) -> str:
     rs = rates(before, after)
+    # limited/s only while some pod is over its budget: the table keeps to 80 columns, and a
+    # limited pod stands out when it appears.
+    columns = [(c, h) for c, h in COLUMNS if c != "limited" or any(r.rate(c) > 0 for r in rs)]
     rows = [
         (
             r.pod.pod,
             ",".join(r.pod.ifnames),
-            *(round(r.rate(c), 1) for c, _ in COLUMNS),
+            *(round(r.rate(c), 1) for c, _ in columns),
             r.pod.count("queries"),
         )
         for r in rs
@@ -56,7 +60,7 @@ def frame(before: Snapshot, after: Snapshot, state: NodeState | None, interval: 
         f"every {interval:g}s, {time.strftime('%H:%M:%S')}"
     )
     table = render(
-        ["pod", "iface", *(h for _, h in COLUMNS), "queries"],
+        ["pod", "iface", *(h for _, h in columns), "queries"],
         rows,
         sort=False,  # busiest first, as rates() orders them
     )

@@ -395,11 +395,21 @@ def map_dump(ctx: Ctx) -> None:
 # ----------------------------------------------------------------------------- stats
 
 
+EXCEPTIONAL = ("direct", "limited")
+"""Per-pod counters shown in ``stats`` text only when not all zero."""
+
+
 def stats(ctx: Ctx) -> None:
     from interceptor.ops.views import stats as view
 
     data = view(ctx.pin_path, ctx.state)
-    counts = data["pod_counters"]
+    # Columns of what is exceptional show only when some pod has it: the table stays within
+    # 80 columns, and a limited pod stands out (the JSON always has every column).
+    counts = [
+        c
+        for c in data["pod_counters"]
+        if c not in EXCEPTIONAL or any(p.get(c) for p in data["pods"])
+    ]
     rows = [
         (p["pod"], ",".join(p["ifnames"]), *(p.get(c, 0) for c in counts)) for p in data["pods"]
     ]

@@ -169,6 +169,10 @@ class Datapath:
         )
         cfg.flow_rate = self.settings.flow_rate
         cfg.flow_burst = self.settings.flow_burst
+        cfg.query_rate = self.settings.query_rate
+        cfg.query_burst = self.settings.query_burst
+        cfg.answer_rate = self.settings.answer_rate
+        cfg.answer_burst = self.settings.answer_burst
         cfg.max_udp = self.settings.max_udp
         # No heartbeat yet: the programs fail open until this agent's first beat (after its
         # first sync and attach), and a predecessor's handover grace stays in force until
@@ -254,8 +258,10 @@ class Datapath:
                 pod_id = self._id_for(ip)
                 info = maps.PodInfo()
                 info.pod_id = pod_id
-                info.tokens = s.flow_burst * 1_000_000_000
-                info.tokens_ts = time.monotonic_ns()
+                now = time.monotonic_ns()  # bpf_ktime_get_ns's clock
+                info.tokens, info.tokens_ts = s.flow_burst * 1_000_000_000, now
+                info.queries.tokens, info.queries.ts = s.query_burst * 1_000_000_000, now
+                info.answers.tokens, info.answers.ts = s.answer_burst * 1_000_000_000, now
                 self.maps["PODS"].put(_pod_key(ifindex, ip), info)
                 att.pods[ip] = pod_id
         self._sweep_stale_pods(desired)

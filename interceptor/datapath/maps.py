@@ -34,6 +34,9 @@ REASONS = (
     "not_captured",
     "csum_error",
     "malformed",
+    "direct",
+    "query_limited",
+    "answer_limited",
 )
 
 
@@ -69,6 +72,10 @@ class Config(ct.Structure):
         ("flow_burst", ct.c_uint32),
         ("max_udp", ct.c_uint32),
         ("grace_until_ns", ct.c_uint64),
+        ("query_rate", ct.c_uint32),
+        ("query_burst", ct.c_uint32),
+        ("answer_rate", ct.c_uint32),
+        ("answer_burst", ct.c_uint32),
     ]
 
 
@@ -84,6 +91,12 @@ class PodKey(ct.Structure):
     _fields_ = [("ifindex", ct.c_uint32), ("family", ct.c_uint32), ("addr", IpAddr)]
 
 
+class Bucket(ct.Structure):
+    """struct bucket"""
+
+    _fields_ = [("ts", ct.c_uint64), ("tokens", ct.c_uint64)]
+
+
 class PodInfo(ct.Structure):
     """struct pod_info"""
 
@@ -92,6 +105,8 @@ class PodInfo(ct.Structure):
         ("flags", ct.c_uint32),
         ("tokens_ts", ct.c_uint64),
         ("tokens", ct.c_uint64),
+        ("queries", Bucket),
+        ("answers", Bucket),
     ]
 
 
@@ -135,6 +150,8 @@ class PodStats(ct.Structure):
         ("passed", ct.c_uint64),
         ("replies", ct.c_uint64),
         ("answered", ct.c_uint64),
+        ("direct", ct.c_uint64),
+        ("limited", ct.c_uint64),
     ]
 
 
@@ -175,6 +192,7 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "config": Config,
     "capture_key": CaptureKey,
     "pod_key": PodKey,
+    "bucket": Bucket,
     "pod_info": PodInfo,
     "iface_info": IfaceInfo,
     "flow_key": FlowKey,

@@ -255,6 +255,9 @@ VERDICTS: dict[str, str] = {
     "not_captured": "passed",
     "csum_error": "dropped",
     "malformed": "passed",
+    "direct": "passed",
+    "query_limited": "dropped",
+    "answer_limited": "dropped",
 }
 
 

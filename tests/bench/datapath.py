@@ -22,7 +22,7 @@ from pathlib import Path
 
 from devlab.netns import DNS_IP, Lab, PodSpec, stop
 from tests.bench.common import PerfResult, parse_dnsperf, table
-from tests.bench.nodelocal import agent_flags
+from tests.bench.nodelocal import agent_flags, unlimited
 
 RESOLVER = "169.254.20.10"
 NAMES = 1000
@@ -32,7 +32,8 @@ def userspace_only() -> tuple[str, ...]:
     """``--no-fastpath`` when the agent has it: with the in-kernel fast path the queries
     through BPF would never reach the resolver, and this benchmark measures the cost of the
     redirection to it (tests.bench.peers measures the fast path)."""
-    return ("--no-fastpath",) if "--no-fastpath" in agent_flags() else ()
+    fastpath = ("--no-fastpath",) if "--no-fastpath" in agent_flags() else ()
+    return fastpath + unlimited()
 
 
 def write_inputs(tmp: Path) -> tuple[Path, Path]:

@@ -456,6 +456,17 @@ def agent_flags() -> str:
     return r.stdout
 
 
+def unlimited() -> tuple[str, ...]:
+    """The per-pod budgets off: a benchmark's one client pod measures capacity, which the
+    budgets (there to keep one pod from starving the others) would cap."""
+    flags = agent_flags()
+    out: tuple[str, ...] = ()
+    for flag in ("--query-rate", "--answer-rate"):
+        if flag in flags:
+            out += (flag, "0")
+    return out
+
+
 def scrape(lab: Lab) -> str:
     """The agent's Prometheus text, fetched inside the node namespace."""
     code = (
@@ -512,6 +523,7 @@ def start_agent(
         f"{DNS_IP}:53",
         "--metrics-address",
         f"127.0.0.1:{METRICS_PORT}",
+        *unlimited(),
         *extra,
         pin_dir=pin,
     )

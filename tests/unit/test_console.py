@@ -90,3 +90,15 @@ def test_stats_on_a_directory_without_our_maps(
 
     rc = main(["stats", "--pin-path", str(tmp_path), "--state-dir", str(tmp_path)])
     assert rc == 1 and "no interceptor counters pinned" in capsys.readouterr().err
+
+
+def test_top_shows_a_limited_pod() -> None:
+    from interceptor.console.top import frame
+    from interceptor.ops.counters import PodCounters
+
+    def limited(n: int) -> PodCounters:
+        return PodCounters("ns1", "noisy", ("10.0.0.1",), ("dvh0",), (0,), {"limited": n})
+
+    text = frame(Snapshot(0, (limited(0),)), Snapshot(10**9, (limited(500),)), state(), 1.0)
+    header, row = text.splitlines()[2:4]
+    assert "LIMITED/S" in header and "500" in row
