@@ -123,6 +123,11 @@ class ServerSettings:
     """Concurrent TCP connections; more are closed at accept."""
     tcp_max_inflight: int = 64
     """Queries a single TCP connection may have in progress at once."""
+    client_inflight: int = 64
+    """Careful-path UDP queries one client may have in progress at once; the rest wait their
+    turn, served round-robin between clients (resolve/fair.py)."""
+    client_queue: int = 1024
+    """...and may have waiting; beyond that a client's queries are dropped (counted)."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import struct
@@ -16,6 +17,7 @@ from time import perf_counter_ns
 
 from interceptor.errors import InterceptorError
 from interceptor.logutil import RateLimitedLog
+from interceptor.resolve.fair import FairScheduler
 from interceptor.resolve.resolver import Resolver
 from interceptor.settings import Endpoint, ServerSettings
 
@@ -54,10 +56,13 @@ def bind_socket(ep: Endpoint, kind: int) -> socket.socket:
 
 
 class UdpServer:
-    def __init__(self, resolver: Resolver, sock: socket.socket) -> None:
+    def __init__(
+        self, resolver: Resolver, sock: socket.socket, fair: FairScheduler | None = None
+    ) -> None:
         self.resolver = resolver
         self.sock = sock
-        self.pending: set[asyncio.Task[None]] = set()
+        self.fair = fair if fair is not None else FairScheduler()
+        """Careful-path queries run in a fair order between clients, with a cap each."""
 
     def start(self) -> None:
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
@@ -84,9 +89,8 @@ class UdpServer:
                     self._send(reply, addr)
                     answered += 1
                     continue
-                task = asyncio.ensure_future(self._slow(data, addr))
-                self.pending.add(task)
-                task.add_done_callback(self.pending.discard)
+                if not self.fair.submit(addr[0], functools.partial(self._slow, data, addr)):
+                    self.resolver.stats.client_dropped += 1
         finally:
             if answered:
                 self.resolver.fast_batch(answered, perf_counter_ns() - t0, seen)
@@ -111,8 +115,7 @@ class UdpServer:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        for task in list(self.pending):
-            task.cancel()
+        self.fair.close()
         self.sock.close()
 
 
@@ -214,7 +217,9 @@ class DnsServer:
 
     async def start(self) -> None:
         udp_sock, tcp_sock = self._bind_pair(self.settings.listen)
-        self.udp = UdpServer(self.resolver, udp_sock)
+        s = self.settings
+        fair = FairScheduler(per_client=s.client_inflight, queued=s.client_queue)
+        self.udp = UdpServer(self.resolver, udp_sock, fair)
         self.udp.start()
         self.tcp = TcpServer(self.resolver, tcp_sock, self.settings)
         await self.tcp.start()

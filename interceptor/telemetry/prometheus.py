@@ -169,6 +169,12 @@ class RequestCollector(Collector):
             autopath.add_metric([result], float(n))
         yield autopath
         yield CounterMetricFamily(
+            "interceptor_client_queue_dropped",
+            "UDP queries dropped by the resolver because their client had too many waiting "
+            "(it sends faster than it is answered; the others are served in turn)",
+            value=float(st.client_dropped),
+        )
+        yield CounterMetricFamily(
             "interceptor_forward_not_allowed",
             "Queries refused instead of forwarded: the server the pod asked is not an allowed "
             "forwarding target (--capture-all)",

@@ -97,6 +97,8 @@ class RequestStats:
         cheaper to build per query than a tuple of decoded fields; decoded at scrape time."""
         self.durations: dict[str, Histogram] = {s: Histogram() for s in SOURCES}
         self.autopath: dict[str, int] = {"hit": 0, "miss": 0}
+        self.client_dropped = 0
+        """UDP queries dropped because their client had too many waiting (resolve/fair.py)."""
         self.not_allowed = 0
         """Queries refused because the server the pod asked is not an allowed target."""
 
