@@ -42,7 +42,10 @@ def encode_name(name: str) -> bytes:
         return b"\x00"
     out = bytearray()
     for label in name.split("."):
-        raw = label.encode("ascii")
+        try:
+            raw = label.encode("ascii")
+        except UnicodeEncodeError:
+            raise NameError_(f"non-ASCII label {label!r} in {name!r}") from None
         if not raw or len(raw) > 63:
             raise NameError_(f"bad label {label!r} in {name!r}")
         out.append(len(raw))

@@ -7,6 +7,7 @@ Parsing a malformed object raises :class:`ObjectError` naming the object and the
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -130,6 +131,12 @@ API_VERSIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+PROTOCOL = re.compile(r"tcp|udp|sctp")
+
+DNS_LABEL = re.compile(r"[a-z0-9_]([-a-z0-9_]{0,61}[a-z0-9_])?")
+"""RFC 1123 labels as Kubernetes checks its names, plus the underscore of service labels."""
+
+
 class _Reader:
     """Typed access to a nested dict that reports the failing path on error."""
 
@@ -198,6 +205,25 @@ class _Reader:
         except ValueError:
             raise self.fail(path, f"{value!r} is not an IP address") from None
 
+    def dns_label(self, value: str, path: str) -> str:
+        """A name that becomes one DNS label (a Service's or namespace's name, a port name,
+        an endpoint hostname), checked as the API server checks it (RFC 1123 label): the
+        YAML source is not validated by anyone else, and a bad label must not reach the
+        records."""
+        v = value.lower()
+        if not DNS_LABEL.fullmatch(v):
+            raise self.fail(path, f"{value!r:.70} is not a DNS label (a-z, 0-9, '-'; 63 at most)")
+        return v
+
+    def dns_name(self, value: str, path: str, wildcard: bool = False) -> str:
+        """A DNS name (RFC 1123 subdomain, 253 at most), lowercased, no trailing dot;
+        ``wildcard``: a leading ``*.`` is allowed (mesh hosts)."""
+        v = value.rstrip(".").lower()
+        body = v[2:] if wildcard and v.startswith("*.") else v
+        if len(v) > 253 or not all(DNS_LABEL.fullmatch(label) for label in body.split(".")):
+            raise self.fail(path, f"{value!r:.70} is not a DNS name")
+        return v
+
     def mapping(self, obj: Mapping[str, Any], path: str) -> tuple[tuple[str, str], ...]:
         m = self.get(obj, path, Mapping, default={})
         return tuple(sorted((str(k), str(v)) for k, v in m.items()))
@@ -252,8 +278,12 @@ def parse(obj: Mapping[str, Any]) -> KubeObject:
         raise r.fail("apiVersion", f"{api!r} is not one of {', '.join(API_VERSIONS[kind])}")
     name = r.get(obj, "metadata.name", str, required=True)
     if kind == "Namespace":
-        return Namespace(name, r.mapping(obj, "metadata.labels"))
-    namespace = r.get(obj, "metadata.namespace", str, default="default")
+        return Namespace(r.dns_label(name, "metadata.name"), r.mapping(obj, "metadata.labels"))
+    namespace = r.dns_label(
+        r.get(obj, "metadata.namespace", str, default="default"), "metadata.namespace"
+    )
+    if kind == "Service":
+        name = r.dns_label(name, "metadata.name")
     if kind == "Service":
         return _service(r, obj, namespace, name)
     if kind == "EndpointSlice":
@@ -270,11 +300,12 @@ def _ports(r: _Reader, obj: Mapping[str, Any], path: str) -> tuple[ServicePort, 
         if not 0 <= number <= 65535:
             raise r.fail(f"{p}.port", f"{number} is out of range")
         protocol = r.get(item, "protocol", str, default="TCP", at=p)
-        ports.append(
-            ServicePort(
-                r.get(item, "name", str, default="", at=p).lower(), protocol.lower(), number
-            )
-        )
+        port_name = r.get(item, "name", str, default="", at=p)
+        if port_name:
+            port_name = r.dns_label(port_name, f"{p}.name")
+        if not PROTOCOL.fullmatch(protocol.lower()):
+            raise r.fail(f"{p}.protocol", f"{protocol!r:.40} is not TCP, UDP or SCTP")
+        ports.append(ServicePort(port_name, protocol.lower(), number))
     return tuple(ports)
 
 
@@ -291,6 +322,7 @@ def _service(r: _Reader, obj: Mapping[str, Any], namespace: str, name: str) -> S
         external = r.get(obj, "spec.externalName", str, required=True).rstrip(".").lower()
         if not external:
             raise r.fail("spec.externalName", "is empty")
+        external = r.dns_name(external, "spec.externalName")
         cluster_ips = ()
         headless = False
     publish = r.get(obj, "spec.publishNotReadyAddresses", bool, default=False)
@@ -318,7 +350,9 @@ def _endpoint_slice(r: _Reader, obj: Mapping[str, Any], namespace: str, name: st
         # discovery.k8s.io/v1 EndpointConditions: a nil "ready" must be read as ready.
         ready = r.get(item, "conditions.ready", bool, default=True, at=p)
         hostname = r.get(item, "hostname", str, default=None, at=p)
-        endpoints.append(EndpointAddress(addresses, ready, hostname.lower() if hostname else None))
+        if hostname:
+            hostname = r.dns_label(hostname, f"{p}.hostname")
+        endpoints.append(EndpointAddress(addresses, ready, hostname or None))
     return EndpointSlice(
         namespace,
         name,
@@ -347,7 +381,10 @@ def _pod(r: _Reader, obj: Mapping[str, Any], namespace: str, name: str) -> Pod:
 
 
 def _service_entry(r: _Reader, obj: Mapping[str, Any], namespace: str, name: str) -> ServiceEntry:
-    hosts = tuple(h.rstrip(".").lower() for h in r.strings(obj, "spec.hosts"))
+    hosts = tuple(
+        r.dns_name(h, f"spec.hosts[{i}]", wildcard=True)
+        for i, h in enumerate(r.strings(obj, "spec.hosts"))
+    )
     if not hosts:
         raise r.fail("spec.hosts", "is required and must not be empty")
     addresses = []
