@@ -289,6 +289,13 @@ def _add_tcp_flags(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="concurrent TCP connections (default: %(default)s)",
     )
+    p.add_argument(
+        "--tcp-client-connections",
+        type=_positive_int,
+        default=SERVER.tcp_client_connections,
+        metavar="N",
+        help="concurrent TCP connections one client may hold (default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -488,6 +495,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             max_udp_size=args.max_udp_size,
             tcp_idle_timeout=args.tcp_idle_timeout,
             tcp_max_connections=args.tcp_max_connections,
+            tcp_client_connections=args.tcp_client_connections,
         ),
         upstream=UpstreamSettings(
             servers=tuple(args.upstream),

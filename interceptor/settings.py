@@ -120,7 +120,10 @@ class ServerSettings:
     tcp_idle_timeout: float = 10.0
     """Seconds a TCP connection may sit idle before it is closed (RFC 7766 section 6.2.3)."""
     tcp_max_connections: int = 1024
-    """Concurrent TCP connections; more are closed at accept."""
+    """Concurrent TCP connections.  At the limit, a client with fewer connections than the
+    busiest one takes that client's idlest connection; anyone else's new one is closed."""
+    tcp_client_connections: int = 64
+    """Concurrent TCP connections one client may hold; more are closed at accept."""
     tcp_max_inflight: int = 64
     """Queries a single TCP connection may have in progress at once."""
     client_inflight: int = 64

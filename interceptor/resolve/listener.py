@@ -13,6 +13,8 @@ import functools
 import logging
 import socket
 import struct
+from collections import Counter
+from dataclasses import dataclass
 from time import perf_counter_ns
 
 from interceptor.errors import InterceptorError
@@ -119,32 +121,81 @@ class UdpServer:
         self.sock.close()
 
 
+@dataclass
+class _Conn:
+    client: str
+    writer: asyncio.StreamWriter
+    last: float
+    """When the connection last carried a query (loop time)."""
+    evicted: bool = False
+    """Closed to make room: no longer counted, though its task may not have ended yet."""
+
+
 class TcpServer:
     """RFC 7766: two-byte length framing, several (pipelined) queries per connection,
-    answered as they complete, with idle timeout and a connection limit."""
+    answered as they complete, with idle timeout and connection limits.
+
+    The limits are shared fairly: one client holds at most ``tcp_client_connections``; at
+    the global limit a client with fewer connections than the busiest one takes that
+    client's idlest connection; and as the limit nears, idle connections are closed sooner
+    (RFC 7766 section 6.2.3 lets a server under load shorten its idle timeout)."""
 
     def __init__(self, resolver: Resolver, sock: socket.socket, settings: ServerSettings) -> None:
         self.resolver = resolver
         self.sock = sock
         self.settings = settings
-        self.connections: set[asyncio.Task[None]] = set()
+        self.connections: dict[asyncio.Task[None], _Conn] = {}
+        self.per_client: Counter[str] = Counter()
+        """Live (not evicted) connections per client."""
+        self.live = 0
         self.server: asyncio.Server | None = None
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._accept, sock=self.sock, backlog=1024)
 
+    def idle_timeout(self) -> float:
+        """The idle timeout, shortened once more than half the connections are in use."""
+        load = self.live / self.settings.tcp_max_connections
+        full = self.settings.tcp_idle_timeout
+        return full if load <= 0.5 else max(0.5, full * 2 * (1 - load))
+
+    def _admit(self, client: str) -> bool:
+        """Whether a new connection from ``client`` may stay (making room if it is fair)."""
+        s = self.settings
+        stats = self.resolver.stats
+        if self.per_client[client] >= s.tcp_client_connections:
+            stats.tcp_refused["client_limit"] = stats.tcp_refused.get("client_limit", 0) + 1
+            _rl.warning("tcp-client-limit", "TCP: %s holds %d connections: closing a new one",
+                        client, self.per_client[client])  # fmt: skip
+            return False
+        if self.live < s.tcp_max_connections:
+            return True
+        busiest, held = self.per_client.most_common(1)[0]
+        if held <= self.per_client[client] + 1:
+            stats.tcp_refused["limit"] = stats.tcp_refused.get("limit", 0) + 1
+            _rl.warning("tcp-limit", "TCP connection limit (%d) reached: closing a new one",
+                        s.tcp_max_connections)  # fmt: skip
+            return False
+        idlest = min((c for c in self.connections.values()
+                      if c.client == busiest and not c.evicted),
+                     key=lambda c: c.last)  # fmt: skip
+        idlest.evicted = True
+        self._release(busiest)
+        idlest.writer.close()  # its task ends
+        stats.tcp_refused["evicted"] = stats.tcp_refused.get("evicted", 0) + 1
+        return True
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self.connections) >= self.settings.tcp_max_connections:
-            _rl.warning(
-                "tcp-limit",
-                "TCP connection limit (%d) reached: closing new connection",
-                self.settings.tcp_max_connections,
-            )
+        peer = writer.get_extra_info("peername")
+        client = str(peer[0]) if peer else "?"
+        if not self._admit(client):
             writer.close()
             return
         task = asyncio.current_task()
         assert task is not None
-        self.connections.add(task)
+        me = self.connections[task] = _Conn(client, writer, asyncio.get_running_loop().time())
+        self.per_client[client] += 1
+        self.live += 1
         try:
             await self._serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
@@ -154,8 +205,16 @@ class TcpServer:
         except Exception:
             log.exception("internal error on a TCP connection")
         finally:
-            self.connections.discard(task)
+            del self.connections[task]
+            if not me.evicted:
+                self._release(client)
             writer.close()
+
+    def _release(self, client: str) -> None:
+        self.live -= 1
+        self.per_client[client] -= 1
+        if not self.per_client[client]:
+            del self.per_client[client]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         inflight = asyncio.Semaphore(self.settings.tcp_max_inflight)
@@ -178,13 +237,14 @@ class TcpServer:
             finally:
                 inflight.release()
 
+        me = self.connections.get(asyncio.current_task())  # type: ignore[arg-type]
         try:
             while True:
-                head = await asyncio.wait_for(reader.readexactly(2), self.settings.tcp_idle_timeout)
+                head = await asyncio.wait_for(reader.readexactly(2), self.idle_timeout())
                 (size,) = struct.unpack("!H", head)
-                data = await asyncio.wait_for(
-                    reader.readexactly(size), self.settings.tcp_idle_timeout
-                )
+                data = await asyncio.wait_for(reader.readexactly(size), self.idle_timeout())
+                if me is not None:
+                    me.last = asyncio.get_running_loop().time()
                 await inflight.acquire()
                 task = asyncio.ensure_future(answer(data))
                 tasks.add(task)

@@ -168,6 +168,15 @@ class RequestCollector(Collector):
         for result, n in sorted(st.autopath.copy().items()):
             autopath.add_metric([result], float(n))
         yield autopath
+        tcp = CounterMetricFamily(
+            "interceptor_tcp_connections_refused",
+            "TCP connections closed at accept (client_limit: the client holds its share; "
+            "limit: no room) or to make room for a client holding fewer (evicted)",
+            labels=["reason"],
+        )
+        for reason in ("client_limit", "limit", "evicted"):
+            tcp.add_metric([reason], float(st.tcp_refused.get(reason, 0)))
+        yield tcp
         yield CounterMetricFamily(
             "interceptor_client_queue_dropped",
             "UDP queries dropped by the resolver because their client had too many waiting "

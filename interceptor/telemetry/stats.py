@@ -97,6 +97,9 @@ class RequestStats:
         cheaper to build per query than a tuple of decoded fields; decoded at scrape time."""
         self.durations: dict[str, Histogram] = {s: Histogram() for s in SOURCES}
         self.autopath: dict[str, int] = {"hit": 0, "miss": 0}
+        self.tcp_refused: dict[str, int] = {}
+        """TCP connections closed at accept, by reason (client_limit, limit), and ones
+        closed to make room for a client with fewer (evicted)."""
         self.client_dropped = 0
         """UDP queries dropped because their client had too many waiting (resolve/fair.py)."""
         self.not_allowed = 0
