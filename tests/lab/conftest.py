@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import sys
 import uuid
 from collections.abc import Iterator
@@ -105,3 +106,26 @@ def node(
 def fresh_node(tmp_path: Path) -> Iterator[Node]:
     """A node without an agent yet, for tests that kill, restart or reconfigure it."""
     yield from make_node("ptp", tmp_path)
+
+
+RAW_IPV4 = (
+    "import socket, struct, sys\n"
+    "src, dst, l4 = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3])\n"
+    "ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(l4), 1, 0, 64, 17, 0,\n"
+    "    socket.inet_aton(src), socket.inet_aton(dst))\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)\n"
+    "s.sendto(ip + l4, (dst, 0))\n"
+)
+
+
+def udp_query(name: str, sport: int = 40000) -> bytes:
+    """A UDP header and a DNS query for ``name`` A, as a raw packet carries them."""
+    qname = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + qname + b"\0\1\0\1"
+    return struct.pack("!HHHH", sport, 53, 8 + len(q), 0) + q
+
+
+def send_raw(node: Node, pod: str, src: str, dst: str, l4: bytes) -> None:
+    """One IPv4/UDP packet from ``pod`` with any source address (a raw socket: no checks)."""
+    r = node.lab.run_in_pod(pod, "/usr/bin/python3", "-c", RAW_IPV4, src, dst, l4.hex())
+    assert r.returncode == 0, r.stderr

@@ -11,7 +11,7 @@ from devlab.netns import RESOLVER_IP
 from interceptor.datapath.loader import open_maps
 from interceptor.datapath.maps import REASONS
 from interceptor.ops.state import read_state
-from tests.lab.conftest import Node
+from tests.lab.conftest import Node, send_raw, udp_query
 
 SVC1 = "svc1.ns1.svc.cluster.local"
 INTERCEPTED = "10.96.1.1"
@@ -103,18 +103,7 @@ def test_a_pod_over_its_answer_budget_loses_the_excess(fresh_node: Node) -> None
 def test_a_forged_source_to_the_resolvers_address_is_dropped(fresh_node: Node) -> None:
     fresh_node.start_agent()
     before, _ = counters(fresh_node)
-    script = (
-        "import socket, struct\n"
-        "q = struct.pack('!HHHHHH', 0x4242, 0x0100, 1, 0, 0, 0)"
-        " + b'\\x04svc1\\x03ns1\\x03svc\\x07cluster\\x05local\\x00\\x00\\x01\\x00\\x01'\n"
-        "udp = struct.pack('!HHHH', 40000, 53, 8 + len(q), 0) + q\n"
-        "ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,\n"
-        f"    socket.inet_aton('10.244.1.99'), socket.inet_aton('{RESOLVER_IP}'))\n"
-        "s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)\n"
-        f"s.sendto(ip + udp, ('{RESOLVER_IP}', 0))\n"
-    )
-    r = fresh_node.lab.run_in_pod("client1", "/usr/bin/python3", "-c", script)
-    assert r.returncode == 0, r.stderr
+    send_raw(fresh_node, "client1", "10.244.1.99", RESOLVER_IP, udp_query(SVC1))
     reasons = settle(fresh_node, "spoofed", before["spoofed"])
     assert reasons["spoofed"] == before["spoofed"] + 1
     assert reasons["direct"] == before["direct"]

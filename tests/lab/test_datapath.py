@@ -4,6 +4,7 @@ glibc stub resolver and dig in the pods, a real dnsmasq as kube-dns.  Root only.
 from __future__ import annotations
 
 import signal
+import struct
 import time
 
 import pytest
@@ -12,7 +13,7 @@ from devlab.netns import PodSpec, sh
 from interceptor.datapath.loader import open_maps
 from interceptor.datapath.maps import REASONS
 from interceptor.ops.state import read_state
-from tests.lab.conftest import Node
+from tests.lab.conftest import Node, send_raw, udp_query
 
 INTERCEPTED = "10.96.1.1"  # the interceptor's answer for svc1
 DIRECT = "10.96.99.99"  # kube-dns's answer for svc1: the query bypassed us
@@ -138,18 +139,7 @@ def test_early_capture_takes_a_pod_the_api_has_not_reported_yet(fresh_node: Node
 
 def test_spoofed_source_creates_no_state_and_is_not_redirected(node: Node) -> None:
     before = reasons(node)["spoofed"]
-    script = (
-        "import socket, struct\n"
-        "q = struct.pack('!HHHHHH', 0x4242, 0x0100, 1, 0, 0, 0)"
-        " + b'\\x05spoof\\x04test\\x00\\x00\\x01\\x00\\x01'\n"
-        "udp = struct.pack('!HHHH', 40000, 53, 8 + len(q), 0) + q\n"
-        "ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,\n"
-        "    socket.inet_aton('10.244.1.99'), socket.inet_aton('10.96.0.10'))\n"
-        "s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)\n"
-        "s.sendto(ip + udp, ('10.96.0.10', 0))\n"
-    )
-    r = node.lab.run_in_pod("client1", "/usr/bin/python3", "-c", script)
-    assert r.returncode == 0, r.stderr
+    send_raw(node, "client1", "10.244.1.99", "10.96.0.10", udp_query("spoof.test"))
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline and reasons(node)["spoofed"] == before:
         time.sleep(0.05)
@@ -169,16 +159,8 @@ def test_spoofed_source_creates_no_state_and_is_not_redirected(node: Node) -> No
 
 def test_truncated_headers_are_counted_as_malformed_and_passed(node: Node) -> None:
     before = reasons(node)["malformed"]
-    script = (
-        "import socket, struct\n"
-        "udp = struct.pack('!HH', 40000, 53)  # half a UDP header\n"
-        "ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,\n"
-        "    socket.inet_aton('10.244.1.10'), socket.inet_aton('10.96.0.10'))\n"
-        "s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)\n"
-        "s.sendto(ip + udp, ('10.96.0.10', 0))\n"
-    )
-    r = node.lab.run_in_pod("client1", "/usr/bin/python3", "-c", script)
-    assert r.returncode == 0, r.stderr
+    half_a_udp_header = struct.pack("!HH", 40000, 53)
+    send_raw(node, "client1", "10.244.1.10", "10.96.0.10", half_a_udp_header)
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline and reasons(node)["malformed"] == before:
         time.sleep(0.05)
