@@ -127,8 +127,8 @@ class ServerSettings:
     tcp_max_inflight: int = 64
     """Queries a single TCP connection may have in progress at once."""
     client_inflight: int = 64
-    """Careful-path UDP queries one client may have in progress at once; the rest wait their
-    turn, served round-robin between clients (resolve/fair.py)."""
+    """Careful-path queries (UDP and TCP) one client may have in progress at once; the rest
+    wait their turn, served round-robin between clients (resolve/fair.py)."""
     client_queue: int = 1024
     """...and may have waiting; beyond that a client's queries are dropped (counted)."""
 

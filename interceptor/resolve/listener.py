@@ -140,10 +140,19 @@ class TcpServer:
     client's idlest connection; and as the limit nears, idle connections are closed sooner
     (RFC 7766 section 6.2.3 lets a server under load shorten its idle timeout)."""
 
-    def __init__(self, resolver: Resolver, sock: socket.socket, settings: ServerSettings) -> None:
+    def __init__(
+        self,
+        resolver: Resolver,
+        sock: socket.socket,
+        settings: ServerSettings,
+        fair: FairScheduler | None = None,
+    ) -> None:
         self.resolver = resolver
         self.sock = sock
         self.settings = settings
+        self.fair = fair if fair is not None else FairScheduler()
+        """The same fair order as UDP's (shared with it): one client's queries, over any
+        number of connections, wait their turn."""
         self.connections: dict[asyncio.Task[None], _Conn] = {}
         self.per_client: Counter[str] = Counter()
         """Live (not evicted) connections per client."""
@@ -220,11 +229,22 @@ class TcpServer:
         inflight = asyncio.Semaphore(self.settings.tcp_max_inflight)
         peer = writer.get_extra_info("peername")
         client = (peer[0], peer[1]) if peer else None
-        tasks: set[asyncio.Task[None]] = set()
         lock = asyncio.Lock()
+        pending = 0
+        settled = asyncio.Event()
+        settled.set()
+
+        def finished() -> None:
+            nonlocal pending
+            inflight.release()
+            pending -= 1
+            if not pending:
+                settled.set()
 
         async def answer(data: bytes) -> None:
             try:
+                if writer.is_closing():
+                    return  # the connection went while this query waited its turn
                 reply = await self.resolver.resolve(data, tcp=True, client=client)
                 if reply is not None:
                     async with lock:
@@ -235,7 +255,7 @@ class TcpServer:
             except Exception:
                 log.exception("internal error answering a TCP query")
             finally:
-                inflight.release()
+                finished()
 
         me = self.connections.get(asyncio.current_task())  # type: ignore[arg-type]
         try:
@@ -246,16 +266,17 @@ class TcpServer:
                 if me is not None:
                     me.last = asyncio.get_running_loop().time()
                 await inflight.acquire()
-                task = asyncio.ensure_future(answer(data))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                pending += 1
+                settled.clear()
+                key = client[0] if client else "?"
+                if not self.fair.submit(key, functools.partial(answer, data)):
+                    self.resolver.stats.client_dropped += 1
+                    finished()
         except asyncio.IncompleteReadError:
             # The client closed (or half-closed) its side: finish what it asked first.
-            if tasks:
-                await asyncio.wait(tasks, timeout=self.settings.tcp_idle_timeout)
-        finally:
-            for task in tasks:
-                task.cancel()
+            if pending:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(settled.wait(), self.settings.tcp_idle_timeout)
 
     async def close(self) -> None:
         if self.server is not None:
@@ -281,7 +302,7 @@ class DnsServer:
         fair = FairScheduler(per_client=s.client_inflight, queued=s.client_queue)
         self.udp = UdpServer(self.resolver, udp_sock, fair)
         self.udp.start()
-        self.tcp = TcpServer(self.resolver, tcp_sock, self.settings)
+        self.tcp = TcpServer(self.resolver, tcp_sock, self.settings, fair)
         await self.tcp.start()
 
     @staticmethod
