@@ -380,11 +380,9 @@ class DatapathSettings:
     captured or to the resolver's own address); the excess is dropped in the kernel.  A busy
     service asks tens to hundreds a second; 5000 is ten times beyond that, and a quarter of
     what the resolver's careful path answers on one core, so no pod can take it all."""
-    query_burst: int = 10000
     answer_rate: int = 50000
     """Queries per second the kernel answers for one pod before the excess is dropped: the
     fast path is cheap, but a pod flooding it still takes softirq time from its neighbours."""
-    answer_burst: int = 100000
     fastpath: bool = True
     """Answer hot cluster names in the kernel (bpf/lib/fastpath.h, ENABLE_FASTPATH)."""
     fastpath_entries: int = 65536
@@ -393,6 +391,15 @@ class DatapathSettings:
     """Our EDNS payload size, as the resolver announces it (the fast path must match)."""
     kernel_headers: str = "auto"
     """Headers bcc compiles against: auto, node, bundled or a directory (kheaders.py)."""
+
+    @property
+    def query_burst(self) -> int:
+        """A pod may send two seconds' worth of queries at once (a burst of lookups)."""
+        return 2 * self.query_rate
+
+    @property
+    def answer_burst(self) -> int:
+        return 2 * self.answer_rate
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ owner names point at it (``QNAME_POINTER``).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from interceptor.dns.wire import (
@@ -260,17 +261,16 @@ def assemble(query: Query, answer: Answer, max_udp: int, limit: int | None) -> b
     return out
 
 
-def _record_ends(msg: bytes, offset: int, count: int) -> list[int]:
-    """Offsets just past each of ``count`` records from ``offset``.  Raises on a bad one."""
-    ends = []
+def walk_records(msg: bytes, offset: int, count: int) -> Iterator[tuple[int, int]]:
+    """For each of ``count`` records from ``offset``: where its TYPE field starts and where
+    the record ends.  Raises ValueError, IndexError or struct.error on a bad one."""
     for _ in range(count):
-        offset = skip_name(msg, offset)
-        (rdlength,) = struct.unpack_from("!H", msg, offset + 8)
-        offset += 10 + rdlength
+        fixed = skip_name(msg, offset)
+        (rdlength,) = struct.unpack_from("!H", msg, fixed + 8)
+        offset = fixed + 10 + rdlength
         if offset > len(msg):
             raise ValueError("record runs past the message")
-        ends.append(offset)
-    return ends
+        yield fixed, offset
 
 
 def fit(msg: bytes, limit: int, opt: bytes) -> bytes:
@@ -290,8 +290,8 @@ def fit(msg: bytes, limit: int, opt: bytes) -> bytes:
     except (ValueError, IndexError):
         return HEADER.pack(msg_id, flags | TC, 0, 0, 0, extra) + opt
     try:
-        answers = [start, *_record_ends(msg, start, an)]
-        authority = _record_ends(msg, answers[-1], ns)
+        answers = [start, *(end for _, end in walk_records(msg, start, an))]
+        authority = [end for _, end in walk_records(msg, answers[-1], ns)]
     except (ValueError, IndexError, struct.error):
         # Records we cannot walk cannot be cut: the question alone, and TC for a retry.
         head = HEADER.pack(msg_id, flags | TC, qd, 0, 0, extra)

@@ -272,7 +272,7 @@ class Agent:
             stack.push_async_callback(timer.timed("admin", self.ops.close))
 
             self.datapath.configure(a.resolver_addresses, a.captures, a.capture_all)
-            if not self.feed.ready:
+            if not self.feed.synced.is_open:
                 log.info(
                     "waiting for the first full sync from %s before capturing", self.feed.origin
                 )

@@ -101,10 +101,6 @@ class Feed:
         self.synced.open()
         self._log_loaded()
 
-    @property
-    def ready(self) -> bool:
-        return self.kube is None or self.kube.state.ready
-
     def readiness(self) -> tuple[bool, str]:
         """For /readyz: synced at least once; and whether the API is reachable right now."""
         if self.kube is None:

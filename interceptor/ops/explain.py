@@ -62,7 +62,7 @@ def describe(smap: ServiceMap, decision: Decision, name: str, qtype: int) -> Exp
     rule = decision.rule
     servers = [str(s) for s in decision.upstreams]
     if rule in FIXED:
-        objs = _objects_for(smap, name) if rule == Rule.POD_RECORD else []
+        objs: list[str] = []
         if rule == Rule.POD_RECORD:
             ns = name[: -len(f".pod.{smap.zone}")].split(".")[1]
             objs = [f"Namespace {ns}"] if ("Namespace", "", ns) in smap.objects else []

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from interceptor.dns.message import skip_name
+from interceptor.dns.message import skip_name, walk_records
 
 STALE_TTL = 30  # RFC 8767 section 4: the TTL of a stale answer
 
@@ -50,27 +50,26 @@ class Entry:
 
 def ttl_fields(msg: bytes) -> tuple[list[int], list[int], int | None]:
     """(TTL offsets, TTL values, negative TTL from an SOA in authority or None).  Raises
-    ValueError/IndexError on a malformed message."""
+    ValueError/IndexError/struct.error on a malformed message."""
     qd, an, ns, ar = struct.unpack_from("!HHHH", msg, 4)
     i = 12
     for _ in range(qd):
         i = skip_name(msg, i) + 4
+    if i > len(msg):
+        raise ValueError("truncated message")
     offsets: list[int] = []
     values: list[int] = []
     negative: int | None = None
     for section, count in ((0, an), (1, ns), (2, ar)):
-        for _ in range(count):
-            i = skip_name(msg, i)
-            rtype, _, ttl, rdlen = struct.unpack_from("!HHIH", msg, i)
+        for fixed, end in walk_records(msg, i, count):
+            rtype, _, ttl = struct.unpack_from("!HHI", msg, fixed)
             if rtype != 41:  # OPT's "TTL" is flags
-                offsets.append(i + 4)
+                offsets.append(fixed + 4)
                 values.append(ttl)
             if section == 1 and rtype == 6:  # SOA: MINIMUM is the rdata's last 4 bytes
-                (minimum,) = struct.unpack_from("!I", msg, i + 10 + rdlen - 4)
+                (minimum,) = struct.unpack_from("!I", msg, end - 4)
                 negative = min(ttl, minimum)
-            i += 10 + rdlen
-    if i > len(msg):
-        raise ValueError("truncated message")
+            i = end
     return offsets, values, negative
 
 

@@ -66,14 +66,9 @@ class CachingForwarder:
             stale = self._stale(key, query, limit, asked)
             if stale is not None:
                 return stale
-            if not pending.done():  # the timer ran out but nothing stale is left: wait on
-                try:
-                    reply = await asyncio.shield(pending)
-                except UpstreamFailed:
-                    reply = b""
-            else:
-                reply = b""
-            if not reply:
+            try:  # nothing stale after all: the upstream's outcome, whenever it comes
+                reply = await asyncio.shield(pending)
+            except UpstreamFailed:
                 failed = error_response(query.data, wire.SERVFAIL, query, self.max_udp)
                 return Decision(failed, "error", Rule.UPSTREAM_FAILED, upstreams=asked)
         if len(reply) >= 12 and reply[3] & 15 in STALE_ON:

@@ -173,7 +173,7 @@ class TcpServer:
         s = self.settings
         stats = self.resolver.stats
         if self.per_client[client] >= s.tcp_client_connections:
-            stats.tcp_refused["client_limit"] = stats.tcp_refused.get("client_limit", 0) + 1
+            stats.tcp_refusal("client_limit")
             _rl.warning("tcp-client-limit", "TCP: %s holds %d connections: closing a new one",
                         client, self.per_client[client])  # fmt: skip
             return False
@@ -181,7 +181,7 @@ class TcpServer:
             return True
         busiest, held = self.per_client.most_common(1)[0]
         if held <= self.per_client[client] + 1:
-            stats.tcp_refused["limit"] = stats.tcp_refused.get("limit", 0) + 1
+            stats.tcp_refusal("limit")
             _rl.warning("tcp-limit", "TCP connection limit (%d) reached: closing a new one",
                         s.tcp_max_connections)  # fmt: skip
             return False
@@ -191,7 +191,7 @@ class TcpServer:
         idlest.evicted = True
         self._release(busiest)
         idlest.writer.close()  # its task ends
-        stats.tcp_refused["evicted"] = stats.tcp_refused.get("evicted", 0) + 1
+        stats.tcp_refusal("evicted")
         return True
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -206,7 +206,7 @@ class TcpServer:
         self.per_client[client] += 1
         self.live += 1
         try:
-            await self._serve(reader, writer)
+            await self._serve(reader, writer, me, (peer[0], peer[1]) if peer else None)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         except asyncio.CancelledError:
@@ -225,10 +225,14 @@ class TcpServer:
         if not self.per_client[client]:
             del self.per_client[client]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        me: _Conn,
+        client: tuple[str, int] | None,
+    ) -> None:
         inflight = asyncio.Semaphore(self.settings.tcp_max_inflight)
-        peer = writer.get_extra_info("peername")
-        client = (peer[0], peer[1]) if peer else None
         lock = asyncio.Lock()
         pending = 0
         settled = asyncio.Event()
@@ -257,19 +261,16 @@ class TcpServer:
             finally:
                 finished()
 
-        me = self.connections.get(asyncio.current_task())  # type: ignore[arg-type]
         try:
             while True:
                 head = await asyncio.wait_for(reader.readexactly(2), self.idle_timeout())
                 (size,) = struct.unpack("!H", head)
                 data = await asyncio.wait_for(reader.readexactly(size), self.idle_timeout())
-                if me is not None:
-                    me.last = asyncio.get_running_loop().time()
+                me.last = asyncio.get_running_loop().time()
                 await inflight.acquire()
                 pending += 1
                 settled.clear()
-                key = client[0] if client else "?"
-                if not self.fair.submit(key, functools.partial(answer, data)):
+                if not self.fair.submit(me.client, functools.partial(answer, data)):
                     self.resolver.stats.client_dropped += 1
                     finished()
         except asyncio.IncompleteReadError:

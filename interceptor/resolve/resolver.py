@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from interceptor.dns import wire
 from interceptor.dns.message import (
@@ -49,6 +50,16 @@ OriginalDestination = Callable[[str, int, bool], str | None]
 """(client address, client port, tcp) -> the server address the client's packet was for."""
 
 ARPA_TAIL = b"\x04arpa\x00"
+
+
+class Route(NamedTuple):
+    """Where a forwarded name goes, and why."""
+
+    servers: Sequence[Endpoint]
+    via: str
+    """The flag or ConfigMap entry that chose ``servers``, for ``interceptor query``."""
+    allowed: bool = True
+    """False: the server the pod asked is not an allowed forwarding target (no servers)."""
 
 
 class Resolver:
@@ -111,27 +122,29 @@ class Resolver:
         pod asked (or :attr:`upstreams`)."""
         return self._servers
 
-    def route(
-        self, client: Client | None, tcp: bool, qname: str = ""
-    ) -> tuple[Sequence[Endpoint], str]:
+    def route(self, client: Client | None, tcp: bool, qname: str = "") -> Route:
         """The servers a forwarded name goes to, and why: ``--forward`` for the longest
         matching zone (stubDomains); else ``--upstream`` (or the ConfigMap's
         upstreamNameservers); else the server the pod asked (its packet's original
         destination, so the pod's choice of server is respected); else the defaults."""
         for zone, servers in self._zones:
             if qname == zone or qname.endswith("." + zone):
-                return servers, f"the servers of zone {zone} (--forward, stubDomains)"
+                return Route(servers, f"the servers of zone {zone} (--forward, stubDomains)")
         if self._servers:
-            return self._servers, "--upstream (or upstreamNameservers)"
+            return Route(self._servers, "--upstream (or upstreamNameservers)")
         if client is not None and self.original_destination is not None:
             orig = self.original_destination(client[0], client[1], tcp)
             if orig is not None:
                 if orig not in self._allowed:
-                    return (), f"no one: {orig} is not an allowed forwarding target"
-                return (Endpoint(orig, 53),), "the server the pod asked (its flow's original "
-                "destination)"
-            return self.upstreams, "the captured servers (no live flow says which the pod asked)"
-        return self.upstreams, "the default upstream servers"
+                    return Route((), f"{orig} is not an allowed forwarding target", False)
+                return Route(
+                    (Endpoint(orig, 53),),
+                    "the server the pod asked (its flow's original destination)",
+                )
+            return Route(
+                self.upstreams, "the captured servers (no live flow says which the pod asked)"
+            )
+        return Route(self.upstreams, "the default upstream servers")
 
     def fast(self, data: bytes) -> bytes | None:
         """Hot path for UDP: a precomputed answer, or None to take the careful path."""
@@ -218,16 +231,16 @@ class Resolver:
         target = smap.cname(query.qname)
         if target is not None:
             return await self._chase(query, target, limit, client, tcp)
-        servers, via = self.route(client, tcp, query.qname)
-        if not servers and via.startswith("no one"):
+        route = self.route(client, tcp, query.qname)
+        if not route.allowed:
             # --capture-all: the pod addressed a server nobody allowed; relaying would let it
             # reach any DNS server from the node's address (a tunnel past its policies).
             self.stats.not_allowed += 1
             refused = self._error(query, wire.REFUSED, Rule.NOT_ALLOWED)
-            refused.via = via
+            refused.via = "no one: " + route.via
             return refused
-        decision = await self.caching.forward(query, limit, servers)
-        decision.via = "not ours: forwarded to " + via
+        decision = await self.caching.forward(query, limit, route.servers)
+        decision.via = "not ours: forwarded to " + route.via
         return decision
 
     async def _candidate(self, data: bytes, tcp: bool, client: Client) -> Decision:
@@ -331,7 +344,7 @@ class Resolver:
                 ]
             else:
                 source = "upstream"
-                asked = tuple(self.route(client, tcp, target)[0])
+                asked = tuple(self.route(client, tcp, target).servers)
                 try:
                     reply = await self.forwarder.forward(build_query(owner, query.qtype), asked)
                 except UpstreamFailed:

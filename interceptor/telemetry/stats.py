@@ -117,6 +117,9 @@ class RequestStats:
     def autopath_result(self, hit: bool) -> None:
         self.autopath["hit" if hit else "miss"] += 1
 
+    def tcp_refusal(self, reason: str) -> None:
+        self.tcp_refused[reason] = self.tcp_refused.get(reason, 0) + 1
+
     def count(self, proto: str, qtype: int, rcode: int, source: str, seconds: float) -> None:
         key = (proto, qtype, rcode, source)
         self.answered[key] = self.answered.get(key, 0) + 1

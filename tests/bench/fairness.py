@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from devlab.netns import DNS_IP, Lab, PodSpec
+from devlab.netns import DNS_IP, Lab, PodSpec, stop
 from tests.bench.common import require_tool, table
 from tests.bench.nodelocal import percentile
 
@@ -152,8 +152,6 @@ def main(argv: list[str] | None = None) -> int:
             ):
                 rows.append(("interceptor", kind, phase, p50, p99, lost))
         finally:
-            from devlab.netns import stop
-
             stop(agent.proc)
             shutil.rmtree(pin, ignore_errors=True)
         for kind, phase, p50, p99, lost in measure(

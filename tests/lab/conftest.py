@@ -118,10 +118,15 @@ RAW_IPV4 = (
 )
 
 
+def dns_query(name: str, qid: int = 0x4242) -> bytes:
+    """A DNS query for ``name`` A (RD set, no EDNS)."""
+    qname = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + qname + b"\0\1\0\1"
+
+
 def udp_query(name: str, sport: int = 40000) -> bytes:
     """A UDP header and a DNS query for ``name`` A, as a raw packet carries them."""
-    qname = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
-    q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + qname + b"\0\1\0\1"
+    q = dns_query(name)
     return struct.pack("!HHHH", sport, 53, 8 + len(q), 0) + q
 
 

@@ -4,24 +4,20 @@ neighbour keeps resolving; a forged source to the resolver's address is dropped.
 
 from __future__ import annotations
 
-import ctypes as ct
 import time
 
 from devlab.netns import RESOLVER_IP
-from interceptor.datapath.loader import open_maps
-from interceptor.datapath.maps import REASONS
+from interceptor.ops.counters import CounterReader
 from interceptor.ops.state import read_state
-from tests.lab.conftest import Node, send_raw, udp_query
+from tests.lab.conftest import Node, dns_query, send_raw, udp_query
 
 SVC1 = "svc1.ns1.svc.cluster.local"
 INTERCEPTED = "10.96.1.1"
 
 
 FLOOD = (
-    "import socket, struct, sys\n"
-    "name, server, n = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
-    "qname = b''.join(bytes([len(p)]) + p.encode() for p in name.split('.')) + b'\\x00'\n"
-    "q = struct.pack('!HHHHHH', 7, 0x0100, 1, 0, 0, 0) + qname + b'\\x00\\x01\\x00\\x01'\n"
+    "import socket, sys\n"
+    "q, server, n = bytes.fromhex(sys.argv[1]), sys.argv[2], int(sys.argv[3])\n"
     "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
     "for _ in range(n):\n"
     "    s.sendto(q, (server, 53))\n"
@@ -30,30 +26,17 @@ FLOOD = (
 
 def flood(node: Node, pod: str, server: str, name: str, count: int) -> None:
     """``count`` queries for ``name`` as fast as one socket sends them, answers unread."""
-    r = node.lab.run_in_pod(pod, "/usr/bin/python3", "-c", FLOOD, name, server, str(count))
+    query = dns_query(name, qid=7).hex()
+    r = node.lab.run_in_pod(pod, "/usr/bin/python3", "-c", FLOOD, query, server, str(count))
     assert r.returncode == 0, r.stderr
 
 
 def counters(node: Node) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-    """(reason -> count, pod name -> its per-pod counters)."""
-    maps = open_maps(node.pin_dir)
-    try:
-        reasons = {
-            name: sum(v.value for v in maps["REASONS"].get_percpu(ct.c_uint32(i)))
-            for i, name in enumerate(REASONS)
-        }
-        state = read_state(node.lab.state_dir)
-        assert state is not None
-        pods: dict[str, dict[str, int]] = {}
-        for slot in state.pods:  # one slot per address: a pod's are added up
-            rows = maps["POD_STATS"].get_percpu(ct.c_uint32(slot.pod_id))
-            mine = pods.setdefault(slot.name, {"queries": 0, "limited": 0, "direct": 0})
-            for f in mine:
-                mine[f] += sum(getattr(r, f) for r in rows)
-        return reasons, pods
-    finally:
-        for m in maps.values():
-            m.close()
+    """(reason -> count, pod name -> its per-pod counters), as ``interceptor stats`` reads
+    them."""
+    with CounterReader(node.pin_dir, lambda: read_state(node.lab.state_dir)) as reader:
+        snap = reader.read()
+    return snap.counters["REASONS"], {p.name: p.counts for p in snap.pods}
 
 
 def settle(node: Node, reason: str, before: int) -> dict[str, int]:

@@ -11,7 +11,7 @@ import pytest
 
 from devlab.netns import PodSpec, sh
 from interceptor.datapath.loader import open_maps
-from interceptor.datapath.maps import REASONS
+from interceptor.ops.counters import CounterReader
 from interceptor.ops.state import read_state
 from tests.lab.conftest import Node, send_raw, udp_query
 
@@ -21,17 +21,8 @@ SVC1 = "svc1.ns1.svc.cluster.local"
 
 
 def reasons(node: Node) -> dict[str, int]:
-    maps = open_maps(node.pin_dir)
-    try:
-        out = {}
-        import ctypes as ct
-
-        for i, name in enumerate(REASONS):
-            out[name] = sum(v.value for v in maps["REASONS"].get_percpu(ct.c_uint32(i)))
-        return out
-    finally:
-        for m in maps.values():
-            m.close()
+    with CounterReader(node.pin_dir, lambda: None) as reader:
+        return reader.read().counters["REASONS"]
 
 
 def test_udp_and_tcp_answered_by_interceptor_from_the_asked_server(node: Node) -> None:
