@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DATAPATH.query_rate,
         metavar="N",
         help="queries per second per pod to the resolver before the excess is dropped in the "
-        "kernel; the burst is twice the rate (0: unlimited; default: %(default)s)",
+        "kernel; the burst is half the rate (0: unlimited; default: %(default)s)",
     )
     agent.add_argument(
         "--answer-rate",

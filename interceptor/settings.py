@@ -375,11 +375,14 @@ class DatapathSettings:
     flow_rate: int = 2000
     """New DNS flows per second one pod may open before the excess passes untouched."""
     flow_burst: int = 4000
-    query_rate: int = 5000
+    query_rate: int = 1000
     """Queries per second one pod may send the resolver (UDP queries and TCP connections,
-    captured or to the resolver's own address); the excess is dropped in the kernel.  A busy
-    service asks tens to hundreds a second; 5000 is ten times beyond that, and a quarter of
-    what the resolver's careful path answers on one core, so no pod can take it all."""
+    captured or to the resolver's own address); the excess is dropped in the kernel.  Hot
+    cluster names are answered in the kernel and do not count.  A busy service sends the
+    resolver tens to hundreds a second; 1000 is beyond that, and about a fifth of what the
+    resolver's careful path serves on one core when every query is a cache miss (5,500 a
+    second on the benchmark machine), so a flooding pod leaves the others most of it
+    (docs/benchmarks.md, fairness)."""
     answer_rate: int = 50000
     """Queries per second the kernel answers for one pod before the excess is dropped: the
     fast path is cheap, but a pod flooding it still takes softirq time from its neighbours."""
@@ -394,8 +397,10 @@ class DatapathSettings:
 
     @property
     def query_burst(self) -> int:
-        """A pod may send two seconds' worth of queries at once (a burst of lookups)."""
-        return 2 * self.query_rate
+        """A pod may send half a second's worth of queries at once (a start-up's burst of
+        lookups).  Not more: a burst lands in the resolver's one socket queue at once, and
+        every other pod's next query waits behind it."""
+        return max(1, self.query_rate // 2)
 
     @property
     def answer_burst(self) -> int:

@@ -150,8 +150,14 @@ RTMGRP_LINK = 0x1
 RTMGRP_NEIGH = 0x4
 RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV6_ROUTE = 0x400
-WAKING_EVENTS = frozenset((16, 17, 24, 25, 28))
-"""RTM_NEWLINK, RTM_DELLINK, RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWNEIGH."""
+WAKING_EVENTS = frozenset((16, 17, 24, 25))
+"""RTM_NEWLINK, RTM_DELLINK, RTM_NEWROUTE, RTM_DELROUTE."""
+RTM_NEWNEIGH = 28
+RTM_DELNEIGH = 29
+NDA_DST = 1
+NDMSG = struct.Struct("=BBHiHBB")
+RTATTR = struct.Struct("=HH")
+MAX_NEIGHBOURS = 1 << 16
 NLMSG_HEADER = struct.Struct("=IHHII")
 
 
@@ -170,6 +176,7 @@ class NetlinkEvents:
         )
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self._sock.bind((0, RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
+        self._filter = WakeFilter()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name="netlink-events", daemon=True)
 
@@ -190,7 +197,7 @@ class NetlinkEvents:
                         return
                     self.on_event()  # events were lost: re-read everything
                     continue
-                if wakes(data):
+                if self._filter.wakes(data):
                     self.on_event()
         finally:
             self._sock.close()
@@ -208,14 +215,52 @@ class NetlinkEvents:
                 os.close(fd)
 
 
-def wakes(data: bytes) -> bool:
-    """Whether a batch of netlink messages holds a change the link tables care about."""
-    off = 0
-    while off + NLMSG_HEADER.size <= len(data):
-        length, kind, _, _, _ = NLMSG_HEADER.unpack_from(data, off)
-        if kind in WAKING_EVENTS:
-            return True
-        if length < NLMSG_HEADER.size:
-            return False
+class WakeFilter:
+    """Which netlink messages are news to the link tables: link and route changes, and a
+    neighbour the agent has not seen before.  A known neighbour's state changes (reachable,
+    stale, delay, probe) come every few seconds for every busy pod; a pass over the tables
+    for each would take the interpreter from the resolver for nothing."""
+
+    def __init__(self) -> None:
+        self._neighbours: set[tuple[int, bytes]] = set()
+
+    def wakes(self, data: bytes) -> bool:
+        """Whether a batch of netlink messages holds a change the link tables care about
+        (every message is read: a batch may also carry neighbours to remember)."""
+        woke = False
+        off = 0
+        while off + NLMSG_HEADER.size <= len(data):
+            length, kind, _, _, _ = NLMSG_HEADER.unpack_from(data, off)
+            if length < NLMSG_HEADER.size or off + length > len(data):
+                break
+            if kind in WAKING_EVENTS:
+                woke = True
+            elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
+                key = _neighbour(data[off + NLMSG_HEADER.size : off + length])
+                if key is None:
+                    woke = woke or kind == RTM_NEWNEIGH
+                elif kind == RTM_DELNEIGH:
+                    self._neighbours.discard(key)
+                elif key not in self._neighbours:
+                    if len(self._neighbours) >= MAX_NEIGHBOURS:
+                        self._neighbours.clear()
+                    self._neighbours.add(key)
+                    woke = True
+            off += (length + 3) & ~3
+        return woke
+
+
+def _neighbour(body: bytes) -> tuple[int, bytes] | None:
+    """(ifindex, destination address) of an ndmsg, or None if it has none."""
+    if len(body) < NDMSG.size:
+        return None
+    ifindex = NDMSG.unpack_from(body)[3]
+    off = NDMSG.size
+    while off + RTATTR.size <= len(body):
+        length, kind = RTATTR.unpack_from(body, off)
+        if length < RTATTR.size:
+            return None
+        if kind == NDA_DST:
+            return ifindex, bytes(body[off + RTATTR.size : off + length])
         off += (length + 3) & ~3
-    return False
+    return None

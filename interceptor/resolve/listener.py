@@ -91,8 +91,7 @@ class UdpServer:
                     self._send(reply, addr)
                     answered += 1
                     continue
-                if not self.fair.submit(addr[0], functools.partial(self._slow, data, addr)):
-                    self.resolver.stats.client_dropped += 1
+                self.fair.submit(addr[0], functools.partial(self._slow, data, addr))
         finally:
             if answered:
                 self.resolver.fast_batch(answered, perf_counter_ns() - t0, seen)
@@ -270,8 +269,7 @@ class TcpServer:
                 await inflight.acquire()
                 pending += 1
                 settled.clear()
-                if not self.fair.submit(me.client, functools.partial(answer, data)):
-                    self.resolver.stats.client_dropped += 1
+                if not self.fair.submit(me.client, functools.partial(answer, data), finished):
                     finished()
         except asyncio.IncompleteReadError:
             # The client closed (or half-closed) its side: finish what it asked first.
@@ -300,7 +298,11 @@ class DnsServer:
     async def start(self) -> None:
         udp_sock, tcp_sock = self._bind_pair(self.settings.listen)
         s = self.settings
-        fair = FairScheduler(per_client=s.client_inflight, queued=s.client_queue)
+        fair = FairScheduler(
+            per_client=s.client_inflight,
+            queued=s.client_queue,
+            on_drop=self.resolver.stats.client_drop,
+        )
         self.udp = UdpServer(self.resolver, udp_sock, fair)
         self.udp.start()
         self.tcp = TcpServer(self.resolver, tcp_sock, self.settings, fair)

@@ -177,12 +177,16 @@ class RequestCollector(Collector):
         for reason in ("client_limit", "limit", "evicted"):
             tcp.add_metric([reason], float(st.tcp_refused.get(reason, 0)))
         yield tcp
-        yield CounterMetricFamily(
+        dropped = CounterMetricFamily(
             "interceptor_client_queue_dropped",
-            "UDP queries dropped by the resolver because their client had too many waiting "
-            "(it sends faster than it is answered; the others are served in turn)",
-            value=float(st.client_dropped),
+            "Queries the resolver dropped unstarted (the others are served in turn): full, "
+            "their client had too many waiting (it sends faster than it is answered); "
+            "expired, one waited longer than its client waits for an answer",
+            labels=["reason"],
         )
+        for reason in ("full", "expired"):
+            dropped.add_metric([reason], float(st.client_dropped.get(reason, 0)))
+        yield dropped
         yield CounterMetricFamily(
             "interceptor_forward_not_allowed",
             "Queries refused instead of forwarded: the server the pod asked is not an allowed "

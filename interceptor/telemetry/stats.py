@@ -100,8 +100,10 @@ class RequestStats:
         self.tcp_refused: dict[str, int] = {}
         """TCP connections closed at accept, by reason (client_limit, limit), and ones
         closed to make room for a client with fewer (evicted)."""
-        self.client_dropped = 0
-        """UDP queries dropped because their client had too many waiting (resolve/fair.py)."""
+        self.client_dropped: dict[str, int] = {}
+        """Careful-path queries dropped unstarted, by reason (resolve/fair.py): ``full``,
+        their client had too many waiting; ``expired``, one waited past its client's
+        patience."""
         self.not_allowed = 0
         """Queries refused because the server the pod asked is not an allowed target."""
 
@@ -119,6 +121,9 @@ class RequestStats:
 
     def tcp_refusal(self, reason: str) -> None:
         self.tcp_refused[reason] = self.tcp_refused.get(reason, 0) + 1
+
+    def client_drop(self, reason: str) -> None:
+        self.client_dropped[reason] = self.client_dropped.get(reason, 0) + 1
 
     def count(self, proto: str, qtype: int, rcode: int, source: str, seconds: float) -> None:
         key = (proto, qtype, rcode, source)

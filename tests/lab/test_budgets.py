@@ -56,7 +56,7 @@ def test_a_pod_over_its_query_budget_loses_the_excess_not_its_neighbour(
     flood(fresh_node, "client1", "10.96.0.10", SVC1, 2000)
     reasons = settle(fresh_node, "query_limited", before["query_limited"])
     limited = reasons["query_limited"] - before["query_limited"]
-    assert 2000 - 100 - 50 <= limited < 2000, limited  # the burst (100) and a bit got through
+    assert 2000 - 25 - 50 <= limited < 2000, limited  # the burst (25) and a bit got through
     _, pods = counters(fresh_node)
     assert pods["client1"]["limited"] == limited, pods
     assert fresh_node.answer("client2", SVC1) == [INTERCEPTED]  # the neighbour is served
@@ -71,7 +71,7 @@ def test_the_resolvers_own_address_has_the_same_budget(fresh_node: Node) -> None
     reasons = settle(fresh_node, "query_limited", before["query_limited"])
     assert reasons["query_limited"] - before["query_limited"] >= 1800
     _, pods = counters(fresh_node)
-    assert pods["client1"]["direct"] >= 100
+    assert pods["client1"]["direct"] >= 25  # the burst, at least, was served
 
 
 def test_a_pod_over_its_answer_budget_loses_the_excess(fresh_node: Node) -> None:
