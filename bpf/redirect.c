@@ -46,6 +46,9 @@ BPF_TABLE("hash", __u32, struct iface_info, IFACES, MAX_PODS);
 BPF_TABLE("lru_hash", struct flow_key, struct flow_val, FLOWS, MAX_FLOWS);
 BPF_TABLE("percpu_array", __u32, __u64, REASONS, REASON_MAX);
 BPF_TABLE("percpu_array", __u32, struct pod_stats, POD_STATS, MAX_PODS);
+/* TCP connections each pod holds to the resolver (by pod_id): counted at the SYN, released
+ * at the first FIN or RST either way; the agent corrects drift from its own count. */
+BPF_TABLE("array", __u32, __u32, TCP_CONNS, MAX_PODS);
 
 /* What the parser found; addresses in network order. */
 struct pkt {
@@ -57,6 +60,7 @@ struct pkt {
 	__u16 dport;
 	__u8 proto;
 	__u8 syn_only; /* TCP SYN without ACK: a new connection */
+	__u8 closing;  /* TCP FIN or RST: the connection ends */
 };
 
 static __always_inline int __addr_eq(const struct ip_addr *x, const struct ip_addr *y)
@@ -145,6 +149,7 @@ static __always_inline int __parse(struct __sk_buff *skb, struct pkt *p)
 		p->sport = tcp->source;
 		p->dport = tcp->dest;
 		p->syn_only = tcp->syn && !tcp->ack;
+		p->closing = tcp->fin || tcp->rst;
 		return 0;
 	}
 #endif /* ENABLE_TCP */
@@ -248,6 +253,71 @@ static __always_inline int __query_budget(struct pod_info *pod, struct config *c
 	return 0;
 }
 
+/* A SYN: may the pod open one more TCP connection to the resolver?  Counted once per
+ * connection (a retransmitted SYN finds its flow already counted).  0, with the flow marked,
+ * or -REASON_TCP_LIMITED (the SYN is dropped; the client's connect times out or retries). */
+static __always_inline int __tcp_admit(struct flow_val *fv, struct config *cfg)
+{
+	__u32 id = fv->pod_id;
+	__u32 *n;
+
+	if (fv->flags & FLOW_TCP_COUNTED)
+		return 0;
+	n = TCP_CONNS.lookup(&id);
+	if (!n)
+		return 0;
+	if (cfg->tcp_conns && *n >= cfg->tcp_conns)
+		return -REASON_TCP_LIMITED;
+	__sync_fetch_and_add(n, 1);
+	fv->flags |= FLOW_TCP_COUNTED;
+	return 0;
+}
+
+/* A FIN or RST, from either side: the connection no longer counts (once). */
+static __always_inline void __tcp_release(struct flow_val *fv)
+{
+	__u32 id = fv->pod_id;
+	__u32 *n;
+
+	if (!(fv->flags & FLOW_TCP_COUNTED))
+		return;
+	fv->flags &= ~FLOW_TCP_COUNTED;
+	n = TCP_CONNS.lookup(&id);
+	if (n && *n)
+		__sync_fetch_and_add(n, -1);
+}
+
+/* A SYN to the resolver's own address: the flow records the connection for its count (and
+ * says there is nothing to restore on the way back).  0 or -REASON_*. */
+static __always_inline int __direct_syn(struct pkt *p, struct config *cfg, struct pod_info *pod,
+					__u32 ifindex, __u64 now)
+{
+	struct flow_key fk = {};
+	struct flow_val fv = {};
+	struct flow_val *have;
+	int ret;
+
+	fk.pod = p->saddr;
+	fk.pod_port = p->sport;
+	fk.proto = p->proto;
+	fk.family = p->family;
+	have = FLOWS.lookup(&fk);
+	if (have)
+		return __tcp_admit(have, cfg);
+	fv.orig = p->daddr;
+	fv.orig_port = p->dport;
+	fv.flags = FLOW_DIRECT;
+	fv.ifindex = ifindex;
+	fv.pod_id = pod->pod_id;
+	fv.created_ns = now;
+	ret = __tcp_admit(&fv, cfg);
+	if (ret < 0)
+		return ret;
+	if (FLOWS.update(&fk, &fv) < 0)
+		__tcp_release(&fv); /* no room to remember it: do not count what cannot be released */
+	return 0;
+}
+
 /* Replace the destination (dst) or source address; 0 or -REASON_CSUM_ERROR. */
 static __always_inline int __rewrite(struct __sk_buff *skb, struct pkt *p, int dst,
 				     struct ip_addr *from, struct ip_addr *to)
@@ -308,8 +378,15 @@ static __always_inline int __open_flow(struct __sk_buff *skb, struct pkt *p, str
 	fv.ifindex = skb->ifindex;
 	fv.pod_id = pod->pod_id;
 	fv.created_ns = now;
-	if (FLOWS.update(fk, &fv) < 0)
+	if (p->syn_only) {
+		ret = __tcp_admit(&fv, cfg);
+		if (ret < 0)
+			return ret;
+	}
+	if (FLOWS.update(fk, &fv) < 0) {
+		__tcp_release(&fv);
 		return -REASON_NO_FLOW;
+	}
 	return 0;
 }
 
@@ -404,6 +481,21 @@ int dnsi_from_pod(struct __sk_buff *skb)
 				goto limited;
 			}
 		}
+		if (p.syn_only) {
+			ret = __direct_syn(&p, cfg, pod, ifindex, now);
+			if (ret < 0) {
+				__count(-ret);
+				goto limited;
+			}
+		} else if (p.closing) {
+			fk.pod = p.saddr;
+			fk.pod_port = p.sport;
+			fk.proto = p.proto;
+			fk.family = p.family;
+			have = FLOWS.lookup(&fk);
+			if (have)
+				__tcp_release(have);
+		}
 		__count(REASON_DIRECT);
 		if (ps)
 			ps->direct += 1;
@@ -445,6 +537,8 @@ int dnsi_from_pod(struct __sk_buff *skb)
 			__count(REASON_NO_FLOW);
 			return TC_ACT_UNSPEC;
 		}
+		if (p.closing)
+			__tcp_release(have);
 		goto rewrite;
 	}
 	if (now - cfg->heartbeat_ns > cfg->heartbeat_timeout) {
@@ -460,9 +554,21 @@ int dnsi_from_pod(struct __sk_buff *skb)
 	 * already has its flow: its LRU position is refreshed by the lookup, and the socket
 	 * check, the token bucket and the map update are only paid for new flows. */
 	have = FLOWS.lookup(&fk);
-	if (have && __addr_eq(&have->orig, &p.daddr) && have->ifindex == ifindex)
+	if (have && __addr_eq(&have->orig, &p.daddr) && have->ifindex == ifindex) {
+		if (p.syn_only) { /* the same port again: a new connection */
+			ret = __tcp_admit(have, cfg);
+			if (ret < 0) {
+				__count(-ret);
+				goto limited;
+			}
+		}
 		goto rewrite;
+	}
 	ret = __open_flow(skb, &p, cfg, pod, &fk, now);
+	if (ret == -REASON_TCP_LIMITED) {
+		__count(-ret);
+		goto limited;
+	}
 	if (ret < 0) {
 		__count(-ret);
 		goto pass;
@@ -516,6 +622,10 @@ int dnsi_to_pod(struct __sk_buff *skb)
 		__count(REASON_NO_FLOW);
 		return TC_ACT_UNSPEC;
 	}
+	if (p.closing)
+		__tcp_release(fv);
+	if (fv->flags & FLOW_DIRECT)
+		return TC_ACT_UNSPEC; /* the pod asked the resolver itself: already its address */
 	struct ip_addr orig = fv->orig;
 
 	ret = __rewrite(skb, &p, 0, resolver, &orig);

@@ -294,7 +294,8 @@ def _add_tcp_flags(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=SERVER.tcp_client_connections,
         metavar="N",
-        help="concurrent TCP connections one client may hold (default: %(default)s)",
+        help="concurrent TCP connections one client may hold; the agent also enforces it "
+        "per pod in the kernel, at the SYN (default: %(default)s)",
     )
 
 
@@ -571,6 +572,7 @@ def agent_settings_from(args: argparse.Namespace) -> AgentSettings:
             flow_rate=args.flow_rate,
             query_rate=args.query_rate,
             answer_rate=args.answer_rate,
+            tcp_connections=args.tcp_client_connections,
             fastpath=not args.no_fastpath,
             fastpath_entries=args.fastpath_entries,
             max_udp=args.max_udp_size,

@@ -29,6 +29,8 @@ struct config {
 	__u32 query_burst;  /* token bucket depth for query_rate */
 	__u32 answer_rate;  /* queries per second the kernel answers for a pod (0: unlimited) */
 	__u32 answer_burst; /* token bucket depth for answer_rate */
+	__u32 tcp_conns;    /* TCP connections a pod may hold to the resolver (0: unlimited) */
+	__u32 _pad;
 };
 
 #define CFG_CAPTURE_ALL (1U << 0) /* any destination on port 53, not only CAPTURE entries */
@@ -81,12 +83,15 @@ struct flow_key {
 struct flow_val {
 	struct ip_addr orig; /* the DNS server the pod asked */
 	__u16 orig_port;     /* network order */
-	__u16 _pad;
+	__u16 flags;	     /* FLOW_* */
 	__u32 ifindex; /* host veth the query came in on */
 	__u32 pod_id;  /* the pod's counter slot, so replies need no PODS lookup */
 	__u32 _pad2;
 	__u64 created_ns;
 };
+
+#define FLOW_DIRECT	 (1U << 0) /* to the resolver's own address: nothing to restore */
+#define FLOW_TCP_COUNTED (1U << 1) /* a TCP connection counted in TCP_CONNS until FIN or RST */
 
 /* Per-pod counters (PERCPU_ARRAY indexed by pod_info.pod_id). */
 struct pod_stats {

@@ -18,7 +18,8 @@ enum reason {
 	REASON_DIRECT = 11,	 /* to the resolver's own address, from the veth's pod: delivered */
 	REASON_QUERY_LIMITED = 12,  /* over the pod's budget of queries to the resolver: dropped */
 	REASON_ANSWER_LIMITED = 13, /* over the pod's budget of kernel answers: dropped */
-	REASON_MAX = 14,
+	REASON_TCP_LIMITED = 14,    /* a SYN over the pod's TCP connection cap: dropped */
+	REASON_MAX = 15,
 };
 
 #endif /* __INTERCEPTOR_METRICS_H */

@@ -173,6 +173,7 @@ class Datapath:
         cfg.query_burst = self.settings.query_burst
         cfg.answer_rate = self.settings.answer_rate
         cfg.answer_burst = self.settings.answer_burst
+        cfg.tcp_conns = self.settings.tcp_connections
         cfg.max_udp = self.settings.max_udp
         # No heartbeat yet: the programs fail open until this agent's first beat (after its
         # first sync and attach), and a predecessor's handover grace stays in force until
@@ -364,12 +365,30 @@ class Datapath:
             raise BpfError(f"more than {maps.MAX_PODS} pod addresses on this node")
         self._pod_ids[ip] = pod_id
         self.maps["POD_STATS"].zero_percpu(ct.c_uint32(pod_id))
+        self.maps["TCP_CONNS"].put(ct.c_uint32(pod_id), ct.c_uint32(0))
         return pod_id
 
     def _release_id(self, ip: str) -> None:
         pod_id = self._pod_ids.pop(ip, None)
         if pod_id is not None:
             self._free_ids.append(pod_id)
+
+    def correct_tcp_counts(self, live: Mapping[str, int]) -> int:
+        """Lower the kernel's count of a pod's TCP connections to the resolver's own count
+        (``live``: connections open per client address) where the kernel counts more: a
+        connection whose flow left the LRU before its FIN would otherwise count forever.
+        Never raised: connections still in their handshake are not in ``live`` yet.
+        Returns how many were corrected."""
+        counts = self.maps["TCP_CONNS"]
+        fixed = 0
+        for ip, pod_id in list(self._pod_ids.items()):
+            key = ct.c_uint32(pod_id)
+            have = counts.get(key)
+            want = live.get(ip, 0)
+            if have is not None and int(have.value) > want:
+                counts.put(key, ct.c_uint32(want))
+                fixed += 1
+        return fixed
 
     # ------------------------------------------------------------ queries
 

@@ -17,6 +17,9 @@ FAMILY_V6 = 6
 CFG_CAPTURE_ALL = 1 << 0
 CFG_SK_LOOKUP = 1 << 1
 
+FLOW_DIRECT = 1 << 0
+FLOW_TCP_COUNTED = 1 << 1
+
 MAX_PODS = 4096
 MAX_FLOWS = 65536
 MAX_CAPTURE = 64
@@ -37,6 +40,7 @@ REASONS = (
     "direct",
     "query_limited",
     "answer_limited",
+    "tcp_limited",
 )
 
 
@@ -76,6 +80,8 @@ class Config(ct.Structure):
         ("query_burst", ct.c_uint32),
         ("answer_rate", ct.c_uint32),
         ("answer_burst", ct.c_uint32),
+        ("tcp_conns", ct.c_uint32),
+        ("_pad", ct.c_uint32),
     ]
 
 
@@ -133,7 +139,7 @@ class FlowVal(ct.Structure):
     _fields_ = [
         ("orig", IpAddr),
         ("orig_port", ct.c_uint16),
-        ("_pad", ct.c_uint16),
+        ("flags", ct.c_uint16),
         ("ifindex", ct.c_uint32),
         ("pod_id", ct.c_uint32),
         ("_pad2", ct.c_uint32),
@@ -240,6 +246,9 @@ REGISTRY: dict[str, MapDef] = {
     ),
     "POD_STATS": MapDef(
         ct.c_uint32, PodStats, MAX_PODS, "per-pod packet counters, indexed by pod id", True
+    ),
+    "TCP_CONNS": MapDef(
+        ct.c_uint32, ct.c_uint32, MAX_PODS, "TCP connections each pod holds, by pod id"
     ),
     "FP_ANSWERS": MapDef(
         FpKey,

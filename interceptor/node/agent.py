@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -111,6 +112,8 @@ class Agent:
         self._last_names: set[tuple[str, str, tuple[str, ...]]] = set()
         self._nl_thread = ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self._programs_ready = False
+        self._servers: list[DnsServer] = []
+        """The DNS servers (one per resolver address): their TCP counts correct the kernel's."""
         self._first_seen: dict[tuple[int, str], float] = {}
         """(veth, address) routes seen: when first seen while the API had not reported the
         address, -inf once it had (no early capture for it any more)."""
@@ -202,6 +205,11 @@ class Agent:
         pods, _ = node_pods(self.smap, self.agent.node_name)
         known = node_pod_ips(self.smap, self.agent.node_name)
         await self._netlink(self._apply, pods, finder, known)
+        live: Counter[str] = Counter()
+        for server in self._servers:
+            if server.tcp is not None:
+                live.update(server.tcp.per_client)
+        await self._netlink(self.datapath.correct_tcp_counts, live)
 
     async def _netlink(self, fn: Callable[..., T], *args: object) -> T:
         """Run a netlink/bcc operation on the agent's one netlink thread: pyroute2's sync API
@@ -263,6 +271,7 @@ class Agent:
                     dataclasses.replace(self.settings.server, listen=Endpoint(ip, 53)),
                 )
                 await server.start()
+                self._servers.append(server)
                 stack.push_async_callback(timer.timed(f"server {ip}", server.close))
             if self.settings.health is not None:
                 health = HealthServer(self.settings.health, self.readiness, self._alive)

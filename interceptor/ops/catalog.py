@@ -258,6 +258,7 @@ VERDICTS: dict[str, str] = {
     "direct": "passed",
     "query_limited": "dropped",
     "answer_limited": "dropped",
+    "tcp_limited": "dropped",
 }
 
 

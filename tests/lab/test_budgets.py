@@ -90,3 +90,84 @@ def test_a_forged_source_to_the_resolvers_address_is_dropped(fresh_node: Node) -
     reasons = settle(fresh_node, "spoofed", before["spoofed"])
     assert reasons["spoofed"] == before["spoofed"] + 1
     assert reasons["direct"] == before["direct"]
+
+
+HOLD = (
+    "import socket, sys, time\n"
+    "server, n = sys.argv[1], int(sys.argv[2])\n"
+    "held, failed = [], 0\n"
+    "for _ in range(n):\n"
+    "    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"
+    "    s.settimeout(0.3)\n"
+    "    try:\n"
+    "        s.connect((server, 53))\n"
+    "        held.append(s)\n"
+    "    except OSError:\n"
+    "        failed += 1\n"
+    "        s.close()\n"
+    "print(len(held), failed, flush=True)\n"
+    "sys.stdin.readline()\n"  # hold them until told to let go
+    "for s in held:\n"
+    "    s.close()\n"
+    "time.sleep(0.5)\n"
+)
+
+
+def hold_connections(node: Node, pod: str, server: str, n: int) -> tuple[int, int, object]:
+    """Open ``n`` TCP connections from ``pod`` and keep them: (connected, failed, process)."""
+    import subprocess
+
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", node.lab.pod_ns(pod), "/usr/bin/python3", "-c", HOLD, server,
+         str(n)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    held, failed = map(int, proc.stdout.readline().split())
+    return held, failed, proc
+
+
+def tcp_conns(node: Node) -> dict[int, int]:
+    """pod id -> the kernel's count of its TCP connections."""
+    from interceptor.datapath.loader import open_maps
+
+    maps = open_maps(node.pin_dir)
+    try:
+        return {k.value: v.value for k, v in maps["TCP_CONNS"].items() if v.value}
+    finally:
+        for m in maps.values():
+            m.close()
+
+
+def test_a_pods_tcp_connections_are_capped_at_the_syn(fresh_node: Node) -> None:
+    """Captured (10.96.0.10) and direct (the resolver's address) connections count alike; the
+    SYNs beyond the cap are dropped in the kernel and counted, the neighbour still resolves
+    over TCP, and closing them gives the pod its room back."""
+    fresh_node.start_agent("--tcp-client-connections", "8")
+    before, _ = counters(fresh_node)
+    held, failed, proc = hold_connections(fresh_node, "client1", "10.96.0.10", 6)
+    held2, failed2, proc2 = hold_connections(fresh_node, "client1", RESOLVER_IP, 6)
+    try:
+        assert (held, failed) == (6, 0)
+        assert (held2, failed2) == (2, 4), (held2, failed2)  # 8 in all, counted either way
+        reasons, pods = counters(fresh_node)
+        assert reasons["tcp_limited"] - before["tcp_limited"] >= 4  # SYNs and their retries
+        assert pods["client1"]["limited"] >= 4
+        assert sorted(tcp_conns(fresh_node).values()) == [8]
+        assert fresh_node.answer("client2", "+tcp", SVC1) == [INTERCEPTED]
+    finally:
+        for p in (proc, proc2):
+            assert p.stdin is not None
+            p.stdin.write("\n")
+            p.stdin.flush()
+            p.wait(timeout=10)
+    deadline = time.monotonic() + 3
+    while tcp_conns(fresh_node) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tcp_conns(fresh_node) == {}  # every FIN released its connection
+    held, failed, proc = hold_connections(fresh_node, "client1", "10.96.0.10", 3)
+    assert (held, failed) == (3, 0)
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    proc.wait(timeout=10)
