@@ -15,10 +15,14 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dns.exception
 import dns.message
 import dns.rdatatype
+
+if TYPE_CHECKING:
+    from devlab.netns import Lab
 
 BASE_NAMES = (
     "svc1.ns1.svc.cluster.local",
@@ -181,7 +185,9 @@ def _drain(s: socket.socket, sent: dict[int, bytes], out: Results) -> None:
         strict_check(sent.get(qid, b""), reply, out)
 
 
-def fuzz_tcp(host: str, port: int, count: int, seed: int, batch: int = 50) -> Results:
+def fuzz_tcp(
+    host: str, port: int, count: int, seed: int, pid: int | None = None, batch: int = 50
+) -> Results:
     """``count`` messages over TCP in pipelined batches: framed fuzz (and sometimes a lying
     length prefix), on connections reopened whenever the server closes one."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -189,6 +195,8 @@ def fuzz_tcp(host: str, port: int, count: int, seed: int, batch: int = 50) -> Re
     base = seeds()
     out = Results()
     while out.sent < count:
+        if pid is not None and out.sent % 1000 < batch:
+            out.rss_kib.append(rss_kib(pid))
         with socket.create_connection((host, port), timeout=2) as conn:
             queries = []
             framed = b""
@@ -198,6 +206,7 @@ def fuzz_tcp(host: str, port: int, count: int, seed: int, batch: int = 50) -> Re
                 length = len(data) if rng.random() > 0.03 else rng.randrange(65536)
                 framed += struct.pack("!H", length) + data
                 out.sent += 1
+            by_id = {struct.unpack_from("!H", q)[0]: q for q in queries if len(q) >= 2}
             buf = b""
             try:
                 conn.sendall(framed)
@@ -211,7 +220,66 @@ def fuzz_tcp(host: str, port: int, count: int, seed: int, batch: int = 50) -> Re
                 (n,) = struct.unpack_from("!H", buf)
                 if len(buf) < 2 + n:
                     break
-                strict_check(b"", buf[2 : 2 + n], out)
+                reply = buf[2 : 2 + n]
+                qid = struct.unpack_from("!H", reply)[0] if n >= 2 else -1
+                strict_check(by_id.get(qid, b""), reply, out)
                 buf = buf[2 + n :]
     probe(host, port, family, out)
+    if pid is not None:
+        out.rss_kib.append(rss_kib(pid))
     return out
+
+
+def from_pod(
+    lab: Lab, pod: str, proto: str, host: str, n: int, seed: int, rate: float, pid: int
+) -> Results:
+    """Run tests/fuzzing.py in ``pod``'s namespace and read its results."""
+    import json
+    import sys
+
+    r = lab.run_in_pod(
+        pod, sys.executable, "-m", "tests.fuzzing", "--proto", proto, "--host", host,
+        "--count", str(n), "--seed", str(seed), "--rate", str(rate), "--pid", str(pid),
+        timeout=n / rate * 3 + 300,
+    )  # fmt: skip
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-2000:])
+    d = json.loads(r.stdout)
+    out = Results(sent=d["sent"], replies=d["replies"], probes=d["probes"])
+    out.probe_failures = d["probe_failures"]
+    out.rss_kib = d["rss_kib"]
+    out.rejected = [(bytes.fromhex(q), bytes.fromhex(a), why) for q, a, why in d["rejected"]]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one fuzz from wherever this process is (a pod's namespace, for the BPF path) and
+    print its results as JSON."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m tests.fuzzing")
+    p.add_argument("--proto", choices=("udp", "tcp"), default="udp")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, default=53)
+    p.add_argument("--count", type=int, default=20000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--rate", type=float, default=4000)
+    p.add_argument("--pid", type=int, default=None, help="whose RSS to watch")
+    args = p.parse_args(argv)
+    if args.proto == "udp":
+        r = fuzz_udp(args.host, args.port, args.count, args.seed, args.pid, args.rate)
+    else:
+        r = fuzz_tcp(args.host, args.port, args.count, args.seed, args.pid)
+    print(json.dumps({
+        "sent": r.sent, "replies": r.replies, "probes": r.probes,
+        "probe_failures": r.probe_failures, "rss_kib": r.rss_kib,
+        "rejected": [(q.hex(), a.hex(), why) for q, a, why in r.rejected],
+    }))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -234,6 +234,13 @@ CATALOG: dict[str, MapSpec] = {
         ("pod_id", "pod", *(n for n, *_ in maps.PodStats._fields_)),
         skip_zero=True,
     ),
+    "TCP_CONNS": described(
+        "TCP_CONNS",
+        _slot,
+        lambda v, k, ctx: {"connections": v.value},
+        ("pod_id", "pod", "connections"),
+        skip_zero=True,
+    ),  # fmt: skip
     "FP_STATS": counter_map("FP_STATS", maps.FASTPATH_RESULTS, "result"),
     "FP_ANSWERS": described(
         "FP_ANSWERS", _fp_key, _fp_answer, ("name", "qtype", "rcode", "answers", "body_bytes")

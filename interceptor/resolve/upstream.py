@@ -84,20 +84,30 @@ def _spoof_warning() -> None:
     )
 
 
-class _UdpExchange(asyncio.DatagramProtocol):
-    def __init__(self, query: bytes) -> None:
+class _UdpExchange:
+    """One query on its own connected socket (a fresh random source port), read by a plain
+    reader callback: no asyncio transport, whose set-up and teardown cost several loop
+    callbacks per query (under a flood of misses, the loop turns they lengthen are every
+    other pod's wait)."""
+
+    def __init__(self, query: bytes, sock: socket.socket) -> None:
         self.query = query
+        self.sock = sock
         self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
-    def datagram_received(self, data: bytes, addr: object) -> None:
-        if not self.done.done() and _matches(data, self.query):
-            self.done.set_result(data)
-        elif not self.done.done():
-            _spoof_warning()
-
-    def error_received(self, exc: Exception) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc)
+    def readable(self) -> None:
+        while not self.done.done():
+            try:
+                data = self.sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # an ICMP error surfacing (port unreachable)
+                self.done.set_exception(exc)
+                return
+            if _matches(data, self.query):
+                self.done.set_result(data)
+            else:
+                _spoof_warning()
 
 
 class _TcpConnection:
@@ -377,7 +387,9 @@ class Forwarder:
         t0 = time.perf_counter()
         outcome = "error"
         try:
-            reply = await asyncio.wait_for(exchange(query, server), self.settings.timeout)
+            # asyncio.timeout, not wait_for: wait_for wraps the exchange in a task of its own.
+            async with asyncio.timeout(self.settings.timeout):
+                reply = await exchange(query, server)
             outcome = "truncated" if reply[2] & 0x02 else "ok"
             return reply
         except TimeoutError:
@@ -390,14 +402,20 @@ class Forwarder:
         msg = secrets.token_bytes(2) + query[2:]
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if server.family_v6 else socket.AF_INET
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: _UdpExchange(msg), remote_addr=(server.host, server.port), family=family
-        )
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
-            transport.sendto(msg)
-            return await proto.done
+            # connect(): the kernel picks a random ephemeral port, and only the server's
+            # datagrams reach the socket.
+            sock.connect((server.host, server.port))
+            exchange = _UdpExchange(msg, sock)
+            loop.add_reader(sock.fileno(), exchange.readable)
+            try:
+                sock.send(msg)
+                return await exchange.done
+            finally:
+                loop.remove_reader(sock.fileno())
         finally:
-            transport.close()
+            sock.close()
 
     async def _tcp(self, query: bytes, server: Endpoint) -> bytes:
         pool = self.pools.get(server)
