@@ -551,10 +551,16 @@ int dnsi_from_pod(struct __sk_buff *skb)
 		goto limited;
 	}
 	/* A socket that keeps asking the same server (the common case for long-lived clients)
-	 * already has its flow: its LRU position is refreshed by the lookup, and the socket
-	 * check, the token bucket and the map update are only paid for new flows. */
+	 * already has its flow: its LRU position is refreshed by the lookup, and the flow token
+	 * and the map update are only paid for new flows.  The socket check is not: without it
+	 * a long-lived socket's queries would go to a killed resolver until the heartbeat
+	 * times out (a second of a busy pod's queries lost), not to its own server at once. */
 	have = FLOWS.lookup(&fk);
 	if (have && __addr_eq(&have->orig, &p.daddr) && have->ifindex == ifindex) {
+		if (!__resolver_listening(skb, &p, cfg)) {
+			__count(REASON_NO_SOCKET);
+			goto pass;
+		}
 		if (p.syn_only) { /* the same port again: a new connection */
 			ret = __tcp_admit(have, cfg);
 			if (ret < 0) {

@@ -51,7 +51,7 @@ METRICS: tuple[Metric, ...] = (
     _m("interceptor_upstream_healthy", "gauge", "server"),
     _m("interceptor_autopath_total", "counter", "result"),
     _m("interceptor_forward_not_allowed_total", "counter"),
-    _m("interceptor_client_queue_dropped_total", "counter"),
+    _m("interceptor_client_queue_dropped_total", "counter", "reason"),
     _m("interceptor_tcp_connections_refused_total", "counter", "reason"),
     # BPF datapath (per-CPU map slots summed at scrape time)
     _m("interceptor_bpf_events_total", "counter", "reason"),

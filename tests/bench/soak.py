@@ -370,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = {k: total(k, "failed") for k in windows}
     retried = {k: total(k, "retried") for k in windows}
     ok &= not any(failed.values()) and all(lookups.values())
+    for line in report.splitlines():
+        if re.match(r"\s+(Queries|Response codes|Average Latency|Run time)", line):
+            print("dnsperf:", line.strip())
     sent = re.search(r"Queries sent:\s+(\d+)", report)
     lost = re.search(r"Queries lost:\s+(\d+)", report)
     p99s = [float(w["p99"]) * 1e3 for w in windows["stub"]]  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import struct
+import subprocess
 import time
 
 import pytest
@@ -13,7 +14,7 @@ from devlab.netns import PodSpec, sh
 from interceptor.datapath.loader import open_maps
 from interceptor.ops.counters import CounterReader
 from interceptor.ops.state import read_state
-from tests.lab.conftest import Node, send_raw, udp_query
+from tests.lab.conftest import Node, dns_query, send_raw, udp_query
 
 INTERCEPTED = "10.96.1.1"  # the interceptor's answer for svc1
 DIRECT = "10.96.99.99"  # kube-dns's answer for svc1: the query bypassed us
@@ -169,6 +170,48 @@ def test_fail_open_after_sigkill_within_a_second(fresh_node: Node) -> None:
         assert time.monotonic() - t0 < 3, "pod DNS still broken 3 s after SIGKILL"
     assert time.monotonic() - t0 < 1.2
     assert "no_socket" in reasons(fresh_node) and reasons(fresh_node)["no_socket"] >= 1
+
+
+LONG_LIVED = (
+    "import os, socket, sys\n"
+    "q = bytes.fromhex(sys.argv[1])\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "s.settimeout(1.0)\n"
+    "def ask():\n"
+    "    s.sendto(q, ('10.96.0.10', 53))\n"
+    "    r = s.recv(4096)\n"
+    "    return socket.inet_ntoa(r[-4:])\n"
+    "print(ask(), flush=True)\n"
+    "sys.stdin.readline()\n"  # the agent is killed meanwhile
+    "try:\n"
+    "    print(ask(), flush=True)\n"
+    "except OSError:\n"
+    "    print('lost', flush=True)\n"
+)
+
+
+def test_a_long_lived_socket_fails_open_at_the_first_query_after_sigkill(
+    fresh_node: Node,
+) -> None:
+    """A socket that already has its flow (most clients keep one) must not wait for the
+    heartbeat to time out: its next query goes to its own server at once."""
+    agent = fresh_node.start_agent("--no-fastpath")
+    client = subprocess.Popen(
+        ["ip", "netns", "exec", fresh_node.lab.pod_ns("client1"), "/usr/bin/python3", "-c",
+         LONG_LIVED, dns_query(SVC1).hex()],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        assert client.stdout.readline().strip() == INTERCEPTED
+        agent.proc.send_signal(signal.SIGKILL)
+        agent.proc.wait()
+        client.stdin.write("\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == DIRECT  # not lost, not a second late
+    finally:
+        client.kill()
+        client.wait()
 
 
 def test_sigterm_detaches_cleanly(fresh_node: Node) -> None:
