@@ -84,9 +84,81 @@ def mutate(msg: bytes, rng: random.Random) -> bytes:
     return bytes(b[:4096])
 
 
-def packet(rng: random.Random, base: list[bytes]) -> bytes:
+def _name(rng: random.Random) -> bytes:
+    """A question name, often an odd one: upper case, long labels, bytes a hostname never
+    has (dots, NULs, spaces inside a label), the 255-byte limit, or the root."""
+    pick = rng.random()
+    if pick < 0.05:
+        return b"\0"
+    labels = rng.choice(BASE_NAMES).split(".")
+    out = [lb.encode() for lb in labels]
+    if pick < 0.25:
+        out = [lb.upper() if rng.random() < 0.5 else lb for lb in out]
+    elif pick < 0.45:
+        i = rng.randrange(len(out))
+        out[i] = bytes(rng.choice(b"a.\0 \\\xff-_*") for _ in range(rng.randint(1, 63)))
+    elif pick < 0.55:
+        while sum(len(lb) + 1 for lb in out) < 250:
+            out.insert(0, b"x" * rng.randint(1, 63))
+    return b"".join(bytes([len(lb)]) + lb for lb in out) + b"\0"
+
+
+def _opt(rng: random.Random) -> bytes:
+    """An OPT record: odd sizes, versions and flags, options known and unknown, lengths that
+    lie (client subnet, cookie, padding, keepalive, an unassigned code)."""
+    options = b""
+    for _ in range(rng.randint(0, 3)):
+        code = rng.choice((8, 10, 11, 12, 15, 65001, rng.randrange(65536)))
+        data = rng.randbytes(rng.choice((0, 2, 4, 8, 40)))
+        length = len(data) if rng.random() < 0.8 else rng.randrange(80)
+        options += struct.pack("!HH", code, length) + data
+    version = 0 if rng.random() < 0.8 else rng.randrange(256)
+    ttl = (rng.randrange(256) << 24) | (version << 16) | rng.choice((0, 0x8000, 0xFFFF))
+    return b"\0" + struct.pack("!HHIH", 41, rng.choice((0, 1, 512, 1232, 4096, 65535)), ttl,
+                                len(options)) + options  # fmt: skip
+
+
+def structured(rng: random.Random) -> bytes:
+    """A query that parses but asks for trouble: several questions, odd opcodes, classes and
+    types, QR set, records in the answer or authority section, one or two OPT records (or one
+    in the wrong section), a TSIG-like record, trailing bytes."""
+    qd = rng.choice((1, 1, 1, 2, 0))
+    flags = 0x0100 | (rng.choice((0, 0, 0, 1, 2, 4, 5, 15)) << 11)
     if rng.random() < 0.1:
+        flags |= 0x8000
+    if rng.random() < 0.2:
+        flags |= rng.choice((0x0010, 0x0020, 0x0200, 0x0400, 0x0040))
+    body = b""
+    for _ in range(qd):
+        qtype = rng.choice((1, 28, 33, 12, 16, 255, 5, 6, 2, 0, 251, 252, 249, 250, 65535, 64, 65))
+        qclass = rng.choice((1, 1, 1, 3, 4, 254, 255))
+        body += _name(rng) + struct.pack("!HH", qtype, qclass)
+    an = ns = ar = 0
+    if rng.random() < 0.15:
+        an = 1
+        body += b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + rng.randbytes(4)
+    if rng.random() < 0.1:
+        ns = 1
+        body += _opt(rng) if rng.random() < 0.5 else b"\0" + struct.pack("!HHIH", 6, 1, 0, 0)
+    for _ in range(rng.choice((0, 1, 1, 1, 2))):
+        ar += 1
+        body += _opt(rng)
+    if rng.random() < 0.05:
+        ar += 1  # TSIG-shaped, unsigned nonsense
+        body += _name(rng) + struct.pack("!HHIH", 250, 255, 0, 8) + rng.randbytes(8)
+    if rng.random() < 0.1:
+        body += rng.randbytes(rng.randint(1, 20))
+    head = struct.pack("!HHHHHH", rng.randrange(65536), flags, qd, an, ns, ar)
+    return head + body
+
+
+def packet(rng: random.Random, base: list[bytes]) -> bytes:
+    pick = rng.random()
+    if pick < 0.1:
         return rng.randbytes(rng.randint(0, 600))
+    if pick < 0.4:
+        msg = structured(rng)
+        return mutate(msg, rng) if rng.random() < 0.3 else msg
     return mutate(rng.choice(base), rng)
 
 

@@ -75,7 +75,7 @@ def decode_name_plain(buf: bytes, offset: int) -> tuple[str, int]:
         if len(label) != length:
             raise ValueError("label runs past the end of the message")
         total += length + 1
-        if total > MAX_NAME_WIRE:
+        if total + 1 > MAX_NAME_WIRE:  # and the root label's zero octet
             raise ValueError("name longer than 255 octets")
         labels.append(label.decode("latin-1"))
         i += length + 1

@@ -97,6 +97,26 @@ def test_parse_query_errors() -> None:
     assert e.value.rcode == dns.rcode.FORMERR
 
 
+def test_a_question_name_of_256_octets_is_formerr_and_not_echoed(resolver: Resolver) -> None:
+    """255 octets is the limit counting the root label's zero (RFC 1035 3.1): a name one
+    octet longer must not be echoed back in a reply no parser accepts (found by the fuzz)."""
+    label = b"x" * 63
+
+    def query(labels: list[bytes]) -> bytes:
+        name = b"".join(bytes([len(lb)]) + lb for lb in labels) + b"\0"
+        return b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + name + b"\x00\x01\x00\x01"
+
+    fits = [label, label, label, b"x" * 61]  # 4 * 64 - 2 + 1 = 255 octets
+    assert parse_query(query(fits)).qname.count(".") == 3
+    with pytest.raises(Malformed) as e:
+        parse_query(query([label, label, label, b"x" * 62]))  # 256 octets
+    assert e.value.rcode == dns.rcode.FORMERR
+    reply = asyncio.run(resolver.resolve(query([label, label, label, b"x" * 62]), tcp=False))
+    assert reply is not None
+    parsed = dns.message.from_wire(reply)  # strict: would raise NameTooLong if echoed
+    assert parsed.rcode() == dns.rcode.FORMERR
+
+
 def test_cap_edns_payload_sent_upstream() -> None:
     from interceptor.dns.message import cap_edns
 
