@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test unit process lab e2e lint bench clean peers cluster cluster-down
+.PHONY: setup demo test unit process lab e2e lint bench fuzz soak clean peers cluster cluster-down
 
 setup:
 	@bash scripts/setup.sh
@@ -70,6 +70,15 @@ bench: setup
 	$(PY) -m tests.bench.datapath
 	$(PY) -m tests.bench.peers
 	$(PY) -m tests.bench.ndots
+	$(PY) -m tests.bench.fairness
+
+# The long runs: a million fuzzed packets along each path (about 9 minutes), and the soak
+# (ten minutes of load with restarts and churn).
+fuzz: setup
+	$(PY) -m tests.bench.fuzz --packets 1000000
+
+soak: setup
+	$(PY) -m tests.bench.soak --out bench-results
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

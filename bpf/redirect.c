@@ -590,6 +590,17 @@ rewrite:
 		ps->redirected += 1;
 	return TC_ACT_OK;
 pass:
+	if (p.syn_only) {
+		/* A connection that is not steered must not meet the flow an earlier connection
+		 * left on the same port (one reset by a killed resolver leaves no TIME_WAIT, so
+		 * the port comes back at once): its next segments would follow that flow to the
+		 * resolver and be reset. */
+		have = FLOWS.lookup(&fk);
+		if (have) {
+			__tcp_release(have);
+			FLOWS.delete(&fk);
+		}
+	}
 	if (ps)
 		ps->passed += 1;
 	return TC_ACT_UNSPEC;

@@ -89,24 +89,27 @@ i = 0
 window, t_win = [], time.monotonic()
 while time.monotonic() < end:
     name, qtype = asked[i % len(asked)]; i += 1
-    t0 = time.monotonic(); ok = False; rcode = None
+    t0 = time.monotonic(); ok = False; rcode = None; errors = []
     for attempt in range(3):
         try:
             rcode = once(name, qtype)
             ok = rcode in (0, 3)
             if ok:
                 break
-        except OSError:
+            errors.append(f"rcode {rcode}")
+        except OSError as exc:
+            errors.append(f"{time.time():.3f} {type(exc).__name__}: {exc}")
             time.sleep(0.2 if tcp else 0)
     lat = time.monotonic() - t0
-    window.append((lat, ok, rcode, attempt, name))
+    window.append((lat, ok, errors, attempt, name))
     now = time.monotonic()
     if now - t_win >= 5:
         lats = sorted(w[0] for w in window)
         print(json.dumps({"t": time.time(), "n": len(window),
             "p99": lats[int(len(lats) * 0.99) - 1] if lats else 0,
             "failed": [[w[4], w[2]] for w in window if not w[1]],
-            "retried": sum(1 for w in window if w[3] > 0)}), flush=True)
+            "retried": sum(1 for w in window if w[3] > 0),
+            "retry_errors": [w[2] for w in window if w[3] > 0][:5]}), flush=True)
         window, t_win = [], now
     pause = t0 + period - time.monotonic()
     if pause > 0:
@@ -326,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             if now >= next_restart and now < t0 + seconds - 20:
                 life.ended_by = "SIGKILL" if kill else "SIGTERM"
                 restarts.append(now)
+                print(f"restart at {now:.3f} ({life.ended_by})", file=sys.stderr, flush=True)
                 if kill:
                     agent.proc.send_signal(signal.SIGKILL)
                     agent.proc.wait(timeout=10)
@@ -393,8 +397,11 @@ def main(argv: list[str] | None = None) -> int:
         [(t, rss / 1024) for life in lives for t, rss, _ in life.samples],
         [(float(w["t"]), float(w["p99"]) * 1e3) for w in windows["stub"]],  # type: ignore[arg-type]
         restarts)  # fmt: skip
-    for w in (w for k in windows for w in windows[k] if w["failed"]):
-        print("failed:", w, file=sys.stderr)
+    for k in windows:
+        for w in windows[k]:
+            if w["failed"] or w.get("retry_errors"):
+                print(f"{k}: failed {w['failed']} retried {w.get('retry_errors')}",
+                      file=sys.stderr)
     print(f"{'PASS' if ok else 'FAIL'}: {args.out / 'soak.csv'}, {args.out / 'soak.svg'}")
     return 0 if ok else 1
 

@@ -214,6 +214,59 @@ def test_a_long_lived_socket_fails_open_at_the_first_query_after_sigkill(
         client.wait()
 
 
+SAME_PORT = (
+    "import socket, struct, sys\n"
+    "q = bytes.fromhex(sys.argv[1])\n"
+    "def connect():\n"
+    "    c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"
+    "    c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "    c.bind(('0.0.0.0', 40053))\n"
+    "    c.settimeout(2)\n"
+    "    c.connect(('10.96.0.10', 53))\n"
+    "    return c\n"
+    "def ask(c):\n"
+    "    c.sendall(struct.pack('!H', len(q)) + q)\n"
+    "    r = c.recv(4096)\n"
+    "    return socket.inet_ntoa(r[-4:]) if len(r) > 4 else 'closed'\n"
+    "c = connect()\n"
+    "print(ask(c), flush=True)\n"
+    "sys.stdin.readline()\n"  # the agent is killed meanwhile
+    "try:\n"
+    "    ask(c)\n"
+    "except OSError:\n"
+    "    pass\n"  # reset by the dead resolver: no TIME_WAIT, the port is free again
+    "c.close()\n"
+    "try:\n"
+    "    print(ask(connect()), flush=True)\n"
+    "except OSError as e:\n"
+    "    print(type(e).__name__, flush=True)\n"
+)
+
+
+def test_a_connection_on_a_reused_port_after_sigkill_goes_to_its_own_server(
+    fresh_node: Node,
+) -> None:
+    """The port of a connection the killed resolver reset is free at once; a new connection
+    from it fails open, and its segments must not follow the old connection's flow."""
+    agent = fresh_node.start_agent("--no-fastpath")
+    client = subprocess.Popen(
+        ["ip", "netns", "exec", fresh_node.lab.pod_ns("client1"), "/usr/bin/python3", "-c",
+         SAME_PORT, dns_query(SVC1).hex()],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        assert client.stdout.readline().strip() == INTERCEPTED
+        agent.proc.send_signal(signal.SIGKILL)
+        agent.proc.wait()
+        client.stdin.write("\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == DIRECT
+    finally:
+        client.kill()
+        client.wait()
+
+
 def test_sigterm_detaches_cleanly(fresh_node: Node) -> None:
     fresh_node.start_agent()
     node_ns = fresh_node.lab.node
