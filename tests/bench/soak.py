@@ -400,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in windows:
         for w in windows[k]:
             if w["failed"] or w.get("retry_errors"):
-                print(f"{k}: failed {w['failed']} retried {w.get('retry_errors')}",
-                      file=sys.stderr)
+                why = f"failed {w['failed']} retried {w.get('retry_errors')}"
+                print(f"{k}: {why}", file=sys.stderr)
     print(f"{'PASS' if ok else 'FAIL'}: {args.out / 'soak.csv'}, {args.out / 'soak.svg'}")
     return 0 if ok else 1
 
