@@ -314,7 +314,8 @@ static __always_inline int __direct_syn(struct pkt *p, struct config *cfg, struc
 	if (ret < 0)
 		return ret;
 	if (FLOWS.update(&fk, &fv) < 0)
-		__tcp_release(&fv); /* no room to remember it: do not count what cannot be released */
+		__tcp_release(
+		    &fv); /* no room to remember it: do not count what cannot be released */
 	return 0;
 }
 

@@ -84,8 +84,8 @@ struct flow_val {
 	struct ip_addr orig; /* the DNS server the pod asked */
 	__u16 orig_port;     /* network order */
 	__u16 flags;	     /* FLOW_* */
-	__u32 ifindex; /* host veth the query came in on */
-	__u32 pod_id;  /* the pod's counter slot, so replies need no PODS lookup */
+	__u32 ifindex;	     /* host veth the query came in on */
+	__u32 pod_id;	     /* the pod's counter slot, so replies need no PODS lookup */
 	__u32 _pad2;
 	__u64 created_ns;
 };
