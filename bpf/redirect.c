@@ -287,21 +287,28 @@ static __always_inline void __tcp_release(struct flow_val *fv)
 		__sync_fetch_and_add(n, -1);
 }
 
-/* A SYN to the resolver's own address: the flow records the connection for its count (and
- * says there is nothing to restore on the way back).  0 or -REASON_*. */
-static __always_inline int __direct_syn(struct pkt *p, struct config *cfg, struct pod_info *pod,
-					__u32 ifindex, __u64 now)
+/* A query to the resolver's own address.  Its flow, if any, must say so: a flow an earlier
+ * socket left on the same port for a captured server would have the replies "restored" to
+ * that server's address, and the pod would drop them.  A SYN records the connection (for
+ * its count, and so that the replies are left alone).  0 or -REASON_*. */
+static __always_inline int __direct_flow(struct pkt *p, struct config *cfg, struct pod_info *pod,
+					 struct flow_key *fk, __u32 ifindex, __u64 now)
 {
-	struct flow_key fk = {};
 	struct flow_val fv = {};
 	struct flow_val *have;
 	int ret;
 
-	fk.pod = p->saddr;
-	fk.pod_port = p->sport;
-	fk.proto = p->proto;
-	fk.family = p->family;
-	have = FLOWS.lookup(&fk);
+	have = FLOWS.lookup(fk);
+	if (have && !(have->flags & FLOW_DIRECT)) {
+		__tcp_release(have);
+		FLOWS.delete(fk);
+		have = NULL;
+	}
+	if (!p->syn_only) {
+		if (have && p->closing)
+			__tcp_release(have);
+		return 0;
+	}
 	if (have)
 		return __tcp_admit(have, cfg);
 	fv.orig = p->daddr;
@@ -313,9 +320,9 @@ static __always_inline int __direct_syn(struct pkt *p, struct config *cfg, struc
 	ret = __tcp_admit(&fv, cfg);
 	if (ret < 0)
 		return ret;
-	if (FLOWS.update(&fk, &fv) < 0)
-		__tcp_release(
-		    &fv); /* no room to remember it: do not count what cannot be released */
+	/* No room to remember it: do not count what could never be released. */
+	if (FLOWS.update(fk, &fv) < 0)
+		__tcp_release(&fv);
 	return 0;
 }
 
@@ -482,20 +489,14 @@ int dnsi_from_pod(struct __sk_buff *skb)
 				goto limited;
 			}
 		}
-		if (p.syn_only) {
-			ret = __direct_syn(&p, cfg, pod, ifindex, now);
-			if (ret < 0) {
-				__count(-ret);
-				goto limited;
-			}
-		} else if (p.closing) {
-			fk.pod = p.saddr;
-			fk.pod_port = p.sport;
-			fk.proto = p.proto;
-			fk.family = p.family;
-			have = FLOWS.lookup(&fk);
-			if (have)
-				__tcp_release(have);
+		fk.pod = p.saddr;
+		fk.pod_port = p.sport;
+		fk.proto = p.proto;
+		fk.family = p.family;
+		ret = __direct_flow(&p, cfg, pod, &fk, ifindex, now);
+		if (ret < 0) {
+			__count(-ret);
+			goto limited;
 		}
 		__count(REASON_DIRECT);
 		if (ps)

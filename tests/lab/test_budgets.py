@@ -171,3 +171,49 @@ def test_a_pods_tcp_connections_are_capped_at_the_syn(fresh_node: Node) -> None:
     proc.stdin.write("\n")
     proc.stdin.flush()
     proc.wait(timeout=10)
+
+
+PORT_REUSE = (
+    "import socket, struct, sys\n"
+    "q = bytes.fromhex(sys.argv[1])\n"
+    "def tcp(server):\n"
+    "    c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"
+    "    c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "    c.bind(('0.0.0.0', 40153))\n"
+    "    c.settimeout(2)\n"
+    "    c.connect((server, 53))\n"
+    "    c.sendall(struct.pack('!H', len(q)) + q)\n"
+    "    r = c.recv(4096)\n"
+    "    c.close()\n"
+    "    return socket.inet_ntoa(r[-4:])\n"
+    "def udp(server):\n"
+    "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "    s.bind(('0.0.0.0', 40154))\n"
+    "    s.connect((server, 53))\n"  # as glibc does: only that server's replies arrive
+    "    s.settimeout(2)\n"
+    "    s.send(q)\n"
+    "    r = s.recv(4096)\n"
+    "    s.close()\n"
+    "    return socket.inet_ntoa(r[-4:])\n"
+    "out = []\n"
+    "for ask in (tcp, udp):\n"
+    "    for server in ('10.96.0.10', sys.argv[2]):\n"
+    "        try:\n"
+    "            out.append(ask(server))\n"
+    "        except OSError as e:\n"
+    "            out.append(type(e).__name__)\n"
+    "print(' '.join(out))\n"
+)
+
+
+def test_a_port_that_asked_kube_dns_can_then_ask_the_resolver_directly(
+    fresh_node: Node,
+) -> None:
+    """The same pod port, first to the captured kube-dns address, then to the resolver's own
+    address: the second conversation's replies must keep the resolver's address, not be
+    "restored" to kube-dns's by the flow the first one left (TCP and UDP)."""
+    fresh_node.start_agent("--no-fastpath")
+    query = dns_query(SVC1).hex()
+    r = fresh_node.lab.run_in_pod("client1", "/usr/bin/python3", "-c", PORT_REUSE, query,
+                                  RESOLVER_IP)  # fmt: skip
+    assert r.stdout.split() == [INTERCEPTED] * 4, r.stdout + r.stderr
