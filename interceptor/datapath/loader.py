@@ -62,6 +62,8 @@ class Datapath:
         self.fds: dict[str, int] = {}
         self.attached: dict[int, Attachment] = {}
         self._pod_ids: dict[str, int] = {}
+        self._tcp_excess: dict[int, int] = {}
+        """pod id -> how far its kernel TCP count was above the resolver's at the last pass."""
         self._free_ids: list[int] = []
         self._next_id = 0
         self._ipr: Any = None
@@ -374,20 +376,29 @@ class Datapath:
             self._free_ids.append(pod_id)
 
     def correct_tcp_counts(self, live: Mapping[str, int]) -> int:
-        """Lower the kernel's count of a pod's TCP connections to the resolver's own count
-        (``live``: connections open per client address) where the kernel counts more: a
-        connection whose flow left the LRU before its FIN would otherwise count forever.
-        Never raised: connections still in their handshake are not in ``live`` yet.
-        Returns how many were corrected."""
+        """Lower the kernel's count of a pod's TCP connections where it has stayed above the
+        resolver's own count (``live``: connections open per client address) for two passes:
+        a connection whose flow left the LRU before its FIN would otherwise count forever.
+        An excess seen once may be connections still in their handshake (counted at the SYN,
+        not yet accepted); a leak is still there at the next pass, and only the part seen
+        both times is taken off.  Returns how many counts were lowered."""
         counts = self.maps["TCP_CONNS"]
         fixed = 0
+        excess: dict[int, int] = {}
         for ip, pod_id in list(self._pod_ids.items()):
             key = ct.c_uint32(pod_id)
             have = counts.get(key)
-            want = live.get(ip, 0)
-            if have is not None and int(have.value) > want:
-                counts.put(key, ct.c_uint32(want))
+            if have is None:
+                continue
+            over = int(have.value) - live.get(ip, 0)
+            if over <= 0:
+                continue
+            leaked = min(over, self._tcp_excess.get(pod_id, 0))
+            if leaked:
+                counts.put(key, ct.c_uint32(int(have.value) - leaked))
                 fixed += 1
+            excess[pod_id] = over - leaked
+        self._tcp_excess = excess
         return fixed
 
     # ------------------------------------------------------------ queries

@@ -217,3 +217,40 @@ def test_a_port_that_asked_kube_dns_can_then_ask_the_resolver_directly(
     r = fresh_node.lab.run_in_pod("client1", "/usr/bin/python3", "-c", PORT_REUSE, query,
                                   RESOLVER_IP)  # fmt: skip
     assert r.stdout.split() == [INTERCEPTED] * 4, r.stdout + r.stderr
+
+
+def test_a_leaked_tcp_count_is_taken_back_by_the_agent(fresh_node: Node) -> None:
+    """A count the kernel never released (its flow evicted before the FIN): the agent sees it
+    above its own count at two passes in a row and lowers it."""
+    import ctypes as ct
+
+    from interceptor.datapath.loader import open_maps
+
+    fresh_node.start_agent("--tcp-client-connections", "8")
+    assert fresh_node.answer("client1", "+tcp", SVC1) == [INTERCEPTED]  # client1 has its id
+    maps = open_maps(fresh_node.pin_dir)
+    try:
+        state = read_state(fresh_node.lab.state_dir)
+        assert state is not None
+        pod_id = next(p.pod_id for p in state.pods if p.ip == "10.244.1.10")
+        maps["TCP_CONNS"].put(ct.c_uint32(pod_id), ct.c_uint32(8))  # eight leaked connections
+        assert tcp_conns(fresh_node) == {pod_id: 8}
+        held, failed, proc = hold_connections(fresh_node, "client1", "10.96.0.10", 1)
+        assert (held, failed) == (0, 1)  # the leak holds the pod at its cap...
+        assert proc.stdin is not None
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 8
+        while tcp_conns(fresh_node) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert tcp_conns(fresh_node) == {}  # ...until the agent takes it back
+        held, failed, proc = hold_connections(fresh_node, "client1", "10.96.0.10", 2)
+        assert (held, failed) == (2, 0)
+        assert proc.stdin is not None
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(timeout=10)
+    finally:
+        for m in maps.values():
+            m.close()
