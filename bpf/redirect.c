@@ -481,6 +481,10 @@ int dnsi_from_pod(struct __sk_buff *skb)
 		ps->queries += 1;
 
 	now = bpf_ktime_get_ns();
+	fk.pod = p.saddr;
+	fk.pod_port = p.sport;
+	fk.proto = p.proto;
+	fk.family = p.family;
 	if (direct) {
 		if (p.proto == IPPROTO_UDP || p.syn_only) {
 			ret = __query_budget(pod, cfg, now);
@@ -489,10 +493,6 @@ int dnsi_from_pod(struct __sk_buff *skb)
 				goto limited;
 			}
 		}
-		fk.pod = p.saddr;
-		fk.pod_port = p.sport;
-		fk.proto = p.proto;
-		fk.family = p.family;
 		ret = __direct_flow(&p, cfg, pod, &fk, ifindex, now);
 		if (ret < 0) {
 			__count(-ret);
@@ -528,10 +528,6 @@ int dnsi_from_pod(struct __sk_buff *skb)
 		__fp_count(-ret);
 	}
 #endif /* ENABLE_FASTPATH */
-	fk.pod = p.saddr;
-	fk.pod_port = p.sport;
-	fk.proto = p.proto;
-	fk.family = p.family;
 	if (p.proto == IPPROTO_TCP && !p.syn_only) {
 		/* A segment of a connection: follow the decision taken at its SYN. */
 		have = FLOWS.lookup(&fk);

@@ -383,7 +383,7 @@ class DatapathSettings:
     resolver's careful path serves on one core when every query is a cache miss (5,500 a
     second on the benchmark machine), so a flooding pod leaves the others most of it
     (docs/benchmarks.md, fairness)."""
-    tcp_connections: int = 64
+    tcp_connections: int = ServerSettings.tcp_client_connections
     """TCP connections one pod may hold to the resolver, enforced at the SYN; the agent sets
     it from ``ServerSettings.tcp_client_connections`` (one number for both checks)."""
     answer_rate: int = 50000

@@ -47,10 +47,6 @@ class FairScheduler:
         """Queries started in one event-loop turn (one round of clients, at most this)."""
         self.max_wait = max_wait
         """Seconds a query may wait for its turn; later, its client has timed out."""
-        self.dropped = 0
-        """Queries dropped because their client's queue was full."""
-        self.expired = 0
-        """Queries dropped unstarted because they waited longer than ``max_wait``."""
         self._queues: dict[str, deque[tuple[float, Job, Callable[[], None] | None]]] = {}
         self._running: dict[str, int] = {}
         self._ring: deque[str] = deque()
@@ -59,8 +55,10 @@ class FairScheduler:
         self._total = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._scheduled: asyncio.Handle | None = None
-        self._on_drop = on_drop
-        """Told the reason (``full``, ``expired``) of each query dropped unstarted."""
+        self._on_drop = on_drop if on_drop is not None else _ignore
+        """Told the reason of each query dropped unstarted: ``full``, its client's queue was
+        full; ``expired``, it waited longer than ``max_wait``.  The caller keeps the count
+        (the resolver's stats, shared by every listener)."""
 
     def submit(self, client: str, job: Job, expired: Callable[[], None] | None = None) -> bool:
         """Run ``job`` in its client's turn; False (and counted) if the client's queue is
@@ -69,9 +67,7 @@ class FairScheduler:
         if queue is None:
             queue = self._queues[client] = deque()
         if len(queue) >= self.queued:
-            self.dropped += 1
-            if self._on_drop is not None:
-                self._on_drop("full")
+            self._on_drop("full")
             return False
         queue.append((time.monotonic(), job, expired))
         self._enter(client)
@@ -111,9 +107,7 @@ class FairScheduler:
                 gone = queue.popleft()[2]
                 if gone is not None:
                     gone()
-                self.expired += 1
-                if self._on_drop is not None:
-                    self._on_drop("expired")
+                self._on_drop("expired")
             if not queue:
                 self._forget(client)
                 continue
@@ -151,3 +145,7 @@ class FairScheduler:
         self._queues.clear()
         self._ring.clear()
         self._in_ring.clear()
+
+
+def _ignore(reason: str) -> None:
+    pass

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -39,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devlab.netns import DNS_IP, Agent, Lab, PodSpec, stop
-from tests.bench.common import require_tool, table
+from tests.bench.common import parse_dnsperf, require_tool, table
+from tests.fuzzing import rss_kib
 
 PODS = [
     PodSpec("load", "10.244.1.10", "ns1"),
@@ -145,10 +145,8 @@ def write_atomically(path: Path, text: str) -> None:
 
 def proc_rss_fds(pid: int) -> tuple[int, int]:
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
-        return rss, len(os.listdir(f"/proc/{pid}/fd"))
-    except (OSError, AttributeError):
+        return rss_kib(pid), len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
         return 0, 0
 
 
@@ -172,10 +170,7 @@ def dnsperf_max(lab: Lab, names: Path, seconds: float = 5) -> float:
          "-c", "8", "-q", "200", "-l", str(seconds)],
         capture_output=True, text=True, timeout=seconds + 30,
     )  # fmt: skip
-    m = re.search(r"Queries per second:\s+([\d.]+)", r.stdout)
-    if not m:
-        raise RuntimeError(f"dnsperf gave no rate: {r.stdout[-500:]} {r.stderr[-500:]}")
-    return float(m.group(1))
+    return parse_dnsperf("interceptor", "dnsperf (closed loop)", r.stdout).qps
 
 
 def svg(path: Path, t0: float, rss: list[tuple[float, float]], p99: list[tuple[float, float]],
@@ -374,18 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     failed = {k: total(k, "failed") for k in windows}
     retried = {k: total(k, "retried") for k in windows}
     ok &= not any(failed.values()) and all(lookups.values())
-    for line in report.splitlines():
-        if re.match(r"\s+(Queries|Response codes|Average Latency|Run time)", line):
-            print("dnsperf:", line.strip())
-    sent = re.search(r"Queries sent:\s+(\d+)", report)
-    lost = re.search(r"Queries lost:\s+(\d+)", report)
+    perf = parse_dnsperf("interceptor", "dnsperf (open loop)", report)
+    print(f"dnsperf: {perf.queries_sent} sent at {perf.qps:.0f} q/s, {perf.queries_lost} lost, "
+          f"NOERROR {perf.noerror}, others {perf.other_rcodes}, average latency "
+          f"{perf.avg_latency_ms} ms (max {perf.max_latency_ms})")  # fmt: skip
     p99s = [float(w["p99"]) * 1e3 for w in windows["stub"]]  # type: ignore[arg-type]
     print(table(["client", "lookups", "failed", "needed a retry", "p99 ms (worst 5 s)"], [
         ("stub (UDP)", str(lookups["stub"]), str(failed["stub"]), str(retried["stub"]),
          f"{max(p99s):.2f}" if p99s else "-"),
         ("TCP (5 pipelined)", str(lookups["tcp"]), str(failed["tcp"]), str(retried["tcp"]), ""),
-        ("dnsperf (no retries)", sent.group(1) if sent else "?", (lost.group(1) if lost else "?")
-         + " lost", "", ""),
+        ("dnsperf (no retries)", str(perf.queries_sent), f"{perf.queries_lost} lost", "", ""),
     ]))  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "soak.csv").open("w") as f:

@@ -4,7 +4,10 @@ neighbour keeps resolving; a forged source to the resolver's address is dropped.
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import time
+from collections.abc import Iterator
 
 from devlab.netns import RESOLVER_IP
 from interceptor.ops.counters import CounterReader
@@ -113,18 +116,23 @@ HOLD = (
 )
 
 
-def hold_connections(node: Node, pod: str, server: str, n: int) -> tuple[int, int, object]:
-    """Open ``n`` TCP connections from ``pod`` and keep them: (connected, failed, process)."""
-    import subprocess
-
+@contextlib.contextmanager
+def holding_connections(node: Node, pod: str, server: str, n: int) -> Iterator[tuple[int, int]]:
+    """Open ``n`` TCP connections from ``pod`` and keep them while the block runs:
+    (connected, failed).  They are closed (FINs sent) on the way out."""
     proc = subprocess.Popen(
         ["ip", "netns", "exec", node.lab.pod_ns(pod), "/usr/bin/python3", "-c", HOLD, server,
          str(n)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert proc.stdout is not None
-    held, failed = map(int, proc.stdout.readline().split())
-    return held, failed, proc
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        held, failed = map(int, proc.stdout.readline().split())
+        yield held, failed
+    finally:
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(timeout=10)
 
 
 def tcp_conns(node: Node) -> dict[int, int]:
@@ -139,38 +147,34 @@ def tcp_conns(node: Node) -> dict[int, int]:
             m.close()
 
 
+def no_tcp_conns_within(node: Node, seconds: float) -> dict[int, int]:
+    """The kernel's TCP counts once they are all zero, or as they are after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while (counts := tcp_conns(node)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return counts
+
+
 def test_a_pods_tcp_connections_are_capped_at_the_syn(fresh_node: Node) -> None:
     """Captured (10.96.0.10) and direct (the resolver's address) connections count alike; the
     SYNs beyond the cap are dropped in the kernel and counted, the neighbour still resolves
     over TCP, and closing them gives the pod its room back."""
     fresh_node.start_agent("--tcp-client-connections", "8")
     before, _ = counters(fresh_node)
-    held, failed, proc = hold_connections(fresh_node, "client1", "10.96.0.10", 6)
-    held2, failed2, proc2 = hold_connections(fresh_node, "client1", RESOLVER_IP, 6)
-    try:
-        assert (held, failed) == (6, 0)
-        assert (held2, failed2) == (2, 4), (held2, failed2)  # 8 in all, counted either way
+    with (
+        holding_connections(fresh_node, "client1", "10.96.0.10", 6) as captured,
+        holding_connections(fresh_node, "client1", RESOLVER_IP, 6) as direct,
+    ):
+        assert captured == (6, 0)
+        assert direct == (2, 4), direct  # 8 in all, counted either way
         reasons, pods = counters(fresh_node)
         assert reasons["tcp_limited"] - before["tcp_limited"] >= 4  # SYNs and their retries
         assert pods["client1"]["limited"] >= 4
         assert sorted(tcp_conns(fresh_node).values()) == [8]
         assert fresh_node.answer("client2", "+tcp", SVC1) == [INTERCEPTED]
-    finally:
-        for p in (proc, proc2):
-            assert p.stdin is not None
-            p.stdin.write("\n")
-            p.stdin.flush()
-            p.wait(timeout=10)
-    deadline = time.monotonic() + 3
-    while tcp_conns(fresh_node) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert tcp_conns(fresh_node) == {}  # every FIN released its connection
-    held, failed, proc = hold_connections(fresh_node, "client1", "10.96.0.10", 3)
-    assert (held, failed) == (3, 0)
-    assert proc.stdin is not None
-    proc.stdin.write("\n")
-    proc.stdin.flush()
-    proc.wait(timeout=10)
+    assert no_tcp_conns_within(fresh_node, 3) == {}  # every FIN released its connection
+    with holding_connections(fresh_node, "client1", "10.96.0.10", 3) as again:
+        assert again == (3, 0)
 
 
 PORT_REUSE = (
@@ -235,22 +239,11 @@ def test_a_leaked_tcp_count_is_taken_back_by_the_agent(fresh_node: Node) -> None
         pod_id = next(p.pod_id for p in state.pods if p.ip == "10.244.1.10")
         maps["TCP_CONNS"].put(ct.c_uint32(pod_id), ct.c_uint32(8))  # eight leaked connections
         assert tcp_conns(fresh_node) == {pod_id: 8}
-        held, failed, proc = hold_connections(fresh_node, "client1", "10.96.0.10", 1)
-        assert (held, failed) == (0, 1)  # the leak holds the pod at its cap...
-        assert proc.stdin is not None
-        proc.stdin.write("\n")
-        proc.stdin.flush()
-        proc.wait(timeout=10)
-        deadline = time.monotonic() + 8
-        while tcp_conns(fresh_node) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert tcp_conns(fresh_node) == {}  # ...until the agent takes it back
-        held, failed, proc = hold_connections(fresh_node, "client1", "10.96.0.10", 2)
-        assert (held, failed) == (2, 0)
-        assert proc.stdin is not None
-        proc.stdin.write("\n")
-        proc.stdin.flush()
-        proc.wait(timeout=10)
+        with holding_connections(fresh_node, "client1", "10.96.0.10", 1) as capped:
+            assert capped == (0, 1)  # the leak holds the pod at its cap...
+        assert no_tcp_conns_within(fresh_node, 8) == {}  # ...until the agent takes it back
+        with holding_connections(fresh_node, "client1", "10.96.0.10", 2) as room:
+            assert room == (2, 0)
     finally:
         for m in maps.values():
             m.close()

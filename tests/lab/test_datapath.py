@@ -190,28 +190,37 @@ LONG_LIVED = (
 )
 
 
+def answers_across_a_sigkill(node: Node, script: str) -> tuple[str, str]:
+    """Run ``script`` in client1 with the agent up: it prints its first answer, waits for a
+    line on stdin (the agent is SIGKILLed meanwhile), then prints its second."""
+    assert node.agent is not None
+    client = subprocess.Popen(
+        ["ip", "netns", "exec", node.lab.pod_ns("client1"), "/usr/bin/python3", "-c", script,
+         dns_query(SVC1).hex()],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        before = client.stdout.readline().strip()
+        node.agent.proc.send_signal(signal.SIGKILL)
+        node.agent.proc.wait()
+        client.stdin.write("\n")
+        client.stdin.flush()
+        return before, client.stdout.readline().strip()
+    finally:
+        client.kill()
+        client.wait()
+
+
 def test_a_long_lived_socket_fails_open_at_the_first_query_after_sigkill(
     fresh_node: Node,
 ) -> None:
     """A socket that already has its flow (most clients keep one) must not wait for the
     heartbeat to time out: its next query goes to its own server at once."""
-    agent = fresh_node.start_agent("--no-fastpath")
-    client = subprocess.Popen(
-        ["ip", "netns", "exec", fresh_node.lab.pod_ns("client1"), "/usr/bin/python3", "-c",
-         LONG_LIVED, dns_query(SVC1).hex()],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert client.stdin is not None and client.stdout is not None
-    try:
-        assert client.stdout.readline().strip() == INTERCEPTED
-        agent.proc.send_signal(signal.SIGKILL)
-        agent.proc.wait()
-        client.stdin.write("\n")
-        client.stdin.flush()
-        assert client.stdout.readline().strip() == DIRECT  # not lost, not a second late
-    finally:
-        client.kill()
-        client.wait()
+    fresh_node.start_agent("--no-fastpath")
+    before, after = answers_across_a_sigkill(fresh_node, LONG_LIVED)
+    assert before == INTERCEPTED
+    assert after == DIRECT  # not lost, not a second late
 
 
 SAME_PORT = (
@@ -248,23 +257,10 @@ def test_a_connection_on_a_reused_port_after_sigkill_goes_to_its_own_server(
 ) -> None:
     """The port of a connection the killed resolver reset is free at once; a new connection
     from it fails open, and its segments must not follow the old connection's flow."""
-    agent = fresh_node.start_agent("--no-fastpath")
-    client = subprocess.Popen(
-        ["ip", "netns", "exec", fresh_node.lab.pod_ns("client1"), "/usr/bin/python3", "-c",
-         SAME_PORT, dns_query(SVC1).hex()],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert client.stdin is not None and client.stdout is not None
-    try:
-        assert client.stdout.readline().strip() == INTERCEPTED
-        agent.proc.send_signal(signal.SIGKILL)
-        agent.proc.wait()
-        client.stdin.write("\n")
-        client.stdin.flush()
-        assert client.stdout.readline().strip() == DIRECT
-    finally:
-        client.kill()
-        client.wait()
+    fresh_node.start_agent("--no-fastpath")
+    before, after = answers_across_a_sigkill(fresh_node, SAME_PORT)
+    assert before == INTERCEPTED
+    assert after == DIRECT
 
 
 def test_sigterm_detaches_cleanly(fresh_node: Node) -> None:

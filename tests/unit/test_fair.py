@@ -5,8 +5,16 @@ queries) are dropped and counted."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from collections.abc import Callable
 
 from interceptor.resolve.fair import FairScheduler
+
+
+def drop_counter() -> tuple[Counter[str], Callable[[str], None]]:
+    """Drops by reason, and the ``on_drop`` that counts them (the scheduler only reports)."""
+    drops: Counter[str] = Counter()
+    return drops, lambda reason: drops.update((reason,))
 
 
 async def _turns(n: int) -> None:
@@ -15,8 +23,10 @@ async def _turns(n: int) -> None:
 
 
 def test_a_flooding_client_does_not_delay_a_quiet_one() -> None:
+    drops, on_drop = drop_counter()
+
     async def run() -> tuple[list[str], int]:
-        fair = FairScheduler(max_running=2, per_client=2, queued=100)
+        fair = FairScheduler(max_running=2, per_client=2, queued=100, on_drop=on_drop)
         started: list[str] = []
         release = asyncio.Event()
 
@@ -35,7 +45,7 @@ def test_a_flooding_client_does_not_delay_a_quiet_one() -> None:
         assert sorted(started) == ["noisy-0", "quiet-0"]
         release.set()
         await _turns(200)
-        return started, fair.dropped
+        return started, drops["full"]
 
     started, dropped = asyncio.run(run())
     assert len(started) == 51 and dropped == 0
@@ -96,8 +106,10 @@ def test_per_client_in_flight_cap() -> None:
 
 
 def test_a_full_queue_drops_the_excess_and_counts_it() -> None:
+    drops, on_drop = drop_counter()
+
     async def run() -> FairScheduler:
-        fair = FairScheduler(max_running=1, per_client=1, queued=5)
+        fair = FairScheduler(max_running=1, per_client=1, queued=5, on_drop=on_drop)
         gate = asyncio.Event()
 
         async def go() -> None:
@@ -114,12 +126,14 @@ def test_a_full_queue_drops_the_excess_and_counts_it() -> None:
         return fair
 
     fair = asyncio.run(run())
-    assert fair.dropped == 4 and fair.busiest() == []
+    assert drops == {"full": 4} and fair.busiest() == []
 
 
 def test_a_query_that_waited_past_its_clients_patience_is_not_started() -> None:
+    drops, on_drop = drop_counter()
+
     async def run() -> tuple[int, int]:
-        fair = FairScheduler(max_running=1, per_client=1, queued=10, max_wait=0.05)
+        fair = FairScheduler(max_running=1, per_client=1, queued=10, max_wait=0.05, on_drop=on_drop)
         started = 0
         gate = asyncio.Event()
 
@@ -135,6 +149,6 @@ def test_a_query_that_waited_past_its_clients_patience_is_not_started() -> None:
         fair.submit("10.0.0.1", go)
         gate.set()
         await _turns(50)
-        return started, fair.expired
+        return started, drops["expired"]
 
     assert asyncio.run(run()) == (2, 3)
