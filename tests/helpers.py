@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -228,9 +229,14 @@ class FakeUpstream:
                 )
                 self.sock.sendto(other.to_wire(), addr)
             if self.delay:
-                threading.Timer(self.delay, self.sock.sendto, (wire, addr)).start()
+                threading.Timer(self.delay, self._send, (wire, addr)).start()
             else:
-                self.sock.sendto(wire, addr)
+                self._send(wire, addr)
+
+    def _send(self, wire: bytes, addr: tuple[str, int]) -> None:
+        # A delayed answer may come due after close(): it is simply never sent.
+        with contextlib.suppress(OSError):
+            self.sock.sendto(wire, addr)
 
     def close(self) -> None:
         self._stop = True
