@@ -8,11 +8,14 @@ import ctypes as ct
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bcc.libbcc import lib
 
 from interceptor.datapath import kheaders, maps, tc
 from interceptor.datapath.bpfsys import (
@@ -69,6 +72,7 @@ class Datapath:
         self._ipr: Any = None
         self._config = maps.Config()
         """What CONFIG[0] holds; the heartbeat rewrites it with a new timestamp."""
+        self._flow_reader: FlowReader | None = None
         self.maps: dict[str, PinnedMap] = {}  # type: ignore[type-arg]
 
     # ------------------------------------------------------------ loading
@@ -405,11 +409,10 @@ class Datapath:
 
     def original_destination(self, pod_ip: str, pod_port: int, tcp: bool) -> str | None:
         """The server a pod's query was addressed to, from the flow its packet created."""
-        proto = socket.IPPROTO_TCP if tcp else socket.IPPROTO_UDP
-        val = self.maps["FLOWS"].get(maps.flow_key(pod_ip, pod_port, proto))
-        if val is None:
-            return None
-        return str(val.orig.text(maps.family_of(pod_ip)))
+        reader = self._flow_reader
+        if reader is None:
+            reader = self._flow_reader = FlowReader(self.maps["FLOWS"].fd)
+        return reader.original_destination(pod_ip, pod_port, tcp)
 
     def close(self) -> None:
         for m in self.maps.values():
@@ -418,6 +421,49 @@ class Datapath:
             self._ipr.close()
         if self.bpf is not None:
             self.bpf.cleanup()
+
+
+class FlowReader:
+    """Reads a flow's original destination for every cached answer the resolver serves, so
+    it builds no ctypes objects and parses no addresses per call: one key and one value
+    buffer, packed in place, and the few server addresses' texts remembered."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._key = ct.create_string_buffer(ct.sizeof(maps.FlowKey))
+        self._val = ct.create_string_buffer(ct.sizeof(maps.FlowVal))
+        self._texts: dict[bytes, str] = {}
+
+    def original_destination(self, pod_ip: str, pod_port: int, tcp: bool) -> str | None:
+        v6 = ":" in pod_ip
+        try:
+            packed = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, pod_ip)
+        except OSError:
+            return None
+        key = self._key
+        # struct flow_key: the address (16 bytes, zero-padded), the port in network order,
+        # the protocol and the family.
+        FLOW_KEY.pack_into(
+            key,
+            0,
+            packed,
+            socket.htons(pod_port),
+            socket.IPPROTO_TCP if tcp else socket.IPPROTO_UDP,
+            maps.FAMILY_V6 if v6 else maps.FAMILY_V4,
+        )
+        if lib.bpf_lookup_elem(self.fd, key, self._val) != 0:
+            return None
+        raw = self._val.raw[: 16 if v6 else 4]
+        text = self._texts.get(raw)
+        if text is None:
+            if len(self._texts) > 1024:  # --capture-all: pods may ask many servers
+                self._texts.clear()
+            text = socket.inet_ntop(socket.AF_INET6 if v6 else socket.AF_INET, raw)
+            self._texts[raw] = text
+        return text
+
+
+FLOW_KEY = struct.Struct("=16sHBB")
 
 
 def _pod_key(ifindex: int, ip: str) -> maps.PodKey:

@@ -61,6 +61,9 @@ class ServiceMap:
         self._dirty: set[bytes] | None = None
         self._listeners: list[Callable[[set[bytes]], None]] = []
         self._mesh: dict[str, MeshHost] = {}
+        self.mesh_generation = 0
+        """Bumped whenever the mesh hosts change: a name outside the zone that was forwarded
+        (and cached) may be a mesh host now, and the cache's hot path must look again."""
         self._mesh_wild: dict[str, MeshHost] = {}
         soa = wire.rr(self.zone_wire, wire.SOA, self.ttl, records.soa_rdata(self.zone, self.ttl))
         self.nxdomain = Answer(wire.NXDOMAIN, True, 0, 1, 0, soa)
@@ -187,8 +190,12 @@ class ServiceMap:
     def _recompute_mesh(self) -> None:
         entries = [o for o in self.objects.values() if isinstance(o, ServiceEntry)]
         hosts = records.mesh_hosts(entries, self.settings.ipv6)
-        self._mesh_wild = {h[2:]: m for h, m in hosts.items() if h.startswith("*.")}
-        self._mesh = {h: m for h, m in hosts.items() if not h.startswith("*")}
+        wild = {h[2:]: m for h, m in hosts.items() if h.startswith("*.")}
+        exact = {h: m for h, m in hosts.items() if not h.startswith("*")}
+        if wild != self._mesh_wild or exact != self._mesh:
+            self.mesh_generation += 1
+        self._mesh_wild = wild
+        self._mesh = exact
         out = Contribution()
         for host, m in self._mesh.items():
             for ip in m.v4 + m.v6:

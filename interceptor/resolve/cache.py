@@ -3,7 +3,8 @@
 * Positive answers live for their smallest TTL, negative ones (NXDOMAIN, NODATA) for the SOA's
   min(TTL, MINIMUM) (RFC 2308 section 5), both clamped to [min_ttl, max_ttl].
 * Served TTLs count down: the TTL fields' offsets are found once, at insert, and patched on
-  the way out.
+  the way out, at most once per entry and second (the patched copy is kept: a hot entry's
+  hits cost a dictionary lookup and a slice, no parse and no render).
 * Bounded by entries and by bytes, least recently used first out.
 * Expired entries are kept ``stale_for`` seconds more, to be served (TTL 30 s, RFC 8767) only
   when every upstream fails.
@@ -42,10 +43,29 @@ class Entry:
     expires: float
     hits: int = 0
     prefetching: bool = False
+    checked: int = -1
+    """The service map's mesh generation at which the careful path last found this name not
+    ours (forwarded); the hot path serves the entry only while that still holds."""
     size: int = field(init=False)
+    rendered: bytes = field(init=False, repr=False)
+    """``message`` with the TTLs of :attr:`rendered_for`."""
+    rendered_for: tuple[int, int] = field(init=False, repr=False)
+    """(age, seconds left) that :attr:`rendered` was patched for."""
 
     def __post_init__(self) -> None:
         self.size = len(self.message) + 64
+        self.rendered = self.message
+        self.rendered_for = (-1, -1)
+
+    def render(self, age: int, left: int) -> bytes:
+        """The message with every TTL counted down by ``age`` and capped at ``left``."""
+        if self.rendered_for != (age, left):
+            out = bytearray(self.message)
+            for off, ttl in zip(self.ttl_offsets, self.ttls, strict=True):
+                struct.pack_into("!I", out, off, max(0, min(ttl - age, left)))
+            self.rendered = bytes(out)
+            self.rendered_for = (age, left)
+        return self.rendered
 
 
 def ttl_fields(msg: bytes) -> tuple[list[int], list[int], int | None]:
@@ -95,8 +115,9 @@ class Cache:
         self.bytes = 0
         self.stats = CacheStats()
 
-    def put(self, key: bytes, reply: bytes) -> None:
-        """Cache an upstream reply (NOERROR or NXDOMAIN, not truncated); others are ignored."""
+    def put(self, key: bytes, reply: bytes, checked: int = -1) -> None:
+        """Cache an upstream reply (NOERROR or NXDOMAIN, not truncated); others are ignored.
+        ``checked``: see :attr:`Entry.checked`."""
         if len(reply) < 12 or reply[2] & 0x02:
             return
         rcode = reply[3] & 0x0F
@@ -116,6 +137,7 @@ class Cache:
             return
         now = self.clock()
         entry = Entry(b"\x00\x00" + reply[2:], tuple(offsets), tuple(values), now, now + ttl)
+        entry.checked = checked
         old = self.entries.pop(key, None)
         if old is not None:
             self.bytes -= old.size
@@ -149,9 +171,40 @@ class Cache:
         self.entries.move_to_end(key)
         entry.hits += 1
         self.stats.hits += 1
+        return entry.render(int(now - entry.stored), int(entry.expires - now)), entry
+
+    def hot(self, key: bytes, generation: int) -> tuple[bytes, float, Entry] | None:
+        """The hot path's lookup: a fresh reply (ID zero) with the moment it stops being the
+        answer (a TTL ticks over, or the last tenth of the entry's life begins), else None
+        and nothing counted.  The careful path serves what this declines: an entry in its
+        last tenth (where a popular one is refreshed, see :meth:`claim_prefetch`), or one
+        whose name must be checked again since the mesh changed."""
+        entry = self.entries.get(key)
+        if entry is None or entry.checked != generation or entry.prefetching:
+            return None
+        now = self.clock()
+        expires = entry.expires
+        due = expires - (expires - entry.stored) * 0.1
+        if now >= due:
+            return None
         age = int(now - entry.stored)
-        left = int(entry.expires - now)
-        return self._render(entry, lambda ttl: max(0, min(ttl - age, left))), entry
+        left = int(expires - now)
+        # The rendered TTLs hold while neither the age nor the seconds left tick over.
+        until = min(due, entry.stored + age + 1, expires - left)
+        self.entries.move_to_end(key)
+        entry.hits += 1
+        self.stats.hits += 1
+        return entry.render(age, left), until, entry
+
+    def touch(self, key: bytes, entry: Entry) -> bool:
+        """A hit on ``entry`` served from elsewhere (the hot path's memo): count it and keep
+        it recently used.  False when the cache no longer holds it (evicted or replaced)."""
+        if self.entries.get(key) is not entry:
+            return False
+        self.entries.move_to_end(key)
+        entry.hits += 1
+        self.stats.hits += 1
+        return True
 
     @staticmethod
     def _render(entry: Entry, ttl_of: Callable[[int], int]) -> bytes:

@@ -13,14 +13,30 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from interceptor.dns import wire
-from interceptor.dns.message import Query, cap_edns, error_response, fit, opt_record
-from interceptor.resolve.cache import Cache
+from interceptor.dns.message import (
+    COUNTS_EDNS,
+    COUNTS_PLAIN,
+    OPT_HEAD,
+    Query,
+    cap_edns,
+    error_response,
+    fit,
+    opt_record,
+)
+from interceptor.resolve.cache import Cache, Entry
 from interceptor.resolve.decision import Decision, Rule
 from interceptor.resolve.upstream import Upstream, UpstreamFailed
 from interceptor.settings import Endpoint
 
 STALE_ON = frozenset((wire.SERVFAIL, wire.REFUSED))
 """Upstream answers that a stale answer beats (RFC 8767 section 4)."""
+
+_XFR = frozenset((wire.IXFR, wire.AXFR))
+MEMO_MAX = 65536
+"""Finished replies the hot path remembers (distinct queries, case and EDNS size included)."""
+
+Memo = tuple[bytes, float, int, bytes, Entry]
+"""(reply after the ID, valid until, mesh generation, cache key, cache entry)."""
 
 
 class CachingForwarder:
@@ -32,28 +48,34 @@ class CachingForwarder:
         self.max_udp = max_udp
         self.stale_after = stale_after
         """The client response timer: how long a name with a stale answer waits upstream."""
+        self._memo: dict[bytes, dict[bytes, Memo]] = {}
+        """servers key -> query bytes after the ID -> a finished reply (see :meth:`hot`)."""
+        self._memo_size = 0
         self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def forward(
-        self, query: Query, limit: int | None, servers: Sequence[Endpoint]
+        self, query: Query, limit: int | None, servers: Sequence[Endpoint], checked: int = -1
     ) -> Decision:
-        """The answer to ``query`` from the cache or ``servers``, made this client's."""
-        key = cache_key(query, servers)
+        """The answer to ``query`` from the cache or ``servers``, made this client's.
+        ``checked``: the mesh generation at which the caller found the name not ours."""
+        key = cache_key(query, servers_key(servers))
         asked = tuple(servers)
         cache = self.cache
         if cache is not None:
             hit = cache.get(key)
             if hit is not None:
                 reply, entry = hit
+                entry.checked = checked
                 if cache.claim_prefetch(entry):
-                    self._background(self._fetch(key, cap_edns(query, self.max_udp), servers))
+                    data = cap_edns(query, self.max_udp)
+                    self._background(self._fetch(key, data, servers, checked))
                 out = for_client(reply, query, limit, self.max_udp)
                 return Decision(out, "cache", Rule.CACHED, upstreams=asked)
         pending = self._inflight.get(key)
         if pending is None:
             pending = asyncio.ensure_future(
-                self._fetch(key, cap_edns(query, self.max_udp), servers)
+                self._fetch(key, cap_edns(query, self.max_udp), servers, checked)
             )
             self._inflight[key] = pending
             pending.add_done_callback(lambda _: self._inflight.pop(key, None))
@@ -87,11 +109,87 @@ class CachingForwarder:
         out = for_client(got[0], query, limit, self.max_udp)
         return Decision(out, "stale", Rule.STALE, upstreams=asked)
 
-    async def _fetch(self, key: bytes, data: bytes, servers: Sequence[Endpoint]) -> bytes:
+    async def _fetch(
+        self, key: bytes, data: bytes, servers: Sequence[Endpoint], checked: int
+    ) -> bytes:
         reply = await self.upstream.forward(data, servers)
         if self.cache is not None:
-            self.cache.put(key, reply)
+            self.cache.put(key, reply, checked)
         return reply
+
+    def hot(self, data: bytes, servers: bytes, generation: int) -> bytes | None:
+        """The hot path: a cached answer to a plain UDP query, bytes in, bytes out (ID, RD,
+        the question's case patched; TTLs counted down by the cache), byte for byte what
+        :meth:`forward` would answer; or None for anything else, a miss, or an answer the
+        client cannot take whole.  ``servers`` is :func:`servers_key` of its route.
+
+        A query seen before is answered from a memo of finished replies, keyed by the query's
+        bytes after its ID: one dictionary lookup and one concatenation, valid until the
+        answer's bytes would change (a TTL ticks over) or the cache must see the hit."""
+        cache = self.cache
+        if cache is None:
+            return None
+        memo = self._memo.get(servers)
+        if memo is not None:
+            seen = memo.get(data[2:])
+            if seen is not None:
+                tail, until, gen, key, entry = seen
+                if gen == generation and cache.clock() < until and cache.touch(key, entry):
+                    return data[:2] + tail
+                del memo[data[2:]]
+        reply = self._hot(cache, data, servers, generation)
+        if reply is not None and self._memo_size < MEMO_MAX:
+            memo = self._memo.get(servers)
+            if memo is None:
+                memo = self._memo[servers] = {}
+            memo[data[2:]] = reply[1]
+            self._memo_size += 1
+            return reply[0]
+        if reply is not None:  # full: start over (entries are valid for a second at most)
+            self._memo.clear()
+            self._memo_size = 0
+            return reply[0]
+        return None
+
+    def _hot(
+        self, cache: Cache, data: bytes, servers: bytes, generation: int
+    ) -> tuple[bytes, Memo] | None:
+        if len(data) < 17 or data[2] & 0xF8:
+            return None  # a response, or an opcode other than QUERY
+        z = data.find(0, 12)
+        if z < 0:
+            return None
+        qend = z + 5
+        if data[z + 3 : qend] != b"\x00\x01" or data[z + 1] == 0 and data[z + 2] in _XFR:
+            return None  # another class, or a zone transfer: the careful path refuses
+        counts = data[4:12]
+        if counts == COUNTS_PLAIN:
+            if len(data) != qend:
+                return None
+            limit, flags = 512, 0
+        elif counts == COUNTS_EDNS:
+            if data[qend : qend + 3] != OPT_HEAD or data[qend + 6] != 0 or len(data) < qend + 11:
+                return None  # not OPT, or EDNS version > 0 (BADVERS is the careful path's)
+            if qend + 11 + ((data[qend + 9] << 8) | data[qend + 10]) != len(data):
+                return None
+            limit = (data[qend + 3] << 8) | data[qend + 4]
+            limit = 512 if limit < 512 else (self.max_udp if limit > self.max_udp else limit)
+            flags = 3 if data[qend + 7] & 0x80 else 1
+        else:
+            return None
+        if data[3] & 0x10:
+            flags |= 4
+        # Only the name is lowercased: a type's bytes can look like ASCII letters (65, HTTPS).
+        name = data[12 : z + 1].lower()
+        key = name + data[z + 1 : qend] + bytes((flags,)) + servers
+        hit = cache.hot(key, generation)
+        if hit is None:
+            return None
+        reply, until, entry = hit
+        if len(reply) > limit or reply[12 : z + 1].lower() != name:
+            return None
+        tail = reply[2:12] + data[12:qend] + reply[qend:]
+        return data[:2] + tail, (tail, until, generation, key, entry)
 
     def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -100,13 +198,17 @@ class CachingForwarder:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
-def cache_key(query: Query, servers: Sequence[Endpoint]) -> bytes:
-    """Question (lowercased name, type, class), whether the client spoke EDNS and set DO and
-    CD (they change the reply), and the servers asked (split horizons stay apart)."""
+def servers_key(servers: Sequence[Endpoint]) -> bytes:
+    """The servers asked, as the tail of a cache key (split horizons stay apart)."""
+    return ",".join(map(str, servers)).encode()
+
+
+def cache_key(query: Query, servers: bytes) -> bytes:
+    """The question as asked (lowercased name, type, class), whether the client spoke EDNS and
+    set DO and CD (they change the reply), and :func:`servers_key` of the servers asked."""
     edns = query.edns
     flags = (1 if edns else 0) | (2 if edns and edns.do else 0) | (4 if query.flags & 0x10 else 0)
-    names = ",".join(map(str, servers)).encode()
-    return query.key + struct.pack("!HB", query.qclass, flags) + names
+    return query.key + struct.pack("!HB", query.qclass, flags) + servers
 
 
 def for_client(reply: bytes, query: Query, limit: int | None, max_udp: int) -> bytes:

@@ -86,7 +86,7 @@ class UdpServer:
                     _rl.warning("udp-recv", "UDP receive error: %s", exc)
                     return
                 seen += 1
-                reply = fast(data)
+                reply = fast(data, addr)
                 if reply is not None:
                     self._send(reply, addr)
                     answered += 1

@@ -35,7 +35,7 @@ from interceptor.model.records import MeshHost
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolve.autopath import Autopath
 from interceptor.resolve.cache import Cache
-from interceptor.resolve.caching import CachingForwarder
+from interceptor.resolve.caching import CachingForwarder, servers_key
 from interceptor.resolve.decision import Client, Decision, Rule
 from interceptor.resolve.upstream import Upstream, UpstreamFailed
 from interceptor.settings import Endpoint, KubeDnsConfig, PodRecords, Settings, forwarding
@@ -87,6 +87,7 @@ class Resolver:
         self.synced = synced if synced is not None else SyncGate()
         self.stats = RequestStats()
         self._fast_mesh = 0
+        self._fast_cache = 0
         """Hot-path mesh answers since the listener last reported its batch timing."""
         self._fast_counts = self.stats.fast
         self._zone_tail = smap.zone_wire
@@ -106,7 +107,12 @@ class Resolver:
         the ConfigMap changes while we run)."""
         zones, servers = forwarding(self.settings.upstream, kube_dns)
         self._zones = sorted(zones, key=lambda z: -len(z[0]))
+        self._zone_wires = tuple(wire.encode_name(z) for z, _ in self._zones)
         self._servers = servers
+        self._servers_key = servers_key(servers) if servers else None
+        self._upstreams_key = servers_key(self.upstreams)
+        self._asked_keys: dict[str, bytes] = {}
+        """The server a pod asked -> its cache-key tail (allowed servers only)."""
         self._allowed = frozenset(
             [e.host for e in self.upstreams]
             + [e.host for e in servers]
@@ -146,11 +152,23 @@ class Resolver:
             )
         return Route(self.upstreams, "the default upstream servers")
 
-    def fast(self, data: bytes) -> bytes | None:
-        """Hot path for UDP: a precomputed answer, or None to take the careful path."""
+    def fast(self, data: bytes, client: Client | None = None) -> bytes | None:
+        """Hot path for UDP: a precomputed answer or a cached one, or None to take the
+        careful path."""
         if not self.synced.is_open:
             return None
         reply = fast_response(data, self.smap.answers, self.max_udp)
+        if reply is None:
+            if client is None or self.caching.cache is None:
+                return None
+            reply = self._fast_cached(data, client)
+            if reply is not None:
+                z = data.find(0, 12)
+                key = data[z + 1 : z + 3] + b"c" + bytes((reply[3] & 15,))
+                self._fast_cache += 1
+                counts = self._fast_counts
+                counts[key] = counts.get(key, 0) + 1
+            return reply
         if reply is not None:
             # Counted by the raw QTYPE bytes (decoded at scrape time): the cheapest key to
             # build per query.  Every table answer is NOERROR, so the RCODE needs no look.
@@ -165,11 +183,36 @@ class Resolver:
             counts[key] = counts.get(key, 0) + 1
         return reply
 
+    def _fast_cached(self, data: bytes, client: Client) -> bytes | None:
+        """A cached forwarded answer, when the route needs no decision: not a zone of
+        ``--forward``, and the server is fixed or the pod's own (an allowed one)."""
+        if self._zone_wires:
+            name = data[12 : data.find(0, 12) + 1].lower()
+            if any(name.endswith(z) for z in self._zone_wires):
+                return None  # may be a stub domain's (the careful path matches labels)
+        servers = self._servers_key
+        if servers is None:
+            orig = (
+                self.original_destination(client[0], client[1], False)
+                if self.original_destination is not None
+                else None
+            )
+            if orig is None:
+                servers = self._upstreams_key
+            else:
+                servers = self._asked_keys.get(orig)
+                if servers is None:
+                    if orig not in self._allowed:
+                        return None  # REFUSED is the careful path's
+                    servers = self._asked_keys.setdefault(orig, servers_key((Endpoint(orig, 53),)))
+        return self.caching.hot(data, servers, self.smap.mesh_generation)
+
     def fast_batch(self, answered: int, elapsed_ns: int, received: int) -> None:
         """The listener answered ``answered`` hot-path queries in a batch of ``received``
         that took ``elapsed_ns``."""
         mesh, self._fast_mesh = self._fast_mesh, 0
-        self.stats.fast_batch(answered, mesh, elapsed_ns / received / 1e9)
+        cached, self._fast_cache = self._fast_cache, 0
+        self.stats.fast_batch(answered, mesh, elapsed_ns / received / 1e9, cached)
 
     async def resolve(self, data: bytes, tcp: bool, client: Client | None = None) -> bytes | None:
         """The response to one message, or None when it must not be answered at all."""
@@ -239,7 +282,7 @@ class Resolver:
             refused = self._error(query, wire.REFUSED, Rule.NOT_ALLOWED)
             refused.via = "no one: " + route.via
             return refused
-        decision = await self.caching.forward(query, limit, route.servers)
+        decision = await self.caching.forward(query, limit, route.servers, smap.mesh_generation)
         decision.via = "not ours: forwarded to " + route.via
         return decision
 

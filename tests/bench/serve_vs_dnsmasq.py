@@ -116,10 +116,10 @@ def write_inputs(workdir: Path, names: int) -> Inputs:
 # ----------------------------------------------------------------------------- servers
 
 
-def interceptor_command(inputs: Inputs, port: int, upstream_port: int) -> list[str]:
-    """``interceptor serve`` from this venv.  The upstream is a loopback port nobody listens
-    on: every benchmark name is in the zone, and anything that slipped through must not
-    leave the machine."""
+def interceptor_command(inputs: Inputs, port: int, upstream: str) -> list[str]:
+    """``interceptor serve`` from this venv, forwarding to ``upstream`` (a loopback address:
+    for the cluster names a port nobody listens on, so that anything that slipped through
+    cannot leave the machine)."""
     exe = Path(sys.executable).with_name("interceptor")
     base = [str(exe)] if exe.exists() else [sys.executable, "-m", "interceptor"]
     return [
@@ -130,7 +130,7 @@ def interceptor_command(inputs: Inputs, port: int, upstream_port: int) -> list[s
         "--listen",
         f"{LOOPBACK}:{port}",
         "--upstream",
-        f"{LOOPBACK}:{upstream_port}",
+        upstream,
     ]
 
 
@@ -174,6 +174,7 @@ def start_server(
     cpus: set[int] | None,
     reserved: set[int],
     attempts: int = 3,
+    name_of: Callable[[int], str] = fqdn,
 ) -> Running:
     """Start a server on a free loopback port and wait until it answers the first and the
     last name correctly (so its data is fully loaded).
@@ -197,9 +198,9 @@ def start_server(
                 preexec_fn=pinning(cpus),
             )
         try:
-            t = wait_until_answers(proc, port, fqdn(0), service_ip(0), name, log)
+            t = wait_until_answers(proc, port, name_of(0), service_ip(0), name, log)
             last_i = inputs.names - 1
-            wait_until_answers(proc, port, fqdn(last_i), service_ip(last_i), name, log)
+            wait_until_answers(proc, port, name_of(last_i), service_ip(last_i), name, log)
         except BenchError as exc:
             stop_process(proc)
             last = exc
@@ -262,7 +263,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
             servers.append(
                 start_server(
                     "interceptor",
-                    lambda p: interceptor_command(inputs, p, upstream_port),
+                    lambda p: interceptor_command(inputs, p, f"{LOOPBACK}:{upstream_port}"),
                     workdir / "interceptor.log",
                     inputs,
                     server_cpus,
@@ -300,6 +301,135 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         "results": [r.as_dict() for r in results],
         "ratio_qps": ratio(results, "qps"),
         "ratio_latency": ratio(results, "avg_latency_ms"),
+    }
+
+
+EXTERNAL_DOMAIN = "example.test"
+ORIGIN_TTL = 3600
+
+
+def external(index: int) -> str:
+    """An external (not cluster) name: forwarded by both servers, then cached."""
+    return f"ext-{index}.{EXTERNAL_DOMAIN}"
+
+
+def origin_queries(log: Path) -> int:
+    """Queries the origin answered so far (its --log-queries lines)."""
+    if not log.exists():
+        return 0
+    return sum(1 for line in log.read_text(errors="replace").splitlines() if " query[" in line)
+
+
+def run_cached(args: argparse.Namespace) -> dict[str, Any]:
+    """Cached external names: an origin dnsmasq (authoritative for ``example.test``, TTL 1 h,
+    logging every query) behind ``interceptor serve --upstream`` and behind a caching
+    dnsmasq.  Each server is warmed with one pass over the names, then measured; the origin's
+    log proves that no measured query reached it (every answer came from a cache)."""
+    dnsperf = require_tool("dnsperf")
+    dnsmasq = require_tool("dnsmasq", DNSMASQ)
+    params = PerfParams(args.duration, args.cached_clients, args.threads, args.outstanding)
+    client_cpus, server_cpus = cpu_plan(args.pin)
+    servers: list[Running] = []
+    results: list[PerfResult] = []
+    with tempfile.TemporaryDirectory(prefix="bench-cached-") as tmp:
+        workdir = Path(tmp)
+        inputs = write_inputs(workdir, args.names)
+        conf = workdir / "origin.conf"
+        conf.write_text(
+            "".join(f"host-record={external(i)},{service_ip(i)}\n" for i in range(args.names))
+        )
+        queries = workdir / "external.txt"
+        queries.write_text("".join(f"{external(i)} A\n" for i in range(args.names)))
+        origin_log = workdir / "origin.log"
+        origin: subprocess.Popen[bytes] | None = None
+        try:
+            reserved: set[int] = set()
+            origin_port = free_port()
+            reserved.add(origin_port)
+            with origin_log.open("ab") as out:
+                origin = subprocess.Popen(
+                    [
+                        dnsmasq,
+                        "--no-resolv",
+                        "--no-hosts",
+                        f"--port={origin_port}",
+                        f"--listen-address={LOOPBACK}",
+                        "--bind-interfaces",
+                        "--keep-in-foreground",
+                        f"--local-ttl={ORIGIN_TTL}",
+                        "--log-queries",
+                        "--pid-file=",
+                        "--log-facility=-",
+                        "-C",
+                        str(conf),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            wait_until_answers(origin, origin_port, external(0), service_ip(0), "origin")
+            upstream = f"{LOOPBACK}:{origin_port}"
+            servers.append(
+                start_server(
+                    "interceptor",
+                    lambda p: interceptor_command(inputs, p, upstream),
+                    workdir / "interceptor.log",
+                    inputs,
+                    server_cpus,
+                    reserved,
+                    name_of=external,
+                )
+            )
+            servers.append(
+                start_server(
+                    "dnsmasq",
+                    lambda p: [
+                        dnsmasq,
+                        "--no-resolv",
+                        "--no-hosts",
+                        f"--server={LOOPBACK}#{origin_port}",
+                        f"--port={p}",
+                        f"--listen-address={LOOPBACK}",
+                        "--bind-interfaces",
+                        "--keep-in-foreground",
+                        "--cache-size=10000",
+                        "--pid-file=",
+                        "--log-facility=-",
+                    ],
+                    workdir / "dnsmasq.log",
+                    inputs,
+                    server_cpus,
+                    reserved,
+                    name_of=external,
+                )
+            )
+            warm = PerfParams(1, 1, 1, 10)
+            for srv in servers:  # one pass over the names fills each cache
+                cmd = dnsperf_command(dnsperf, srv.port, queries, warm) + ["-n", "1"]
+                run_dnsperf(srv.name, cmd, 1)
+            before = origin_queries(origin_log)
+            for srv in servers:
+                progress(f"{srv.name} (cached names): running dnsperf for {args.duration}s")
+                cmd = dnsperf_command(dnsperf, srv.port, queries, params)
+                results.append(run_dnsperf(srv.name, cmd, args.duration, srv.proc.pid, client_cpus))
+            leaked = origin_queries(origin_log) - before
+        finally:
+            for srv in servers:
+                stop_process(srv.proc)
+            stop_process(origin)
+    return {
+        "names": args.names,
+        "params": asdict(params),
+        "cpus": {
+            "dnsperf": sorted(client_cpus) if client_cpus else None,
+            "servers": sorted(server_cpus) if server_cpus else None,
+        },
+        "servers": {s.name: {"command": shlex.join(s.command)} for s in servers},
+        "results": [r.as_dict() for r in results],
+        "ratio_qps": ratio(results, "qps"),
+        "ratio_latency": ratio(results, "avg_latency_ms"),
+        "origin_queries_during_runs": leaked,
     }
 
 
@@ -439,13 +569,29 @@ def _rcodes(r: dict[str, Any]) -> str:
     return text if r["other_rcodes"] == "-" else f"{text}; {r['other_rcodes']}"
 
 
-def render(throughput: dict[str, Any] | None, memory: list[dict[str, Any]]) -> str:
-    """The human-readable report: parameters, commands, and the two tables."""
+def render(
+    throughput: dict[str, Any] | None,
+    memory: list[dict[str, Any]],
+    cached: dict[str, Any] | None = None,
+) -> str:
+    """The human-readable report: parameters, commands, and the tables."""
+    lines: list[str] = []
+    for what, run in (
+        ("service names (cluster, precomputed)", throughput),
+        ("external names, all cached (forwarded once to an origin dnsmasq)", cached),
+    ):
+        if run is not None:
+            lines += render_throughput(what, run)
+    lines += render_memory(memory)
+    return "\n".join(lines)
+
+
+def render_throughput(what: str, throughput: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     if throughput is not None:
         p = throughput["params"]
         lines += [
-            f"DNS throughput: {throughput['names']} service names, 100% A queries over UDP, "
+            f"DNS throughput: {throughput['names']} {what}, 100% A queries over UDP, "
             f"all on {LOOPBACK}",
             f"dnsperf parameters: -l {p['duration']} -c {p['clients']} -T {p['threads']} "
             f"-q {p['outstanding']} -t {p['timeout']:g}",
@@ -481,7 +627,17 @@ def render(throughput: dict[str, Any] | None, memory: list[dict[str, Any]]) -> s
             "near 100% means the client is the limit and that row's QPS is a lower bound."
         )
         lines += [f"warning: {w}" for w in unsaturated(throughput["results"])]
+        if "origin_queries_during_runs" in throughput:
+            lines.append(
+                f"origin queries during the measured runs: "
+                f"{throughput['origin_queries_during_runs']} (0: every answer was a cache hit)"
+            )
         lines.append("")
+    return lines
+
+
+def render_memory(memory: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
     if memory:
         lines += [
             "Answer-table memory: ServiceMap of ClusterIP services, one named port each",
@@ -516,7 +672,7 @@ def render(throughput: dict[str, Any] | None, memory: list[dict[str, Any]]) -> s
                 rows,
             )
         )
-    return "\n".join(lines)
+    return lines
 
 
 # -------------------------------------------------------------------------------- main
@@ -547,6 +703,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not pin dnsperf and the servers to separate CPUs",
     )
+    p.add_argument(
+        "--cached-clients",
+        type=positive,
+        default=8,
+        help="dnsperf -c for the cached-names run (8, as the issue's measurement)",
+    )
+    p.add_argument("--skip-cached", action="store_true", help="skip the cached-names run")
     p.add_argument("--skip-memory", action="store_true", help="only run the DNS benchmark")
     p.add_argument("--skip-dns", action="store_true", help="only run the memory benchmark")
     p.add_argument("--memory-child", type=positive, help=argparse.SUPPRESS)
@@ -563,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with terminate_on_sigterm():
             throughput = None if args.skip_dns else run_throughput(args)
+            cached = None if args.skip_dns or args.skip_cached else run_cached(args)
             memory = [] if args.skip_memory else run_memory(args.memory_sizes)
     except BenchError as exc:
         progress(f"benchmark failed: {exc}")
@@ -571,9 +735,9 @@ def main(argv: list[str] | None = None) -> int:
         progress("interrupted; servers stopped")
         return 130
     if args.json:
-        print(json.dumps({"throughput": throughput, "memory": memory}, indent=2))
+        print(json.dumps({"throughput": throughput, "cached": cached, "memory": memory}, indent=2))
     else:
-        print(render(throughput, memory))
+        print(render(throughput, memory, cached))
     return 0
 
 

@@ -319,6 +319,8 @@ def test_capture_all_never_relays_to_a_server_nobody_allowed(fresh_node: Node) -
     port = 19254
     fresh_node.start_agent("--capture-all", "--metrics-address", f"127.0.0.1:{port}")
     elsewhere = "10.96.0.53"  # no server there, and nobody allowed it
+    for _ in range(3):  # cached from the captured server: the cache's hot path has it
+        assert fresh_node.answer("client1", "www.upstream.test") == ["192.0.2.53"]
     out = fresh_node.dig("client1", f"@{elsewhere}", "www.upstream.test")
     assert "status: REFUSED" in out, out
     assert fresh_node.answer("client1", f"@{elsewhere}", SVC1) == [INTERCEPTED]
@@ -336,5 +338,7 @@ def test_an_allowed_extra_server_is_forwarded_to(fresh_node: Node) -> None:
     fresh_node.start_agent(
         "--capture-all", "--allow-forward", elsewhere, "--upstream-timeout", "0.3"
     )
+    for _ in range(3):  # the captured server's answer, cached: not the other server's
+        assert fresh_node.answer("client1", "www.upstream.test") == ["192.0.2.53"]
     out = fresh_node.dig("client1", f"@{elsewhere}", "www.upstream.test")
     assert "status: SERVFAIL" in out, out
