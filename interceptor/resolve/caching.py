@@ -32,11 +32,6 @@ STALE_ON = frozenset((wire.SERVFAIL, wire.REFUSED))
 """Upstream answers that a stale answer beats (RFC 8767 section 4)."""
 
 _XFR = frozenset((wire.IXFR, wire.AXFR))
-MEMO_MAX = 65536
-"""Finished replies the hot path remembers (distinct queries, case and EDNS size included)."""
-
-Memo = tuple[bytes, float, int, bytes, Entry]
-"""(reply after the ID, valid until, mesh generation, cache key, cache entry)."""
 
 
 class CachingForwarder:
@@ -48,9 +43,6 @@ class CachingForwarder:
         self.max_udp = max_udp
         self.stale_after = stale_after
         """The client response timer: how long a name with a stale answer waits upstream."""
-        self._memo: dict[bytes, dict[bytes, Memo]] = {}
-        """servers key -> query bytes after the ID -> a finished reply (see :meth:`hot`)."""
-        self._memo_size = 0
         self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -117,43 +109,19 @@ class CachingForwarder:
             self.cache.put(key, reply, checked)
         return reply
 
-    def hot(self, data: bytes, servers: bytes, generation: int) -> bytes | None:
-        """The hot path: a cached answer to a plain UDP query, bytes in, bytes out (ID, RD,
+    def hot(
+        self, data: bytes, servers: bytes, generation: int
+    ) -> tuple[bytes, float, bytes, Entry] | None:
+        """The hot path: a cached answer to a plain UDP query, bytes in, bytes out (ID and
         the question's case patched; TTLs counted down by the cache), byte for byte what
         :meth:`forward` would answer; or None for anything else, a miss, or an answer the
-        client cannot take whole.  ``servers`` is :func:`servers_key` of its route.
-
-        A query seen before is answered from a memo of finished replies, keyed by the query's
-        bytes after its ID: one dictionary lookup and one concatenation, valid until the
-        answer's bytes would change (a TTL ticks over) or the cache must see the hit."""
+        client cannot take whole.  ``servers`` is :func:`servers_key` of its route.  With
+        the reply: until when it stays this query's answer, and the cache key and entry it
+        came from (a caller that remembers the reply counts its hits with
+        :meth:`Cache.touch`)."""
         cache = self.cache
         if cache is None:
             return None
-        memo = self._memo.get(servers)
-        if memo is not None:
-            seen = memo.get(data[2:])
-            if seen is not None:
-                tail, until, gen, key, entry = seen
-                if gen == generation and cache.clock() < until and cache.touch(key, entry):
-                    return data[:2] + tail
-                del memo[data[2:]]
-        reply = self._hot(cache, data, servers, generation)
-        if reply is not None and self._memo_size < MEMO_MAX:
-            memo = self._memo.get(servers)
-            if memo is None:
-                memo = self._memo[servers] = {}
-            memo[data[2:]] = reply[1]
-            self._memo_size += 1
-            return reply[0]
-        if reply is not None:  # full: start over (entries are valid for a second at most)
-            self._memo.clear()
-            self._memo_size = 0
-            return reply[0]
-        return None
-
-    def _hot(
-        self, cache: Cache, data: bytes, servers: bytes, generation: int
-    ) -> tuple[bytes, Memo] | None:
         if len(data) < 17 or data[2] & 0xF8:
             return None  # a response, or an opcode other than QUERY
         z = data.find(0, 12)
@@ -188,8 +156,7 @@ class CachingForwarder:
         reply, until, entry = hit
         if len(reply) > limit or reply[12 : z + 1].lower() != name:
             return None
-        tail = reply[2:12] + data[12:qend] + reply[qend:]
-        return data[:2] + tail, (tail, until, generation, key, entry)
+        return data[:2] + reply[2:12] + data[12:qend] + reply[qend:], until, key, entry
 
     def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)

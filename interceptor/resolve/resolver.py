@@ -34,7 +34,7 @@ from interceptor.model.gate import SyncGate
 from interceptor.model.records import MeshHost
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolve.autopath import Autopath
-from interceptor.resolve.cache import Cache
+from interceptor.resolve.cache import Cache, Entry
 from interceptor.resolve.caching import CachingForwarder, servers_key
 from interceptor.resolve.decision import Client, Decision, Rule
 from interceptor.resolve.upstream import Upstream, UpstreamFailed
@@ -50,6 +50,18 @@ OriginalDestination = Callable[[str, int, bool], str | None]
 """(client address, client port, tcp) -> the server address the client's packet was for."""
 
 ARPA_TAIL = b"\x04arpa\x00"
+
+AUTHORITATIVE, MESH, CACHE = 0, 1, 2
+"""What answered a hot-path query, for the counters."""
+
+MEMO_MAX = 65536
+"""Finished hot-path replies remembered (distinct queries: case and EDNS size count)."""
+
+Memo = tuple[bytes, int, float, bytes, int, bytes | None, bytes, "Entry | None"]
+"""A finished hot-path reply, keyed by the query's bytes after its ID: (the reply after its
+ID, the service map generation it was made at (any change forgets it), valid until (cached
+answers: a TTL ticks over or the entry's last tenth begins), counter key, what answered, the
+route a cached answer is for when that depends on the client, its cache key and entry)."""
 
 
 class Route(NamedTuple):
@@ -113,6 +125,8 @@ class Resolver:
         self._upstreams_key = servers_key(self.upstreams)
         self._asked_keys: dict[str, bytes] = {}
         """The server a pod asked -> its cache-key tail (allowed servers only)."""
+        self._memo: dict[bytes, Memo] = {}
+        """Finished hot-path replies (see :data:`Memo`): forgotten when the routes change."""
         self._allowed = frozenset(
             [e.host for e in self.upstreams]
             + [e.host for e in servers]
@@ -154,58 +168,110 @@ class Resolver:
 
     def fast(self, data: bytes, client: Client | None = None) -> bytes | None:
         """Hot path for UDP: a precomputed answer or a cached one, or None to take the
-        careful path."""
+        careful path.  A query seen before is answered from :attr:`_memo` (see
+        :data:`Memo`): one dictionary lookup and one concatenation."""
+        body = data[2:]
+        memo = self._memo.get(body)
+        if memo is not None:
+            tail, generation, until, stat, kind, route, key, entry = memo
+            if generation == self.smap.generation and (
+                entry is None or self._still_cached(client, until, route, key, entry)
+            ):
+                counts = self._fast_counts
+                counts[stat] = counts.get(stat, 0) + 1
+                if kind:
+                    if kind == MESH:
+                        self._fast_mesh += 1
+                    else:
+                        self._fast_cache += 1
+                return data[:2] + tail
+            del self._memo[body]
         if not self.synced.is_open:
             return None
         reply = fast_response(data, self.smap.answers, self.max_udp)
         if reply is None:
-            if client is None or self.caching.cache is None:
-                return None
-            reply = self._fast_cached(data, client)
-            if reply is not None:
-                z = data.find(0, 12)
-                key = data[z + 1 : z + 3] + b"c" + bytes((reply[3] & 15,))
-                self._fast_cache += 1
-                counts = self._fast_counts
-                counts[key] = counts.get(key, 0) + 1
-            return reply
-        if reply is not None:
-            # Counted by the raw QTYPE bytes (decoded at scrape time): the cheapest key to
-            # build per query.  Every table answer is NOERROR, so the RCODE needs no look.
-            z = data.find(0, 12)
-            key = data[z + 1 : z + 3]
-            zt = self._zone_tail
-            tail = data[z + self._zone_tail_start : z + 1]
-            if tail != zt and tail.lower() != zt and data[z - 5 : z + 1].lower() != ARPA_TAIL:
-                key += b"m"  # neither the cluster zone nor a reverse name: a mesh host
-                self._fast_mesh += 1
-            counts = self._fast_counts
-            counts[key] = counts.get(key, 0) + 1
+            return self._fast_cached(data, client) if client is not None else None
+        # Counted by the raw QTYPE bytes (decoded at scrape time).  Every table answer is
+        # NOERROR, so the RCODE needs no look.
+        z = data.find(0, 12)
+        stat = data[z + 1 : z + 3]
+        kind = AUTHORITATIVE
+        zt = self._zone_tail
+        tail = data[z + self._zone_tail_start : z + 1]
+        if tail != zt and tail.lower() != zt and data[z - 5 : z + 1].lower() != ARPA_TAIL:
+            stat += b"m"  # neither the cluster zone nor a reverse name: a mesh host
+            kind = MESH
+            self._fast_mesh += 1
+        counts = self._fast_counts
+        counts[stat] = counts.get(stat, 0) + 1
+        self._remember(body, (reply[2:], self.smap.generation, 0.0, stat, kind, None, b"", None))
         return reply
+
+    def _remember(self, body: bytes, memo: Memo) -> None:
+        if len(self._memo) >= MEMO_MAX:
+            self._memo.clear()  # distinct queries beyond the bound: start over
+        self._memo[body] = memo
+
+    def _still_cached(
+        self, client: Client | None, until: float, route: bytes | None, key: bytes, entry: Entry
+    ) -> bool:
+        """A remembered cached answer still holds for this client: its TTLs have not ticked
+        over, the client's route is the one it was cached for, and the cache has it."""
+        cache = self.caching.cache
+        if cache is None or cache.clock() >= until:
+            return False
+        if route is not None and (client is None or self._route_key(client) != route):
+            return False
+        return cache.touch(key, entry)
+
+    def _route_key(self, client: Client) -> bytes | None:
+        """The cache-key tail of the servers this client's forwarded names go to (outside
+        ``--forward`` zones), or None when the careful path must decide (not allowed)."""
+        servers = self._servers_key
+        if servers is not None:
+            return servers
+        orig = (
+            self.original_destination(client[0], client[1], False)
+            if self.original_destination is not None
+            else None
+        )
+        if orig is None:
+            return self._upstreams_key
+        servers = self._asked_keys.get(orig)
+        if servers is None:
+            if orig not in self._allowed:
+                return None  # REFUSED is the careful path's
+            servers = self._asked_keys.setdefault(orig, servers_key((Endpoint(orig, 53),)))
+        return servers
 
     def _fast_cached(self, data: bytes, client: Client) -> bytes | None:
         """A cached forwarded answer, when the route needs no decision: not a zone of
         ``--forward``, and the server is fixed or the pod's own (an allowed one)."""
+        if self.caching.cache is None:
+            return None
         if self._zone_wires:
             name = data[12 : data.find(0, 12) + 1].lower()
             if any(name.endswith(z) for z in self._zone_wires):
                 return None  # may be a stub domain's (the careful path matches labels)
-        servers = self._servers_key
+        servers = self._route_key(client)
         if servers is None:
-            orig = (
-                self.original_destination(client[0], client[1], False)
-                if self.original_destination is not None
-                else None
-            )
-            if orig is None:
-                servers = self._upstreams_key
-            else:
-                servers = self._asked_keys.get(orig)
-                if servers is None:
-                    if orig not in self._allowed:
-                        return None  # REFUSED is the careful path's
-                    servers = self._asked_keys.setdefault(orig, servers_key((Endpoint(orig, 53),)))
-        return self.caching.hot(data, servers, self.smap.mesh_generation)
+            return None
+        hit = self.caching.hot(data, servers, self.smap.mesh_generation)
+        if hit is None:
+            return None
+        reply, until, key, entry = hit
+        z = data.find(0, 12)
+        stat = data[z + 1 : z + 3] + b"c" + bytes((reply[3] & 15,))
+        self._fast_cache += 1
+        counts = self._fast_counts
+        counts[stat] = counts.get(stat, 0) + 1
+        # Only a route that depends on the client (the server its pod asked) is checked again
+        # on a remembered hit; a change of the fixed servers forgets the memo (reconfigure).
+        route = servers if self._servers_key is None and self.original_destination else None
+        self._remember(
+            data[2:], (reply[2:], self.smap.generation, until, stat, CACHE, route, key, entry)
+        )
+        return reply
 
     def fast_batch(self, answered: int, elapsed_ns: int, received: int) -> None:
         """The listener answered ``answered`` hot-path queries in a batch of ``received``

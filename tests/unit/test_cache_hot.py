@@ -19,7 +19,7 @@ from interceptor.resolve.cache import Cache
 from interceptor.resolve.resolver import Resolver
 from interceptor.settings import Endpoint, Settings, UpstreamSettings, ZoneSettings
 from tests.unit.fakes import FakeForwarder
-from tests.unit.test_servicemap import se
+from tests.unit.test_servicemap import se, svc
 
 CLIENT = ("10.0.0.7", 40000)
 RECORDS = {
@@ -228,3 +228,21 @@ def test_the_memo_serves_repeats_until_a_ttl_ticks_and_never_past_the_cache() ->
     assert r.fast(query("www.example.org", "A", 53), CLIENT) is not None
     cache.entries.clear()  # evicted: the memo has nothing to serve
     assert r.fast(query("www.example.org", "A", 54), CLIENT) is None
+
+
+def test_remembered_table_answers_follow_the_map() -> None:
+    r, _, _, m = resolver()
+    m.upsert(svc("web", ip="10.96.0.5"))
+    name = "web.ns1.svc.cluster.local"
+    first = r.fast(query(name, "A", 1), CLIENT)
+    again = r.fast(query(name, "A", 2), CLIENT)
+    assert first is not None and again is not None and again[2:] == first[2:]
+    assert [rr.to_text() for rr in dns.message.from_wire(again).answer[0]] == ["10.96.0.5"]
+    m.upsert(svc("web", ip="10.96.0.6"))
+    moved = r.fast(query(name, "A", 3), CLIENT)
+    assert moved is not None
+    assert [rr.to_text() for rr in dns.message.from_wire(moved).answer[0]] == ["10.96.0.6"]
+    m.delete(("Service", "ns1", "web"))
+    assert r.fast(query(name, "A", 4), CLIENT) is None  # the careful path: NXDOMAIN
+    totals = r.stats.totals()
+    assert totals[("udp", "A", "NOERROR", "authoritative")] == 3  # remembered ones count too
