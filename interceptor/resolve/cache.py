@@ -196,16 +196,6 @@ class Cache:
         self.stats.hits += 1
         return entry.render(age, left), until, entry
 
-    def touch(self, key: bytes, entry: Entry) -> bool:
-        """A hit on ``entry`` served from elsewhere (the hot path's memo): count it and keep
-        it recently used.  False when the cache no longer holds it (evicted or replaced)."""
-        if self.entries.get(key) is not entry:
-            return False
-        self.entries.move_to_end(key)
-        entry.hits += 1
-        self.stats.hits += 1
-        return True
-
     @staticmethod
     def _render(entry: Entry, ttl_of: Callable[[int], int]) -> bytes:
         out = bytearray(entry.message)

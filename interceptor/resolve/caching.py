@@ -117,8 +117,8 @@ class CachingForwarder:
         :meth:`forward` would answer; or None for anything else, a miss, or an answer the
         client cannot take whole.  ``servers`` is :func:`servers_key` of its route.  With
         the reply: until when it stays this query's answer, and the cache key and entry it
-        came from (a caller that remembers the reply counts its hits with
-        :meth:`Cache.touch`)."""
+        came from (a caller that remembers the reply checks that the cache still holds
+        that entry, and counts its hits)."""
         cache = self.cache
         if cache is None:
             return None

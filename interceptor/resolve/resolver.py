@@ -34,7 +34,7 @@ from interceptor.model.gate import SyncGate
 from interceptor.model.records import MeshHost
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolve.autopath import Autopath
-from interceptor.resolve.cache import Cache, Entry
+from interceptor.resolve.cache import Cache, CacheStats, Entry
 from interceptor.resolve.caching import CachingForwarder, servers_key
 from interceptor.resolve.decision import Client, Decision, Rule
 from interceptor.resolve.upstream import Upstream, UpstreamFailed
@@ -93,6 +93,9 @@ class Resolver:
         self.original_destination = original_destination
         self.max_udp = settings.server.max_udp_size
         self.caching = CachingForwarder(forwarder, cache, self.max_udp, settings.cache.stale_after)
+        # What the memo's hits read, bound once (see fast()).
+        self._clock = cache.clock if cache is not None else time.monotonic
+        self._cache_stats = cache.stats if cache is not None else CacheStats()
         self._zones: list[tuple[str, tuple[Endpoint, ...]]] = []
         self._servers: tuple[Endpoint, ...] = ()
         self.reconfigure(settings.upstream.kube_dns)
@@ -175,8 +178,15 @@ class Resolver:
         if memo is not None:
             tail, generation, until, stat, kind, route, key, entry = memo
             if generation == self.smap.generation and (
-                entry is None or self._still_cached(client, until, route, key, entry)
+                entry is None
+                or (self._clock() < until and (route is None or self._route_matches(client, route)))
             ):
+                if entry is not None:
+                    # The cache replaces an entry only after ``until`` (from its last tenth
+                    # on), and one it evicted stays a correct answer until then too.
+                    # Recency is refreshed when the memo entry is made (at least once a
+                    # second for a hot name): LRU to the second, not a move per hit.
+                    self._cache_stats.hits += 1
                 counts = self._fast_counts
                 counts[stat] = counts.get(stat, 0) + 1
                 if kind:
@@ -212,17 +222,10 @@ class Resolver:
             self._memo.clear()  # distinct queries beyond the bound: start over
         self._memo[body] = memo
 
-    def _still_cached(
-        self, client: Client | None, until: float, route: bytes | None, key: bytes, entry: Entry
-    ) -> bool:
-        """A remembered cached answer still holds for this client: its TTLs have not ticked
-        over, the client's route is the one it was cached for, and the cache has it."""
-        cache = self.caching.cache
-        if cache is None or cache.clock() >= until:
-            return False
-        if route is not None and (client is None or self._route_key(client) != route):
-            return False
-        return cache.touch(key, entry)
+    def _route_matches(self, client: Client | None, route: bytes) -> bool:
+        """A remembered cached answer is for this client's route (the server its pod
+        asked)."""
+        return client is not None and self._route_key(client) == route
 
     def _route_key(self, client: Client) -> bytes | None:
         """The cache-key tail of the servers this client's forwarded names go to (outside
