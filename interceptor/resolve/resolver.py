@@ -54,6 +54,12 @@ ARPA_TAIL = b"\x04arpa\x00"
 AUTHORITATIVE, MESH, CACHE = 0, 1, 2
 """What answered a hot-path query, for the counters."""
 
+FROM_THE_MAP = frozenset(
+    (Rule.TABLE, Rule.POD_RECORD, Rule.EMPTY_NON_TERMINAL, Rule.NXDOMAIN, Rule.MESH_WILDCARD)
+)
+"""Careful-path answers that depend on nothing but the query and the service map (without
+autopath, whose answers depend on the client's namespace): the hot path may remember them."""
+
 MEMO_MAX = 65536
 """Finished hot-path replies remembered (distinct queries: case and EDNS size count)."""
 
@@ -303,6 +309,29 @@ class Resolver:
                 decision.source,
                 time.perf_counter() - t0,
             )
+            if not tcp and decision.rule in FROM_THE_MAP and self.autopath is None:
+                # Made from the service map alone, so the same bytes answer the same query
+                # until the map changes: search-path junk then costs a memo lookup.
+                rcode = reply[3] & 15
+                mesh = decision.source == "mesh"
+                stat = qtype.to_bytes(2, "big")
+                if mesh:
+                    stat += b"m"
+                elif rcode:
+                    stat += b"a" + bytes((rcode,))
+                self._remember(
+                    data[2:],
+                    (
+                        reply[2:],
+                        self.smap.generation,
+                        0.0,
+                        stat,
+                        MESH if mesh else AUTHORITATIVE,
+                        None,
+                        b"",
+                        None,
+                    ),
+                )
         return reply
 
     async def decide(

@@ -139,11 +139,13 @@ class RequestStats:
             key = (proto, qtype_label(qtype), rcode_label(rcode), source)
             out[key] = out.get(key, 0) + n
         for raw, n in self.fast.copy().items():
-            # Every precomputed answer is NOERROR (positive or NODATA); a cached one carries
-            # its RCODE after the "c".  See Resolver.fast.
+            # QTYPE, then: nothing (authoritative NOERROR), "m" (mesh, NOERROR), "a" and the
+            # RCODE (authoritative), "c" and the RCODE (cache).  See Resolver.fast.
             qlabel = qtype_label(int.from_bytes(raw[:2], "big"))
             if raw[2:3] == b"c":
                 label = ("udp", qlabel, rcode_label(raw[3]), "cache")
+            elif raw[2:3] == b"a":
+                label = ("udp", qlabel, rcode_label(raw[3]), "authoritative")
             else:
                 source = "mesh" if raw[2:] == b"m" else "authoritative"
                 label = ("udp", qlabel, "NOERROR", source)

@@ -17,7 +17,13 @@ import dns.rcode
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolve.cache import Cache
 from interceptor.resolve.resolver import Resolver
-from interceptor.settings import Endpoint, Settings, UpstreamSettings, ZoneSettings
+from interceptor.settings import (
+    AutopathSettings,
+    Endpoint,
+    Settings,
+    UpstreamSettings,
+    ZoneSettings,
+)
 from tests.unit.fakes import FakeForwarder
 from tests.unit.test_servicemap import se, svc
 
@@ -248,3 +254,20 @@ def test_remembered_table_answers_follow_the_map() -> None:
     assert r.fast(query(name, "A", 4), CLIENT) is None  # the careful path: NXDOMAIN
     totals = r.stats.totals()
     assert totals[("udp", "A", "NOERROR", "authoritative")] == 3  # remembered ones count too
+
+
+def test_search_path_junk_is_remembered_without_autopath_only() -> None:
+    r, fwd, _, m = resolver(Settings(autopath=AutopathSettings(enabled=False)))
+    junk = "www.ns1.svc.cluster.local"  # as "www" in namespace ns1's search expansion
+    first = careful(r, query(junk, "A", 1))
+    assert dns.message.from_wire(first).rcode() == dns.rcode.NXDOMAIN
+    again = r.fast(query(junk, "A", 2), CLIENT)
+    assert again is not None and again[:2] == b"\x00\x02" and again[2:] == first[2:]
+    assert ("udp", "A", "NXDOMAIN", "authoritative") in r.stats.totals()
+    m.upsert(svc("www", ip="10.96.0.7"))  # the name exists now
+    now = r.fast(query(junk, "A", 3), CLIENT)
+    assert now is not None and dns.message.from_wire(now).rcode() == dns.rcode.NOERROR
+    assert fwd.asked == []
+    ra, _, _, _ = resolver()  # autopath is on by default
+    careful(ra, query(junk, "A", 1))
+    assert ra.fast(query(junk, "A", 2), CLIENT) is None  # autopath: the client's namespace
