@@ -403,6 +403,8 @@ static __always_inline int __open_flow(struct __sk_buff *skb, struct pkt *p, str
 
 /* Declared here, not in the header: bcc rewrites map operations in the main file only. */
 BPF_F_TABLE("hash", struct fp_key, struct fp_answer, FP_ANSWERS, FP_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct fp_name, __u8, FP_OWNERS, FP_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_ARRAY(FP_JUNK, struct fp_junk, 1);
 BPF_TABLE("percpu_array", __u32, __u64, FP_STATS, FP_RESULT_MAX);
 BPF_ARRAY(FP_SCRATCH, struct fp_scratch, 1);
 
@@ -416,6 +418,63 @@ static __always_inline void __fp_count(__u32 result)
 
 /* TC_ACT_REDIRECT when answered in the kernel; a negative fp_result otherwise, -FP_LIMITED
  * for a hit over the pod's budget of kernel answers (config answer_rate). */
+/* The NXDOMAIN for an A or AAAA question below svc.<zone> whose name does not exist (not in
+ * FP_OWNERS), or NULL: the resolver answers (another type, another zone, a name that
+ * exists, or junk answering off).  The suffix must start on a label boundary:
+ * "a\003svc.cluster.local" ends in the same bytes as a name below svc.cluster.local without
+ * being one.  Compared 8 bytes at a time, unrolled: a byte loop at an unknown offset is
+ * more than the verifier will follow. */
+static __always_inline struct fp_answer *__fp_junk(struct fp_scratch *s)
+{
+	struct fp_junk *junk;
+	__u32 zero = 0, len, start, at, j;
+
+	if (s->key.qtype != bpf_htons(1) && s->key.qtype != bpf_htons(28))
+		return NULL; /* A and AAAA only, as FP_ANSWERS */
+	junk = FP_JUNK.lookup(&zero);
+	if (!junk)
+		return NULL;
+	len = junk->suffix_len;
+	if (!len || len > FP_NAME_MAX || len > s->end + 1)
+		return NULL;
+	start = s->end + 1 - len;
+	/* Walk the length octets from the first: does a label start at ``start``?  (Then the
+	 * name ends where the suffix does, on the root label.)  ``at`` goes through memory each
+	 * turn, so the verifier follows one state per turn, not one per value. */
+	at = 0;
+	for (j = 0; j < FP_NAME_MAX / 2; j++) { /* a label takes at least two bytes */
+		__u64 k;
+
+		at = __forget_path(&s->label, at);
+		if (at >= start)
+			break;
+		k = at;
+		__mask_len(k, 127);
+		at += s->key.name[k] + 1;
+	}
+	if (at != start)
+		return NULL;
+#pragma unroll
+	for (j = 0; j < FP_NAME_MAX / 8; j++) {
+		__u64 off = start + j * 8, a, b, left = len - j * 8;
+
+		if (j * 8 >= len)
+			break;
+		__mask_len(off, 127);
+		a = *(__u64 *)&s->key.name[off]; /* may read past name[]: still in the scratch */
+		b = *(__u64 *)&junk->suffix[j * 8];
+		if (left < 8) { /* the last word: only its first ``left`` bytes */
+			a &= (1ULL << (left * 8)) - 1;
+			b &= (1ULL << (left * 8)) - 1;
+		}
+		if (a != b)
+			return NULL;
+	}
+	if (FP_OWNERS.lookup((struct fp_name *)s->key.name))
+		return NULL;
+	return &junk->nxdomain;
+}
+
 static __always_inline int __fastpath(struct __sk_buff *skb, struct pkt *p, struct config *cfg,
 				      struct pod_info *pod, __u64 now)
 {
@@ -423,7 +482,7 @@ static __always_inline int __fastpath(struct __sk_buff *skb, struct pkt *p, stru
 	struct fp_scratch *s;
 	struct fp_answer *ans;
 	__u32 zero = 0;
-	int ret;
+	int ret, junk = 0;
 
 	s = FP_SCRATCH.lookup(&zero);
 	if (!s)
@@ -432,12 +491,19 @@ static __always_inline int __fastpath(struct __sk_buff *skb, struct pkt *p, stru
 	if (ret < 0)
 		return ret;
 	ans = FP_ANSWERS.lookup(&s->key);
-	if (!ans)
-		return -FP_MISS;
+	if (!ans) {
+		ans = __fp_junk(s);
+		if (!ans)
+			return -FP_MISS;
+		junk = 1;
+	}
 	if (__bucket_take(&pod->answers.ts, &pod->answers.tokens, cfg->answer_rate,
 			  cfg->answer_burst, now))
 		return -FP_LIMITED;
-	return __fp_answer(skb, p, cfg, s, &q, ans);
+	ret = __fp_answer(skb, p, cfg, s, &q, ans);
+	if (junk && ret >= 0)
+		__fp_count(FP_NXDOMAIN);
+	return ret;
 }
 #endif /* ENABLE_FASTPATH */
 

@@ -60,7 +60,7 @@ METRICS: tuple[Metric, ...] = (
     _m("interceptor_bpf_pod_passed_total", "counter", "namespace", "pod"),
     _m("interceptor_datapath_interfaces", "gauge"),
     _m("interceptor_datapath_programming_seconds", "histogram"),
-    # in-kernel fast path; result: hit|miss|fallthrough
+    # in-kernel fast path; result: hit|miss|fallthrough|nxdomain
     _m("interceptor_fastpath_total", "counter", "result"),
     _m("interceptor_build_info", "gauge", "version"),
 )

@@ -128,12 +128,28 @@ struct fp_answer {
 	__u8 body[FP_BODY_MAX];
 };
 
+/* FP_OWNERS: every name that exists under svc.<zone> (empty non-terminals included), keyed
+ * as FP_ANSWERS keys names.  A question below svc.<zone> for a name in neither map is
+ * search-path junk, and the kernel answers it NXDOMAIN exactly as the resolver would. */
+struct fp_name {
+	__u8 name[FP_NAME_MAX];
+};
+
+/* FP_JUNK[0]: where junk is answered, and with what. */
+struct fp_junk {
+	__u32 suffix_len; /* 0: off (autopath answers junk per pod, or the set is incomplete) */
+	__u32 _pad;
+	__u8 suffix[FP_NAME_MAX]; /* "svc.<zone>" in lowercased wire form */
+	struct fp_answer nxdomain;
+};
+
 /* FP_STATS slots (PERCPU_ARRAY).  Keep in step with maps.py FASTPATH_RESULTS. */
 enum fp_result {
 	FP_HIT = 0,	    /* answered in the kernel */
 	FP_MISS = 1,	    /* not in FP_ANSWERS: the resolver answers */
 	FP_FALLTHROUGH = 2, /* in scope but unusual (EDNS DO, size, flags, long name...) */
-	FP_RESULT_MAX = 3,
+	FP_NXDOMAIN = 3,    /* of the hits: search-path junk answered NXDOMAIN (FP_OWNERS) */
+	FP_RESULT_MAX = 4,
 };
 
 /* Not a result (never counted): the fast path had begun rewriting the packet and cannot

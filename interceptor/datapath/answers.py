@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes as ct
 import logging
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from interceptor.datapath import maps
 from interceptor.datapath.bpfsys import PinnedMap
@@ -111,4 +111,104 @@ def _key_only(key: bytes) -> maps.FpKey | None:
     k = maps.FpKey()
     ct.memmove(k.name, name, len(name))
     k.qtype = int.from_bytes(key[-2:], "little")
+    return k
+
+
+class JunkAnswers:
+    """The kernel's search-path junk test: FP_OWNERS holds every name that exists under
+    ``svc.<zone>`` (empty non-terminals included), FP_JUNK the suffix and the NXDOMAIN.
+
+    The kernel answers NXDOMAIN for a name that is missing from FP_OWNERS, so the set must be
+    complete: a name that could not be added (the map is full) switches junk answering off
+    (the resolver answers, as it would anyway), and it stays off until a reload."""
+
+    def __init__(
+        self,
+        owners: PinnedMap,  # type: ignore[type-arg]
+        junk: PinnedMap,  # type: ignore[type-arg]
+        zone: str,
+        nxdomain: Answer,
+        capacity: int,
+    ) -> None:
+        self.owners = owners
+        self.junk = junk
+        self.capacity = capacity
+        self.suffix = "svc." + zone
+        self._dot_suffix = "." + self.suffix
+        self.nxdomain = nxdomain
+        self.on = False
+
+    def _ours(self, name: str) -> bool:
+        return name == self.suffix or name.endswith(self._dot_suffix)
+
+    def load(self, names: Iterable[str], enabled: bool) -> int:
+        """Make FP_OWNERS hold exactly the existing names under svc.<zone>, then switch junk
+        answering on (``enabled``: autopath off) or off.  Returns the number of names."""
+        self._switch(False)  # never answer junk from a set being rebuilt
+        for k in list(self.owners.keys()):
+            self.owners.delete(k)
+        if not enabled:
+            return 0
+        count = 0
+        for name in names:
+            if self._ours(name):
+                if not self._put(name):
+                    return count
+                count += 1
+        self._switch(True)
+        return count
+
+    def apply(self, changed: Iterable[str], exists: Callable[[str], bool]) -> None:
+        """Bring the names of ``changed`` in step (a service map event)."""
+        if not self.on:
+            return
+        for name in changed:
+            if not self._ours(name):
+                continue
+            if exists(name):
+                self._put(name)
+            else:
+                k = _name_key(name)
+                if k is not None:
+                    self.owners.delete(k)
+
+    def _put(self, name: str) -> bool:
+        k = _name_key(name)
+        if k is None:
+            return True  # longer than a kernel key: the kernel never tests such a name
+        try:
+            self.owners.put(k, ct.c_uint8(1))
+        except InterceptorError as exc:
+            log.warning(
+                "fast-path name set full (%d names): %s; search-path junk is answered in "
+                "userspace from now on",
+                self.capacity,
+                exc,
+            )
+            self._switch(False)
+            return False
+        return True
+
+    def _switch(self, on: bool) -> None:
+        v = maps.FpJunk()
+        if on:
+            suffix = wire.encode_name(self.suffix)
+            v.suffix_len = len(suffix)
+            ct.memmove(v.suffix, suffix, len(suffix))
+            entry = encode(wire.encode_name("x") + struct.pack("!H", wire.A), self.nxdomain)
+            assert entry is not None  # the zone's SOA fits a slot
+            v.nxdomain = entry[1]
+        self.junk.put(ct.c_uint32(0), v)
+        self.on = on
+
+
+def _name_key(name: str) -> maps.FpName | None:
+    try:
+        raw = wire.encode_name(name)
+    except ValueError:
+        return None  # no query can carry it in the kernel's key form either
+    if len(raw) > maps.FP_NAME_MAX - 1:
+        return None
+    k = maps.FpName()
+    ct.memmove(k.name, raw, len(raw))
     return k

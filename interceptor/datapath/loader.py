@@ -96,8 +96,9 @@ class Datapath:
             log.info("mounted bpffs at %s", self.settings.pin_dir.parent)
         self.settings.pin_dir.mkdir(parents=True, exist_ok=True)
         if not self.settings.fastpath:
-            for name in ("FP_ANSWERS", "FP_STATS"):  # a previous run's: not ours to serve now
-                (self.settings.pin_dir / name).unlink(missing_ok=True)
+            for name, defn in maps.REGISTRY.items():  # a previous run's: not ours to serve now
+                if defn.fastpath:
+                    (self.settings.pin_dir / name).unlink(missing_ok=True)
         src = bpf_source_dir() / "redirect.c"
         log.info("compiling %s against %s", src, kheaders.apply(self.settings.kernel_headers))
         t0 = time.monotonic()

@@ -165,7 +165,7 @@ FP_NAME_MAX = 128
 FP_BODY_MAX = 256
 
 # Keep in step with enum fp_result in bpf/lib/maps.h.
-FASTPATH_RESULTS = ("hit", "miss", "fallthrough")
+FASTPATH_RESULTS = ("hit", "miss", "fallthrough", "nxdomain")
 
 
 class FpKey(ct.Structure):
@@ -193,6 +193,23 @@ class FpAnswer(ct.Structure):
     ]
 
 
+class FpName(ct.Structure):
+    """struct fp_name"""
+
+    _fields_ = [("name", ct.c_uint8 * FP_NAME_MAX)]
+
+
+class FpJunk(ct.Structure):
+    """struct fp_junk"""
+
+    _fields_ = [
+        ("suffix_len", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+        ("suffix", ct.c_uint8 * FP_NAME_MAX),
+        ("nxdomain", FpAnswer),
+    ]
+
+
 MIRRORS: dict[str, type[ct.Structure]] = {
     "ip_addr": IpAddr,
     "config": Config,
@@ -206,10 +223,12 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "pod_stats": PodStats,
     "fp_key": FpKey,
     "fp_answer": FpAnswer,
+    "fp_name": FpName,
+    "fp_junk": FpJunk,
 }
 
 
-CType = type[ct.Structure] | type[ct.c_uint32] | type[ct.c_uint64]
+CType = type[ct.Structure] | type[ct.c_uint8] | type[ct.c_uint32] | type[ct.c_uint64]
 """A map's key or value type: a struct mirror or a plain integer."""
 
 
@@ -220,7 +239,8 @@ class MapDef:
     key: CType
     value: CType
     entries: int
-    """Max entries; 0 for FP_ANSWERS, whose size is a flag (--fastpath-entries)."""
+    """Max entries; 0 for FP_ANSWERS and FP_OWNERS, whose size is a flag
+    (--fastpath-entries)."""
     doc: str
     percpu: bool = False
     """One value per possible CPU (counters: no atomics on the hot path)."""
@@ -263,6 +283,20 @@ REGISTRY: dict[str, MapDef] = {
         len(FASTPATH_RESULTS),
         "in-kernel fast path outcomes",
         percpu=True,
+        fastpath=True,
+    ),
+    "FP_OWNERS": MapDef(
+        FpName,
+        ct.c_uint8,
+        0,
+        "every name that exists under svc.<zone>: what is not here is junk (NXDOMAIN)",
+        fastpath=True,
+    ),
+    "FP_JUNK": MapDef(
+        ct.c_uint32,
+        FpJunk,
+        1,
+        "where the kernel answers search-path junk (svc.<zone>), and its NXDOMAIN",
         fastpath=True,
     ),
 }

@@ -60,6 +60,8 @@ class ServiceMap:
         """(lowercased qname wire + qtype) -> precomputed answer: the hot-path table."""
         self._dirty: set[bytes] | None = None
         self._listeners: list[Callable[[set[bytes]], None]] = []
+        self._names_dirty: set[str] | None = None
+        self._name_listeners: list[Callable[[set[str]], None]] = []
         self._mesh: dict[str, MeshHost] = {}
         self.mesh_generation = 0
         """Bumped whenever the mesh hosts change: a name outside the zone that was forwarded
@@ -82,7 +84,25 @@ class ServiceMap:
         if self._dirty is None:
             self._dirty = set()
 
+    def subscribe_names(self, listener: Callable[[set[str]], None]) -> None:
+        """Call ``listener`` after every event with the names that began or ceased to exist
+        (:meth:`exists`), as :meth:`subscribe` does for answers."""
+        self._name_listeners.append(listener)
+        if self._names_dirty is None:
+            self._names_dirty = set()
+
+    def existing_names(self) -> Iterable[str]:
+        """Every name that exists (:meth:`exists`), for a copy kept in step by
+        :meth:`subscribe_names`."""
+        return list(self._exist)
+
     def _notify(self) -> None:
+        if self._names_dirty:
+            # Names first: a copy that says which names exist (the kernel's junk test) must
+            # know a new name before its answers appear, and lose it after they are gone.
+            names, self._names_dirty = self._names_dirty, set()
+            for name_listener in self._name_listeners:
+                name_listener(names)
         if not self._dirty:
             return
         changed, self._dirty = self._dirty, set()
@@ -245,12 +265,16 @@ class ServiceMap:
     def _ref_name(self, name: str) -> None:
         for n in self._ancestors(name):
             self._exist[n] += 1
+            if self._names_dirty is not None and self._exist[n] == 1:
+                self._names_dirty.add(n)
 
     def _unref_name(self, name: str) -> None:
         for n in self._ancestors(name):
             self._exist[n] -= 1
             if self._exist[n] <= 0:
                 del self._exist[n]
+                if self._names_dirty is not None:
+                    self._names_dirty.add(n)
 
     def _ref_record(self, rec: Record) -> None:
         types = self._rrs.setdefault(rec.name, {})

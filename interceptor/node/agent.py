@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from interceptor import __version__
 from interceptor.datapath.addresses import AddressBook
-from interceptor.datapath.answers import AnswerMap
+from interceptor.datapath.answers import AnswerMap, JunkAnswers
 from interceptor.datapath.discovery import LinkFinder, NetlinkEvents
 from interceptor.datapath.loader import Datapath
 from interceptor.model.nodepods import NodePod, node_pod_ips, node_pods
@@ -355,11 +355,31 @@ class Agent:
         pinned = self.datapath.maps.get("FP_ANSWERS")
         if pinned is None:
             return
-        answers = AnswerMap(pinned, self.agent.datapath.fastpath_entries)
+        capacity = self.agent.datapath.fastpath_entries
+        answers = AnswerMap(pinned, capacity)
         t0 = time.monotonic()
-        n = answers.load(self.smap.answers)
-        log.info("fast path: %d answers loaded into the kernel in %.2fs", n, time.monotonic() - t0)
-        self.smap.subscribe(lambda changed: answers.apply(self.smap.answers, changed))
+        smap = self.smap
+        junk = JunkAnswers(
+            self.datapath.maps["FP_OWNERS"],
+            self.datapath.maps["FP_JUNK"],
+            smap.zone,
+            smap.nxdomain,
+            capacity,
+        )
+        # With autopath, the first expansion of a search list is answered per pod (a CNAME
+        # to what exists), so junk is the resolver's; without, it is the same for everyone.
+        names = junk.load(smap.existing_names(), not self.settings.autopath.enabled)
+        n = answers.load(smap.answers)
+        log.info(
+            "fast path: %d answers and %d names loaded into the kernel in %.2fs (search-path "
+            "junk answered %s)",
+            n,
+            names,
+            time.monotonic() - t0,
+            "in the kernel" if junk.on else "by the resolver",
+        )
+        smap.subscribe_names(lambda changed: junk.apply(changed, smap.exists))
+        smap.subscribe(lambda changed: answers.apply(smap.answers, changed))
 
     async def _alive(self) -> tuple[bool, str]:
         """/healthz: the resolver answers a real query on its own address."""

@@ -165,13 +165,27 @@ def _u32(v: ct.c_uint32, k: Any, ctx: Context) -> Fields:
 
 
 def _fp_key(k: maps.FpKey, ctx: Context) -> Fields:
-    raw = bytes(k.name)
+    return {"name": _wire_name(bytes(k.name)), "qtype": type_text(socket.ntohs(k.qtype))}
+
+
+def _wire_name(raw: bytes) -> str:
     try:
         name, _ = wire.decode_name_plain(raw, 0)
     except (ValueError, IndexError):
-        name = raw.rstrip(b"\0").hex()
-    qtype = socket.ntohs(k.qtype)
-    return {"name": name or ".", "qtype": type_text(qtype)}
+        return raw.rstrip(b"\0").hex()
+    return name or "."
+
+
+def _fp_name(k: maps.FpName, ctx: Context) -> Fields:
+    return {"name": _wire_name(bytes(k.name))}
+
+
+def _fp_junk(v: maps.FpJunk, k: Any, ctx: Context) -> Fields:
+    return {
+        "suffix": _wire_name(bytes(v.suffix)) if v.suffix_len else "",
+        "on": bool(v.suffix_len),
+        **_fp_answer(v.nxdomain, k, ctx),
+    }
 
 
 def _fp_answer(v: maps.FpAnswer, k: Any, ctx: Context) -> Fields:
@@ -245,6 +259,13 @@ CATALOG: dict[str, MapSpec] = {
     "FP_ANSWERS": described(
         "FP_ANSWERS", _fp_key, _fp_answer, ("name", "qtype", "rcode", "answers", "body_bytes")
     ),
+    "FP_OWNERS": described("FP_OWNERS", _fp_name, lambda v, k, ctx: {}, ("name",)),
+    "FP_JUNK": described(
+        "FP_JUNK",
+        lambda k, ctx: {"index": k.value},
+        _fp_junk,
+        ("suffix", "on", "rcode", "authority", "body_bytes"),
+    ),
 }
 
 
@@ -298,8 +319,14 @@ COUNTER_SETS: list[CounterSet] = [
         "result",
         "interceptor_fastpath",
         "Captured queries by in-kernel fast path outcome: hit (answered in the kernel), miss "
-        "(not a known name), fallthrough (known, but left to the resolver)",
-        {"hit": "answered", "miss": "to resolver", "fallthrough": "to resolver"},
+        "(not a known name), fallthrough (known, but left to the resolver), nxdomain (of the "
+        "hits: search-path junk answered NXDOMAIN)",
+        {
+            "hit": "answered",
+            "miss": "to resolver",
+            "fallthrough": "to resolver",
+            "nxdomain": "answered (junk)",
+        },
     ),
 ]
 
