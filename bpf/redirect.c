@@ -418,16 +418,62 @@ static __always_inline void __fp_count(__u32 result)
 
 /* TC_ACT_REDIRECT when answered in the kernel; a negative fp_result otherwise, -FP_LIMITED
  * for a hit over the pod's budget of kernel answers (config answer_rate). */
-/* The NXDOMAIN for an A or AAAA question below svc.<zone> whose name does not exist (not in
- * FP_OWNERS), or NULL: the resolver answers (another type, another zone, a name that
- * exists, or junk answering off).  The suffix must start on a label boundary:
- * "a\003svc.cluster.local" ends in the same bytes as a name below svc.cluster.local without
- * being one.  Compared 8 bytes at a time, unrolled: a byte loop at an unknown offset is
- * more than the verifier will follow. */
+/* Whether the name's last ``len`` bytes are ``suffix`` (lowercased wire form).  Compared 8
+ * bytes at a time, unrolled: a byte loop at an unknown offset is more than the verifier
+ * will follow. */
+static __always_inline int __fp_ends_with(struct fp_scratch *s, __u8 *suffix, __u32 len)
+{
+	__u32 start = s->end + 1 - len, j;
+
+#pragma unroll
+	for (j = 0; j < FP_NAME_MAX / 8; j++) {
+		__u64 off = start + j * 8, a, b, left = len - j * 8;
+
+		if (j * 8 >= len)
+			break;
+		__mask_len(off, 127);
+		a = *(__u64 *)&s->key.name[off]; /* may read past name[]: still in the scratch */
+		b = *(__u64 *)&suffix[j * 8];
+		if (left < 8) { /* the last word: only its first ``left`` bytes */
+			a &= (1ULL << (left * 8)) - 1;
+			b &= (1ULL << (left * 8)) - 1;
+		}
+		if (a != b)
+			return 0;
+	}
+	return 1;
+}
+
+/* Whether a label of the name starts at ``target``: the length octets walked from the
+ * first.  ``at`` goes through memory each turn, so the verifier follows one state per turn,
+ * not one per value. */
+static __always_inline int __fp_label_at(struct fp_scratch *s, __u32 target)
+{
+	__u32 at = 0, j;
+
+	for (j = 0; j < FP_NAME_MAX / 2; j++) { /* a label takes at least two bytes */
+		__u64 k;
+
+		at = __forget_path(&s->label, at);
+		if (at >= target)
+			break;
+		k = at;
+		__mask_len(k, 127);
+		at += s->key.name[k] + 1;
+	}
+	return at == target;
+}
+
+/* The NXDOMAIN for an A or AAAA question below the cluster zone, not below pod.<zone>, whose
+ * name does not exist (in neither FP_ANSWERS nor FP_OWNERS), or NULL: the resolver answers
+ * (another type, another zone, pod records, a name that exists, or junk answering off).
+ * A suffix counts only on a label boundary: "a\007cluster.local" ends in the same bytes as
+ * a name below cluster.local without being one.  (A label starting at the zone's suffix
+ * also means the name ends on the root label, where the suffix does.) */
 static __always_inline struct fp_answer *__fp_junk(struct fp_scratch *s)
 {
 	struct fp_junk *junk;
-	__u32 zero = 0, len, start, at, j;
+	__u32 zero = 0, len, pod_len;
 
 	if (s->key.qtype != bpf_htons(1) && s->key.qtype != bpf_htons(28))
 		return NULL; /* A and AAAA only, as FP_ANSWERS */
@@ -437,39 +483,12 @@ static __always_inline struct fp_answer *__fp_junk(struct fp_scratch *s)
 	len = junk->suffix_len;
 	if (!len || len > FP_NAME_MAX || len > s->end + 1)
 		return NULL;
-	start = s->end + 1 - len;
-	/* Walk the length octets from the first: does a label start at ``start``?  (Then the
-	 * name ends where the suffix does, on the root label.)  ``at`` goes through memory each
-	 * turn, so the verifier follows one state per turn, not one per value. */
-	at = 0;
-	for (j = 0; j < FP_NAME_MAX / 2; j++) { /* a label takes at least two bytes */
-		__u64 k;
-
-		at = __forget_path(&s->label, at);
-		if (at >= start)
-			break;
-		k = at;
-		__mask_len(k, 127);
-		at += s->key.name[k] + 1;
-	}
-	if (at != start)
+	if (!__fp_ends_with(s, junk->suffix, len) || !__fp_label_at(s, s->end + 1 - len))
 		return NULL;
-#pragma unroll
-	for (j = 0; j < FP_NAME_MAX / 8; j++) {
-		__u64 off = start + j * 8, a, b, left = len - j * 8;
-
-		if (j * 8 >= len)
-			break;
-		__mask_len(off, 127);
-		a = *(__u64 *)&s->key.name[off]; /* may read past name[]: still in the scratch */
-		b = *(__u64 *)&junk->suffix[j * 8];
-		if (left < 8) { /* the last word: only its first ``left`` bytes */
-			a &= (1ULL << (left * 8)) - 1;
-			b &= (1ULL << (left * 8)) - 1;
-		}
-		if (a != b)
-			return NULL;
-	}
+	pod_len = junk->pod_suffix_len;
+	if (pod_len && pod_len <= FP_NAME_MAX && pod_len <= s->end + 1 &&
+	    __fp_ends_with(s, junk->pod_suffix, pod_len) && __fp_label_at(s, s->end + 1 - pod_len))
+		return NULL; /* a pod record's name: synthesized by the resolver */
 	if (FP_OWNERS.lookup((struct fp_name *)s->key.name))
 		return NULL;
 	return &junk->nxdomain;

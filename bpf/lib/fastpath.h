@@ -22,7 +22,7 @@ struct fp_scratch {
 	struct fp_key key;
 	__u8 msg[FP_MSG_MAX + 4]; /* +4: zero padding to a multiple of 4 for bpf_csum_diff */
 	__u32 end;		  /* see __fp_question() */
-	__u32 label;		  /* see __fp_junk() */
+	__u32 label;		  /* see __fp_label_at() */
 };
 
 /* What __fp_question() found, for __fp_answer(). */

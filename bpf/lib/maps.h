@@ -128,18 +128,21 @@ struct fp_answer {
 	__u8 body[FP_BODY_MAX];
 };
 
-/* FP_OWNERS: every name that exists under svc.<zone> (empty non-terminals included), keyed
- * as FP_ANSWERS keys names.  A question below svc.<zone> for a name in neither map is
- * search-path junk, and the kernel answers it NXDOMAIN exactly as the resolver would. */
+/* FP_OWNERS: every name that exists in the cluster zone outside pod.<zone> (empty
+ * non-terminals included), keyed as FP_ANSWERS keys names.  A question below the zone, not
+ * below pod.<zone>, for a name in neither map is search-path junk, and the kernel answers
+ * it NXDOMAIN exactly as the resolver would.  Pod records are synthesized from the name by
+ * the resolver, so they stay there. */
 struct fp_name {
 	__u8 name[FP_NAME_MAX];
 };
 
 /* FP_JUNK[0]: where junk is answered, and with what. */
 struct fp_junk {
-	__u32 suffix_len; /* 0: off (autopath answers junk per pod, or the set is incomplete) */
-	__u32 _pad;
-	__u8 suffix[FP_NAME_MAX]; /* "svc.<zone>" in lowercased wire form */
+	__u32 suffix_len;     /* 0: off (autopath answers junk per pod, or the set is partial) */
+	__u32 pod_suffix_len; /* 0: no exclusion */
+	__u8 suffix[FP_NAME_MAX];     /* the zone, lowercased wire form */
+	__u8 pod_suffix[FP_NAME_MAX]; /* "pod.<zone>": left to the resolver */
 	struct fp_answer nxdomain;
 };
 

@@ -115,8 +115,9 @@ def _key_only(key: bytes) -> maps.FpKey | None:
 
 
 class JunkAnswers:
-    """The kernel's search-path junk test: FP_OWNERS holds every name that exists under
-    ``svc.<zone>`` (empty non-terminals included), FP_JUNK the suffix and the NXDOMAIN.
+    """The kernel's search-path junk test: FP_OWNERS holds every name that exists in the
+    cluster zone outside ``pod.<zone>`` (empty non-terminals included), FP_JUNK the zone,
+    the ``pod.<zone>`` exclusion and the NXDOMAIN.
 
     The kernel answers NXDOMAIN for a name that is missing from FP_OWNERS, so the set must be
     complete: a name that could not be added (the map is full) switches junk answering off
@@ -133,17 +134,21 @@ class JunkAnswers:
         self.owners = owners
         self.junk = junk
         self.capacity = capacity
-        self.suffix = "svc." + zone
-        self._dot_suffix = "." + self.suffix
+        self.zone = zone
+        self.pods = "pod." + zone
         self.nxdomain = nxdomain
         self.on = False
 
     def _ours(self, name: str) -> bool:
-        return name == self.suffix or name.endswith(self._dot_suffix)
+        """In the zone, and not a pod record's (those the resolver synthesizes)."""
+        if not (name == self.zone or name.endswith("." + self.zone)):
+            return False
+        return not (name == self.pods or name.endswith("." + self.pods))
 
     def load(self, names: Iterable[str], enabled: bool) -> int:
-        """Make FP_OWNERS hold exactly the existing names under svc.<zone>, then switch junk
-        answering on (``enabled``: autopath off) or off.  Returns the number of names."""
+        """Make FP_OWNERS hold exactly the existing names of the zone (pod records aside),
+        then switch junk answering on (``enabled``: autopath off) or off.  Returns the
+        number of names."""
         self._switch(False)  # never answer junk from a set being rebuilt
         for k in list(self.owners.keys()):
             self.owners.delete(k)
@@ -192,9 +197,12 @@ class JunkAnswers:
     def _switch(self, on: bool) -> None:
         v = maps.FpJunk()
         if on:
-            suffix = wire.encode_name(self.suffix)
+            suffix = wire.encode_name(self.zone)
             v.suffix_len = len(suffix)
             ct.memmove(v.suffix, suffix, len(suffix))
+            pods = wire.encode_name(self.pods)
+            v.pod_suffix_len = len(pods)
+            ct.memmove(v.pod_suffix, pods, len(pods))
             entry = encode(wire.encode_name("x") + struct.pack("!H", wire.A), self.nxdomain)
             assert entry is not None  # the zone's SOA fits a slot
             v.nxdomain = entry[1]

@@ -204,8 +204,9 @@ class FpJunk(ct.Structure):
 
     _fields_ = [
         ("suffix_len", ct.c_uint32),
-        ("_pad", ct.c_uint32),
+        ("pod_suffix_len", ct.c_uint32),
         ("suffix", ct.c_uint8 * FP_NAME_MAX),
+        ("pod_suffix", ct.c_uint8 * FP_NAME_MAX),
         ("nxdomain", FpAnswer),
     ]
 
@@ -289,14 +290,14 @@ REGISTRY: dict[str, MapDef] = {
         FpName,
         ct.c_uint8,
         0,
-        "every name that exists under svc.<zone>: what is not here is junk (NXDOMAIN)",
+        "every name in the zone outside pod.<zone>: what is not here is junk (NXDOMAIN)",
         fastpath=True,
     ),
     "FP_JUNK": MapDef(
         ct.c_uint32,
         FpJunk,
         1,
-        "where the kernel answers search-path junk (svc.<zone>), and its NXDOMAIN",
+        "where the kernel answers search-path junk (the zone), and its NXDOMAIN",
         fastpath=True,
     ),
 }

@@ -83,6 +83,7 @@ ZONE = "example.test"
 WANTED = {
     "answered": "interceptor_requests_total",
     "fast path": 'interceptor_fastpath_total{result="hit"',
+    "junk in kernel": 'interceptor_fastpath_total{result="nxdomain"',
 }
 
 LOOKUP = r"""
@@ -202,6 +203,10 @@ class Pass:
     upstream_types: dict[str, int]
     pod_queries: float | None
     failures: list[str]
+    resolver_queries: float | None = None
+    """Per lookup: queries the resolver process answered (the agent's request counter)."""
+    kernel_junk: float | None = None
+    """Per lookup: search-path junk answered NXDOMAIN in the kernel (fast path nxdomain)."""
 
     def p(self, q: float) -> float:
         return percentile(sorted(self.latencies_us), q)
@@ -258,18 +263,23 @@ def lookup_pass(
         if got != want:
             failures.append(f"{n}: {got} (expected {want})")
     upstream = log.settled() - start
-    pod_queries = None
+    pod_queries = resolver = junk = None
     if agent and agent.counters:
         after = agent.counters()
-        if "answered" in after:
-            sent = sum(after.get(k, 0.0) - before.get(k, 0.0) for k in after)
-            pod_queries = sent / len(names)
+        delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        if "answered" in delta:
+            # Every query is answered by the resolver or in the kernel (junk is a kernel hit).
+            pod_queries = (delta["answered"] + delta.get("fast path", 0.0)) / len(names)
+            resolver = delta["answered"] / len(names)
+            junk = delta.get("junk in kernel", 0.0) / len(names)
     return Pass(
         [lat for lat, _ in results],
         upstream,
         log.types(start),
         pod_queries,
         failures,
+        resolver,
+        junk,
     )
 
 
@@ -535,6 +545,8 @@ def lookup_table(results: list[LookupResult], family: str, n: int) -> str:
                 per(w.upstream, n),
                 "-" if c.pod_queries is None else f"{c.pod_queries:.2f}",
                 "-" if w.pod_queries is None else f"{w.pod_queries:.2f}",
+                "-" if w.resolver_queries is None else f"{w.resolver_queries:.2f}",
+                "-" if w.kernel_junk is None else f"{w.kernel_junk:.2f}",
                 fmt_us(c.p(50)),
                 fmt_us(c.p(99)),
                 fmt_us(w.p(50)),
@@ -549,6 +561,8 @@ def lookup_table(results: list[LookupResult], family: str, n: int) -> str:
             "warm",
             "pod queries / lookup, cold",
             "warm",
+            "resolver woken / lookup, warm",
+            "junk NXDOMAIN in the kernel / lookup, warm",
             "cold p50 µs",
             "cold p99 µs",
             "warm p50 µs",
@@ -629,7 +643,10 @@ def render(
         "",
         "Each name looked up once with `getaddrinfo` (cold: the agent was just started), then "
         "again (warm).  kube-dns queries: what reached kube-dns per lookup (its log); pod "
-        "queries: what the pod sent per lookup (the agent's request counters).",
+        "queries: what the pod sent per lookup (the agent's request counters and the fast "
+        "path's hits); resolver woken: the queries of those that the resolver process "
+        "answered; junk NXDOMAIN in the kernel: search-path expansions answered on the veth "
+        '(`interceptor_fastpath_total{result="nxdomain"}`, with `--no-autopath` only).',
     ]
     for family in families:
         what = "AF_INET: A only" if family == "inet" else "AF_UNSPEC: A and AAAA"

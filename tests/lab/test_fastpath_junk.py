@@ -1,7 +1,7 @@
 """Search-path junk answered in the kernel (``--no-autopath``): an A or AAAA question below
-svc.<zone> for a name that exists in neither FP_ANSWERS nor FP_OWNERS gets the resolver's
-NXDOMAIN byte for byte, without waking the resolver; everything that is not exactly that
-is left to the resolver.  Root only."""
+the cluster zone, not below pod.<zone>, for a name that exists in neither FP_ANSWERS nor
+FP_OWNERS gets the resolver's NXDOMAIN byte for byte, without waking the resolver;
+everything that is not exactly that is left to the resolver.  Root only."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from tests.lab.test_fastpath import RESOLVER, SERVER, fp_stats, mixed_case, prob
 JUNK = [
     "www.example.com.ns1.svc.cluster.local",  # ndots:5 expansion in namespace ns1
     "www.example.com.svc.cluster.local",  # ... the second search domain
+    "www.example.com.cluster.local",  # ... and the third
     "nothere.ns1.svc.cluster.local",
     "a.b.c.d.nothere.svc.cluster.local",
 ]
@@ -79,12 +80,13 @@ def test_what_is_not_exactly_junk_is_left_to_the_resolver(jnode: Node) -> None:
         ),
         "another type": query("nothere.ns1.svc.cluster.local", wire.TXT, qid=4),
         "pod records stay in userspace": query("1-2-3-4.ns1.pod.cluster.local", wire.A, qid=5),
-        "the zone, not svc": query("nothere.cluster.local", wire.A, qid=6),
+        "anything below pod.<zone>": query("nothere.pod.cluster.local", wire.A, qid=6),
+        "the zone's apex": query("cluster.local", wire.A, qid=11),
         "DO bit": query("nothere.ns1.svc.cluster.local", wire.A, qid=7, edns=1232, do=True),
     }
-    # Ends in the suffix's bytes, but its labels are "ab\x03svc\x07cluster" and "local": not
-    # below the zone at all, so the resolver forwards it.
-    fake = b"\x0dab\x03svc\x07cluster\x05local\x00"
+    # Ends in the zone's bytes, but its labels are "ab\x07cluster" and "local": not below
+    # the zone at all, so the resolver forwards it.
+    fake = b"\x0aab\x07cluster\x05local\x00"
     cases["a suffix that is not on a label boundary"] = (
         struct.pack("!HHHHHH", 8, 0x0100, 1, 0, 0, 0) + fake + struct.pack("!HH", wire.A, 1)
     )
