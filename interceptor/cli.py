@@ -582,12 +582,13 @@ def agent_settings_from(args: argparse.Namespace) -> AgentSettings:
 
 
 def _run_agent(args: argparse.Namespace) -> int:
-    from interceptor.datapath.loader import Datapath, bpf_source_dir
+    from interceptor.datapath.build import bpf_source_dir, cflags
+    from interceptor.datapath.loader import Datapath
     from interceptor.node.agent import Agent
 
     agent_settings = agent_settings_from(args)
     if args.dump_bpf:
-        print("// cflags:", " ".join(Datapath(agent_settings.datapath).cflags()))
+        print("// cflags:", " ".join(cflags(Datapath(agent_settings.datapath).build_spec())))
         print((bpf_source_dir() / "redirect.c").read_text())
         if agent_settings.datapath.fastpath:
             print((bpf_source_dir() / "lib" / "fastpath.h").read_text())

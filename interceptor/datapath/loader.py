@@ -15,33 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bcc.libbcc import lib
-
-from interceptor.datapath import kheaders, maps, tc
-from interceptor.datapath.bpfsys import (
-    BpfError,
-    PinnedMap,
-    copy_entries,
-    ensure_bpffs,
-    pin_replacing,
-    pinned_map_shape,
+from interceptor.datapath import maps, tc
+from interceptor.datapath.bpfsys import BpfError, ElemLookup, PinnedMap, ensure_bpffs, lib
+from interceptor.datapath.build import (
+    PROG_DIR,
+    PROG_FROM_POD,
+    PROG_TO_POD,
+    PROGRAMS,
+    BuildSpec,
+    bpf_source_dir,
+    build_in_child,
+    prog_pin,
 )
 from interceptor.datapath.tcx import tcx_programs
 from interceptor.errors import InterceptorError
 from interceptor.settings import DatapathSettings
 
 log = logging.getLogger(__name__)
-
-PROG_FROM_POD = "dnsi_from_pod"
-PROG_TO_POD = "dnsi_to_pod"
-
-
-def bpf_source_dir() -> Path:
-    """bpf/ beside the package (a checkout or the image), or INTERCEPTOR_BPF_DIR."""
-    env = os.environ.get("INTERCEPTOR_BPF_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "bpf"
 
 
 @dataclass
@@ -61,7 +51,6 @@ class Attachment:
 class Datapath:
     def __init__(self, settings: DatapathSettings) -> None:
         self.settings = settings
-        self.bpf: Any = None
         self.fds: dict[str, int] = {}
         self.attached: dict[int, Attachment] = {}
         self._pod_ids: dict[str, int] = {}
@@ -77,80 +66,46 @@ class Datapath:
 
     # ------------------------------------------------------------ loading
 
-    def cflags(self) -> list[str]:
+    def build_spec(self) -> BuildSpec:
         s = self.settings
-        flags = [f"-I{bpf_source_dir()}"]
-        if s.enable_tcp:
-            flags.append("-DENABLE_TCP")
-        if s.enable_ipv6:
-            flags.append("-DENABLE_IPV6")
-        if s.fastpath:
-            flags += ["-DENABLE_FASTPATH", f"-DFP_MAX_ENTRIES={s.fastpath_entries}"]
-        return flags
+        return BuildSpec(
+            pin_dir=str(s.pin_dir),
+            fastpath=s.fastpath,
+            fastpath_entries=s.fastpath_entries,
+            enable_tcp=s.enable_tcp,
+            enable_ipv6=s.enable_ipv6,
+            kernel_headers=s.kernel_headers,
+        )
 
     def load(self) -> None:
-        from bcc import BPF  # only here: `serve` must not need bcc at all
+        """Build and pin the programs and maps in a child (LLVM never enters this process),
+        then open the pins."""
         from pyroute2 import IPRoute
 
         if ensure_bpffs(self.settings.pin_dir.parent):
             log.info("mounted bpffs at %s", self.settings.pin_dir.parent)
-        self.settings.pin_dir.mkdir(parents=True, exist_ok=True)
-        if not self.settings.fastpath:
-            for name, defn in maps.REGISTRY.items():  # a previous run's: not ours to serve now
-                if defn.fastpath:
-                    (self.settings.pin_dir / name).unlink(missing_ok=True)
-        src = bpf_source_dir() / "redirect.c"
-        log.info("compiling %s against %s", src, kheaders.apply(self.settings.kernel_headers))
-        t0 = time.monotonic()
-        try:
-            bpf = BPF(src_file=str(src).encode(), cflags=self.cflags())
-            progs = {
-                n: bpf.load_func(n.encode(), BPF.SCHED_CLS) for n in (PROG_FROM_POD, PROG_TO_POD)
-            }
-        except Exception as exc:  # bcc raises bare Exception with the compiler's message
-            raise InterceptorError(f"cannot build {src}: {exc}") from exc
-        self.bpf = bpf
-        self.fds = {n: f.fd for n, f in progs.items()}
-        carried = self._pin_carrying_state(bpf)
+        log.info("building the BPF programs (%s) in a child process", bpf_source_dir())
+        built = build_in_child(self.build_spec())
+        fds = {}
+        for name in PROGRAMS:
+            fd = lib.bpf_obj_get(str(prog_pin(self.settings.pin_dir, name)).encode())
+            if fd < 0:
+                raise InterceptorError(
+                    f"cannot open the pinned program {name}: {os.strerror(ct.get_errno())}"
+                )
+            fds[name] = fd
+        self.fds = fds
         log.info(
-            "BPF programs compiled and loaded in %.2fs (maps pinned in %s; %d entries carried "
-            "over from the previous agent's maps)",
-            time.monotonic() - t0,
+            "BPF programs compiled against %s and loaded in %.2fs (pinned in %s; %d map "
+            "entries carried over from the previous agent's maps)",
+            built.headers,
+            built.seconds,
             self.settings.pin_dir,
-            carried,
+            built.carried,
         )
         self.maps = open_maps(self.settings.pin_dir)
         self._ipr = IPRoute()
         self._adopt_pod_ids()
-
-    def _pin_carrying_state(self, bpf: Any) -> int:
-        """Pin the maps bcc just created, after copying into them what the previous agent's
-        pinned maps hold (flows, pod counters, answers, the handover grace), so a restart
-        loses no state and the programs still attached keep working until replaced.
-
-        bcc could pin them itself, but it reopens existing pins by map id, which needs
-        CAP_SYS_ADMIN.  A pin with another layout (another version) is replaced without
-        copying: that map's state is lost, not the node's DNS."""
-        carried = 0
-        for name, defn in maps.REGISTRY.items():
-            if defn.fastpath and not self.settings.fastpath:
-                continue
-            fd = bpf[name.encode()].map_fd
-            path = self.settings.pin_dir / name
-            shape = pinned_map_shape(path)
-            entries = defn.entries or self.settings.fastpath_entries
-            want = (ct.sizeof(defn.key), ct.sizeof(defn.value), entries)
-            if shape == want:
-                carried += copy_entries(path, fd, percpu=defn.percpu)
-            elif shape is not None:
-                log.warning(
-                    "pinned map %s has layout %s, this version needs %s: replacing it",
-                    path,
-                    shape,
-                    want,
-                )
-            pin_replacing(fd, path)
-        return carried
 
     def _adopt_pod_ids(self) -> None:
         """Keep pod ids (and so per-pod counters) across agent restarts."""
@@ -231,11 +186,12 @@ class Datapath:
             m.close()
         self.maps = {}
         pin_dir = self.settings.pin_dir
-        for path in sorted(pin_dir.glob("*")):
+        for path in sorted(pin_dir.glob("*")) + sorted((pin_dir / PROG_DIR).glob("*")):
             if path.is_file() or path.is_symlink():
                 path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            pin_dir.rmdir()
+        for d in (pin_dir / PROG_DIR, pin_dir):
+            with contextlib.suppress(OSError):
+                d.rmdir()
         log.info("removed the pinned maps in %s", pin_dir)
 
     # ------------------------------------------------------------ attach
@@ -420,19 +376,20 @@ class Datapath:
             m.close()
         if self._ipr is not None:
             self._ipr.close()
-        if self.bpf is not None:
-            self.bpf.cleanup()
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = {}
 
 
 class FlowReader:
     """Reads a flow's original destination for every cached answer the resolver serves, so
     it builds no ctypes objects and parses no addresses per call: one key and one value
-    buffer, packed in place, and the few server addresses' texts remembered."""
+    buffer, packed in place, one system call, and the few server addresses' texts
+    remembered."""
 
     def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._key = ct.create_string_buffer(ct.sizeof(maps.FlowKey))
-        self._val = ct.create_string_buffer(ct.sizeof(maps.FlowVal))
+        self._lookup = ElemLookup(fd, ct.sizeof(maps.FlowKey), ct.sizeof(maps.FlowVal))
         self._texts: dict[bytes, str] = {}
 
     def original_destination(self, pod_ip: str, pod_port: int, tcp: bool) -> str | None:
@@ -441,20 +398,20 @@ class FlowReader:
             packed = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, pod_ip)
         except OSError:
             return None
-        key = self._key
+        lookup = self._lookup
         # struct flow_key: the address (16 bytes, zero-padded), the port in network order,
         # the protocol and the family.
         FLOW_KEY.pack_into(
-            key,
+            lookup.key,
             0,
             packed,
             socket.htons(pod_port),
             socket.IPPROTO_TCP if tcp else socket.IPPROTO_UDP,
             maps.FAMILY_V6 if v6 else maps.FAMILY_V4,
         )
-        if lib.bpf_lookup_elem(self.fd, key, self._val) != 0:
+        if not lookup():
             return None
-        raw = self._val.raw[: 16 if v6 else 4]
+        raw = lookup.value.raw[: 16 if v6 else 4]
         text = self._texts.get(raw)
         if text is None:
             if len(self._texts) > 1024:  # --capture-all: pods may ask many servers

@@ -7,6 +7,7 @@ import signal
 import struct
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -342,3 +343,15 @@ def test_an_allowed_extra_server_is_forwarded_to(fresh_node: Node) -> None:
         assert fresh_node.answer("client1", "www.upstream.test") == ["192.0.2.53"]
     out = fresh_node.dig("client1", f"@{elsewhere}", "www.upstream.test")
     assert "status: SERVFAIL" in out, out
+
+
+def test_the_agent_never_maps_bcc_or_llvm(node: Node) -> None:
+    """The programs are built by a short-lived child: libbcc (and LLVM in it) never enters
+    the long-running agent, only the child that exited."""
+    assert node.agent is not None
+    kids = sh("pgrep", "-P", str(node.agent.proc.pid), check=False).stdout.split()
+    pid = int(kids[0]) if kids else node.agent.proc.pid  # under nsenter, or not
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "python" in Path(f"/proc/{pid}/cmdline").read_text()
+    assert "libbcc" not in maps and "libLLVM" not in maps and "libclang" not in maps
+    assert (node.pin_dir / "progs" / "dnsi_from_pod").exists()  # what the agent attached
