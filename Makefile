@@ -71,6 +71,7 @@ bench: setup
 	$(PY) -m tests.bench.peers
 	$(PY) -m tests.bench.ndots
 	$(PY) -m tests.bench.fairness
+	$(PY) -m tests.bench.agent_rss
 
 # The long runs: a million fuzzed packets along each path (about 9 minutes), and the soak
 # (ten minutes of load with restarts and churn).

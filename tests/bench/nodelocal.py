@@ -152,9 +152,12 @@ class Load:
     runs: int | None = None
     """-n: passes through the query file (a warm-up), instead of a time limit."""
     timeout: float = 2.0
+    tool: str = "dnsperf"
+    """The load generator: dnsperf, or dnsblast (tests/bench/blast.py), which takes the same
+    options and prints the same report."""
 
     def args(self, target: str, queries: Path) -> list[str]:
-        cmd = ["dnsperf", "-s", target, "-d", str(queries), "-c", str(self.clients)]
+        cmd = [self.tool, "-s", target, "-d", str(queries), "-c", str(self.clients)]
         cmd += ["-T", str(self.threads), "-q", str(self.outstanding), "-t", f"{self.timeout:g}"]
         if self.runs is not None:
             cmd += ["-n", str(self.runs)]
@@ -255,7 +258,8 @@ def run_dnsperf(
     """dnsperf from ``pod`` against ``target``, pinned to ``client_cpus``; a run without
     statistics, or with a per-query log that disagrees with dnsperf's own average, is an
     error rather than a row in the table."""
-    require_tool("dnsperf")
+    if load.tool == "dnsperf":
+        require_tool("dnsperf")
     cmd = ["ip", "netns", "exec", lab.pod_ns(pod), *load.args(target, queries)]
     before_counters = counters() if counters else {}
     limit = (load.duration if load.runs is None else 60) + 60
