@@ -96,10 +96,10 @@ class Datapath:
             fds[name] = fd
         self.fds = fds
         log.info(
-            "BPF programs compiled against %s and loaded in %.2fs (pinned in %s; %d map "
+            "BPF programs compiled and loaded in %.2fs against %s (pinned in %s; %d map "
             "entries carried over from the previous agent's maps)",
-            built.headers,
             built.seconds,
+            built.headers,
             self.settings.pin_dir,
             built.carried,
         )
