@@ -73,3 +73,51 @@ def test_a_datagram_longer_than_a_slot_is_cut_as_recvfrom_would() -> None:
     finally:
         server.close()
         client.close()
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["recvmmsg", "recvfrom"])
+def test_the_udp_server_answers_both_ways(batched: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """UdpServer with batches and with its one-by-one fallback (a platform without
+    recvmmsg): hot answers, careful answers and the peer's own port, the same either way."""
+    import asyncio
+
+    import dns.message
+    import dns.rcode
+
+    from interceptor.model.servicemap import ServiceMap
+    from interceptor.resolve import listener
+    from interceptor.resolve.resolver import Resolver
+    from interceptor.settings import Endpoint, Settings, ZoneSettings
+    from tests.unit.fakes import FakeForwarder
+    from tests.unit.test_servicemap import svc
+
+    monkeypatch.setattr(listener.batchio, "available", lambda: batched)
+    smap = ServiceMap(ZoneSettings())
+    smap.replace([svc("web", ip="10.96.0.5")])
+    resolver = Resolver(smap, FakeForwarder({}), Settings(), [Endpoint("192.0.2.53", 53)])
+
+    async def run() -> list[tuple[int, list[str]]]:
+        sock = listener.bind_socket(Endpoint("127.0.0.1", 0), socket.SOCK_DGRAM)
+        server = listener.UdpServer(resolver, sock)
+        assert (server.batch is not None) == batched
+        server.start()
+        loop = asyncio.get_running_loop()
+        out = []
+        try:
+            for name in ("web.ns1.svc.cluster.local", "nothere.ns1.svc.cluster.local") * 2:
+                client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                client.setblocking(False)
+                q = dns.message.make_query(name, "A")
+                await loop.sock_sendto(client, q.to_wire(), sock.getsockname())
+                data = await asyncio.wait_for(loop.sock_recv(client, 4096), 2)
+                r = dns.message.from_wire(data)
+                assert r.id == q.id
+                out.append((r.rcode(), [rr.to_text() for a in r.answer for rr in a]))
+                client.close()
+        finally:
+            server.close()
+        return out
+
+    got = asyncio.run(run())
+    hit, junk = (dns.rcode.NOERROR, ["10.96.0.5"]), (dns.rcode.NXDOMAIN, [])
+    assert got == [hit, junk, hit, junk]
