@@ -181,9 +181,11 @@ def strict_check(query: bytes, reply: bytes, out: Results) -> None:
         out.rejected.append((query, reply, f"{type(exc).__name__}: {exc}"))
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of /proc/<pid>/status in KiB (VmRSS, or VmHWM for the peak); 0 when
+    the process has none (a zombie)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
 

@@ -38,6 +38,14 @@ def encode(key: bytes, answer: Answer) -> tuple[maps.FpKey, maps.FpAnswer] | Non
     k = maps.FpKey()
     ct.memmove(k.name, name, len(name))
     k.qtype = int.from_bytes(key[-2:], "little")  # the bytes as they are on the wire
+    return k, answer_value(answer)
+
+
+def answer_value(answer: Answer) -> maps.FpAnswer:
+    """An answer as the kernel stores it; its body must fit FP_BODY_MAX (the callers check:
+    a longer one would be written past the slot)."""
+    if len(answer.body) > maps.FP_BODY_MAX:
+        raise ValueError(f"answer body of {len(answer.body)} bytes exceeds a kernel slot")
     v = maps.FpAnswer()
     v.flag_hi = answer.flag_hi
     v.flag_lo = answer.flag_lo
@@ -45,7 +53,7 @@ def encode(key: bytes, answer: Answer) -> tuple[maps.FpKey, maps.FpAnswer] | Non
     v.an, v.ns, v.ar = (_wire16(n) for n in (answer.an, answer.ns, answer.ar))
     v.len = len(answer.body)
     ct.memmove(v.body, answer.body, len(answer.body))
-    return k, v
+    return v
 
 
 class AnswerMap:
@@ -196,6 +204,8 @@ class JunkAnswers:
 
     def _switch(self, on: bool) -> None:
         v = maps.FpJunk()
+        if on and len(self.nxdomain.body) > maps.FP_BODY_MAX:
+            on = False  # a zone name so long that its SOA does not fit: the resolver's job
         if on:
             suffix = wire.encode_name(self.zone)
             v.suffix_len = len(suffix)
@@ -203,9 +213,7 @@ class JunkAnswers:
             pods = wire.encode_name(self.pods)
             v.pod_suffix_len = len(pods)
             ct.memmove(v.pod_suffix, pods, len(pods))
-            entry = encode(wire.encode_name("x") + struct.pack("!H", wire.A), self.nxdomain)
-            assert entry is not None  # the zone's SOA fits a slot
-            v.nxdomain = entry[1]
+            v.nxdomain = answer_value(self.nxdomain)
         self.junk.put(ct.c_uint32(0), v)
         self.on = on
 

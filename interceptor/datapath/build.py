@@ -25,7 +25,6 @@ from typing import Any
 from interceptor.datapath import kheaders, maps
 from interceptor.datapath.bpfsys import (
     copy_entries,
-    ensure_bpffs,
     pin_replacing,
     pinned_map_shape,
 )
@@ -94,11 +93,11 @@ def prog_pin(pin_dir: Path, name: str) -> Path:
 
 
 def build(spec: BuildSpec) -> Built:
-    """Compile, load and pin (in this process: the child's side)."""
+    """Compile, load and pin (in this process: the child's side; the agent has mounted
+    bpffs already)."""
     from bcc import BPF
 
     pin_dir = Path(spec.pin_dir)
-    ensure_bpffs(pin_dir.parent)
     (pin_dir / PROG_DIR).mkdir(parents=True, exist_ok=True)
     if not spec.fastpath:
         for name, defn in maps.REGISTRY.items():  # a previous run's: not ours to serve now

@@ -364,8 +364,32 @@ def udp_limit(edns: Edns | None, max_udp: int) -> int:
     return max(512, min(edns.udp_size, max_udp))
 
 
-_OPT_CACHE: dict[tuple[int, int], bytes] = {}
+_OPT_CACHE: dict[tuple[int, bool], bytes] = {}
 """Our OPT record by (payload size, DO bit): the hot path must not pack it per query."""
+
+
+NO_EDNS, EDNS, EDNS_DO = 0, 1, 3
+"""What :func:`plain_tail` found after the question (bit 0: an OPT record, bit 1: DO)."""
+
+
+def plain_tail(data: bytes, qend: int, max_udp: int) -> tuple[int, int] | None:
+    """For a one-question query whose question ends at ``qend``: (the largest response the
+    client takes, :data:`NO_EDNS` / :data:`EDNS` / :data:`EDNS_DO`), when the rest of the
+    message is nothing or exactly one well-formed OPT record of EDNS version 0; else None
+    (the careful path decides: BADVERS, FORMERR ...).  The hot paths' one parse of it."""
+    counts = data[4:12]
+    if counts == COUNTS_PLAIN:
+        return (512, NO_EDNS) if len(data) == qend else None
+    if counts != COUNTS_EDNS:
+        return None
+    # OPT: root name, type 41, payload size, ext-rcode, version, flags, rdlen, options.
+    if data[qend : qend + 3] != OPT_HEAD or data[qend + 6] != 0 or len(data) < qend + 11:
+        return None
+    if qend + 11 + ((data[qend + 9] << 8) | data[qend + 10]) != len(data):
+        return None
+    limit = (data[qend + 3] << 8) | data[qend + 4]
+    limit = 512 if limit < 512 else (max_udp if limit > max_udp else limit)
+    return limit, EDNS_DO if data[qend + 7] & 0x80 else EDNS
 
 
 def fast_response(data: bytes, table: dict[bytes, Answer], max_udp: int) -> bytes | None:
@@ -388,29 +412,20 @@ def fast_response(data: bytes, table: dict[bytes, Answer], max_udp: int) -> byte
     qend = z + 5
     if data[z + 3 : qend] != b"\x00\x01":
         return None
-    counts = data[4:12]
-    if counts == COUNTS_PLAIN:
-        if len(data) != qend:
-            return None
-        limit = 512
+    shape = plain_tail(data, qend, max_udp)
+    if shape is None:
+        return None
+    limit, edns = shape
+    if edns == NO_EDNS:
         head = answer.counts_plain
         opt = b""
-    elif counts == COUNTS_EDNS:
-        # OPT: root name, type 41, payload size, ext-rcode, version, flags, rdlen, options.
-        if data[qend : qend + 3] != OPT_HEAD or data[qend + 6] != 0 or len(data) < qend + 11:
-            return None
-        if qend + 11 + ((data[qend + 9] << 8) | data[qend + 10]) != len(data):
-            return None
-        limit = (data[qend + 3] << 8) | data[qend + 4]
-        limit = 512 if limit < 512 else (max_udp if limit > max_udp else limit)
+    else:
         head = answer.counts_edns
-        do = data[qend + 7] & 0x80
+        do = edns == EDNS_DO
         cached = _OPT_CACHE.get((max_udp, do))
         if cached is None:
-            cached = _OPT_CACHE.setdefault((max_udp, do), opt_record(max_udp, bool(do)))
+            cached = _OPT_CACHE.setdefault((max_udp, do), opt_record(max_udp, do))
         opt = cached
-    else:
-        return None
     body = answer.body
     if qend + len(body) + len(opt) > limit:
         return None

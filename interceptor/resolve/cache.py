@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from interceptor.dns.message import skip_name, walk_records
@@ -60,12 +60,16 @@ class Entry:
     def render(self, age: int, left: int) -> bytes:
         """The message with every TTL counted down by ``age`` and capped at ``left``."""
         if self.rendered_for != (age, left):
-            out = bytearray(self.message)
-            for off, ttl in zip(self.ttl_offsets, self.ttls, strict=True):
-                struct.pack_into("!I", out, off, max(0, min(ttl - age, left)))
-            self.rendered = bytes(out)
+            self.rendered = self.with_ttls(max(0, min(ttl - age, left)) for ttl in self.ttls)
             self.rendered_for = (age, left)
         return self.rendered
+
+    def with_ttls(self, ttls: Iterable[int]) -> bytes:
+        """The message with its TTL fields set to ``ttls``, in order."""
+        out = bytearray(self.message)
+        for off, ttl in zip(self.ttl_offsets, ttls, strict=True):
+            struct.pack_into("!I", out, off, ttl)
+        return bytes(out)
 
 
 def ttl_fields(msg: bytes) -> tuple[list[int], list[int], int | None]:
@@ -167,7 +171,7 @@ class Cache:
                     self.stats.misses += 1
                 return None
             self.stats.stale_served += 1
-            return self._render(entry, lambda ttl: STALE_TTL), entry
+            return entry.with_ttls(STALE_TTL for _ in entry.ttls), entry
         self.entries.move_to_end(key)
         entry.hits += 1
         self.stats.hits += 1
@@ -195,13 +199,6 @@ class Cache:
         entry.hits += 1
         self.stats.hits += 1
         return entry.render(age, left), until, entry
-
-    @staticmethod
-    def _render(entry: Entry, ttl_of: Callable[[int], int]) -> bytes:
-        out = bytearray(entry.message)
-        for off, ttl in zip(entry.ttl_offsets, entry.ttls, strict=True):
-            struct.pack_into("!I", out, off, ttl_of(ttl))
-        return bytes(out)
 
     def has_stale(self, key: bytes) -> bool:
         """Whether an expired answer for ``key`` could still be served (nothing counted)."""

@@ -14,14 +14,12 @@ from typing import Any
 
 from interceptor.dns import wire
 from interceptor.dns.message import (
-    COUNTS_EDNS,
-    COUNTS_PLAIN,
-    OPT_HEAD,
     Query,
     cap_edns,
     error_response,
     fit,
     opt_record,
+    plain_tail,
 )
 from interceptor.resolve.cache import Cache, Entry
 from interceptor.resolve.decision import Decision, Rule
@@ -130,21 +128,11 @@ class CachingForwarder:
         qend = z + 5
         if data[z + 3 : qend] != b"\x00\x01" or data[z + 1] == 0 and data[z + 2] in _XFR:
             return None  # another class, or a zone transfer: the careful path refuses
-        counts = data[4:12]
-        if counts == COUNTS_PLAIN:
-            if len(data) != qend:
-                return None
-            limit, flags = 512, 0
-        elif counts == COUNTS_EDNS:
-            if data[qend : qend + 3] != OPT_HEAD or data[qend + 6] != 0 or len(data) < qend + 11:
-                return None  # not OPT, or EDNS version > 0 (BADVERS is the careful path's)
-            if qend + 11 + ((data[qend + 9] << 8) | data[qend + 10]) != len(data):
-                return None
-            limit = (data[qend + 3] << 8) | data[qend + 4]
-            limit = 512 if limit < 512 else (self.max_udp if limit > self.max_udp else limit)
-            flags = 3 if data[qend + 7] & 0x80 else 1
-        else:
+        shape = plain_tail(data, qend, self.max_udp)
+        if shape is None:
             return None
+        # The cache key's flags are cache_key's: bit 0 EDNS, bit 1 DO (as plain_tail's), 2 CD.
+        limit, flags = shape
         if data[3] & 0x10:
             flags |= 4
         # Only the name is lowercased: a type's bytes can look like ASCII letters (65, HTTPS).

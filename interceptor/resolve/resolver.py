@@ -108,8 +108,9 @@ class Resolver:
         self.synced = synced if synced is not None else SyncGate()
         self.stats = RequestStats()
         self._fast_mesh = 0
-        self._fast_cache = 0
         """Hot-path mesh answers since the listener last reported its batch timing."""
+        self._fast_cache = 0
+        """Hot-path cached answers, likewise."""
         self._fast_counts = self.stats.fast
         self._zone_tail = smap.zone_wire
         self._zone_tail_start = 1 - len(smap.zone_wire)
@@ -257,10 +258,11 @@ class Resolver:
         """A cached forwarded answer, when the route needs no decision: not a zone of
         ``--forward``, and the server is fixed or the pod's own (an allowed one)."""
         if self.caching.cache is None:
-            return None
+            return None  # before the route: no flow lookup for nothing
+        z = data.find(0, 12)
         if self._zone_wires:
-            name = data[12 : data.find(0, 12) + 1].lower()
-            if any(name.endswith(z) for z in self._zone_wires):
+            name = data[12 : z + 1].lower()
+            if any(name.endswith(zone) for zone in self._zone_wires):
                 return None  # may be a stub domain's (the careful path matches labels)
         servers = self._route_key(client)
         if servers is None:
@@ -269,7 +271,6 @@ class Resolver:
         if hit is None:
             return None
         reply, until, key, entry = hit
-        z = data.find(0, 12)
         stat = data[z + 1 : z + 3] + b"c" + bytes((reply[3] & 15,))
         self._fast_cache += 1
         counts = self._fast_counts

@@ -18,25 +18,12 @@ from pathlib import Path
 
 import yaml
 
-from devlab.netns import sh
 from tests.bench.common import positive, service_manifest, table
+from tests.fuzzing import rss_kib
 from tests.lab.conftest import make_node
 
 COREDNS_KB_PER_OBJECT = 0.86
 COREDNS_BASE_MB = 49.0
-
-
-def agent_pid(launcher: int) -> int:
-    """The agent's own PID (it may run under nsenter)."""
-    kids = sh("pgrep", "-P", str(launcher), check=False).stdout.split()
-    return int(kids[0]) if kids else launcher
-
-
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} for pid {pid}")
 
 
 def measure(services: int, settle: float) -> dict[str, object]:
@@ -49,13 +36,12 @@ def measure(services: int, settle: float) -> dict[str, object]:
             for i in range(20):  # the resolver's paths warmed, as in service
                 node.dig("client1", f"svc-{i % services}.bench.svc.cluster.local")
             time.sleep(settle)
-            assert node.agent is not None
-            pid = agent_pid(node.agent.proc.pid)
+            pid = node.agent_pid()
             maps = Path(f"/proc/{pid}/maps").read_text()
             return {
                 "services": services,
-                "rss_mib": status_kib(pid, "VmRSS") / 1024,
-                "hwm_mib": status_kib(pid, "VmHWM") / 1024,
+                "rss_mib": rss_kib(pid) / 1024,
+                "hwm_mib": rss_kib(pid, "VmHWM") / 1024,
                 "llvm": any(x in maps for x in ("libbcc", "libLLVM", "libclang")),
             }
     raise RuntimeError("no node")

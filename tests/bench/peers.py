@@ -454,10 +454,10 @@ def latency_table(r: Report) -> str:
             "p99 µs",
             "p99.9 µs",
             "p99 vs best peer",
-            f"{CLIENT} avg µs",
+            f"{r.args.client} avg µs",
             "answers",
             "lost",
-            f"{CLIENT} CPU",
+            f"{r.args.client} CPU",
             "other CPU",
         ],
         rows,
@@ -490,7 +490,7 @@ def cpu_table(r: Report) -> str:
         [
             "system",
             "client CPU",
-            f"{CLIENT} process",
+            f"{r.args.client} process",
             "server CPU",
             "server process",
             "softirq CPU0 / CPU1",
@@ -566,9 +566,9 @@ def client_notes(r: Report) -> list[str]:
             )
             out.append(
                 f"- {s.name}: the client CPU was {m.client_busy:.0f}% busy in the pinned max-QPS "
-                f"run ({CLIENT}'s process {m.perf.dnsperf_cpu_pct or 0:.0f}%, with the kernel's "
-                f"packet work done in its system calls{kernel}): {m.perf.qps:,.0f} QPS is what "
-                "the client could send, a lower bound of the server's capacity"
+                f"run ({r.args.client}'s process {m.perf.dnsperf_cpu_pct or 0:.0f}%, with the "
+                f"kernel's packet work done in its system calls{kernel}): {m.perf.qps:,.0f} QPS "
+                "is what the client could send, a lower bound of the server's capacity"
             )
         elif m.limit == "neither":
             out.append(
@@ -587,8 +587,8 @@ def client_notes(r: Report) -> list[str]:
                 )
         if (fx.perf.dnsperf_cpu_pct or 0) > 70:
             out.append(
-                f"- {s.name}: {CLIENT} used {fx.perf.dnsperf_cpu_pct:.0f}% of its CPU at the "
-                "fixed rate; its own scheduling may show in the latency tail"
+                f"- {s.name}: {r.args.client} used {fx.perf.dnsperf_cpu_pct:.0f}% of its CPU at "
+                "the fixed rate; its own scheduling may show in the latency tail"
             )
     return out
 
@@ -598,7 +598,7 @@ def render(r: Report, plot: Path | None) -> str:
     pinned, fixed = r.phases["pinned"], r.phases["fixed"]
     ml, fl = pinned.load, fixed.load
     pin = (
-        f"{CLIENT} pinned to CPU {min(pinned.client_cpus)}, every server to CPU "
+        f"{r.args.client} pinned to CPU {min(pinned.client_cpus)}, every server to CPU "
         f"{min(pinned.server_cpus)}"
         if pinned.client_cpus and pinned.server_cpus
         else "no CPU pinning"
@@ -622,7 +622,7 @@ def render(r: Report, plot: Path | None) -> str:
         "every system's answer to every name is checked (dnspython, from the pod) before it "
         "is measured.",
         "",
-        f"Max QPS: `{CLIENT} -c {ml.clients} -T {ml.threads} -q {ml.outstanding} -l "
+        f"Max QPS: `{r.args.client} -c {ml.clients} -T {ml.threads} -q {ml.outstanding} -l "
         f"{ml.duration:g}` from the pod"
         + (
             "; again with nothing pinned (client, kernel and server share both CPUs: the "
@@ -630,7 +630,7 @@ def render(r: Report, plot: Path | None) -> str:
             if r.unpinned
             else ""
         )
-        + f".  Latency: `{CLIENT} -Q {r.rate} -c {fl.clients} -T {fl.threads} -q "
+        + f".  Latency: `{r.args.client} -Q {r.rate} -c {fl.clients} -T {fl.threads} -q "
         f"{fl.outstanding} -l {fl.duration:g} -v` (each query's latency, µs resolution), "
         + ("the rate given" if a.rate else "a rate every system sustained")
         + (
@@ -653,8 +653,8 @@ def render(r: Report, plot: Path | None) -> str:
         "Targets:",
         *target_lines(r),
         "",
-        f"Where the CPU went in the pinned max-QPS run (client = {CLIENT}'s CPU, server = the "
-        "server's CPU; busy includes the kernel's packet work on that CPU):",
+        f"Where the CPU went in the pinned max-QPS run (client = {r.args.client}'s CPU, server = "
+        "the server's CPU; busy includes the kernel's packet work on that CPU):",
         "",
         cpu_table(r),
         "",
@@ -663,7 +663,7 @@ def render(r: Report, plot: Path | None) -> str:
         "Peers: " + "; ".join(f"{s.name}: {s.description}" for s in r.systems) + ".",
         f"CoreDNS: {r.coredns_note}.",
         "",
-        CLIENT_NOTES.get(CLIENT, ""),
+        CLIENT_NOTES.get(r.args.client, ""),
     ]
     if plot is not None:
         lines += ["", f"![latency distributions at {r.rate:,} QPS]({plot.name})"]
@@ -693,7 +693,7 @@ def write_plot(r: Report, path: Path) -> Path | None:
     cdf.set_xscale("log")
     cdf.set_xlabel("latency (µs, log scale)")
     cdf.set_ylabel("fraction of queries answered")
-    cdf.set_title(f"Latency CDF at {r.rate:,} QPS ({CLIENT} -v from a pod)")
+    cdf.set_title(f"Latency CDF at {r.rate:,} QPS ({r.args.client} -v from a pod)")
     cdf.grid(True, which="both", alpha=0.3)
     cdf.legend(loc="lower right", fontsize=8)
     tail.set_xscale("log")
@@ -760,9 +760,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-CLIENT = "dnsperf"
-"""The load generator of this run (--client), as the report names it."""
-
 SINK = r"""
 import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -774,12 +771,12 @@ time.sleep(float(sys.argv[1]))
 
 
 def client_offer(
-    lab: Lab, tool: str, inputs: Inputs, cpus: set[int] | None, seconds: float
+    lab: Lab, client: str, tool: str, inputs: Inputs, cpus: set[int] | None, seconds: float
 ) -> float | None:
     """dnsblast -O (send only) from the pod to a socket there that reads nothing, on the
     client's CPU: how many queries a second the client can offer at all.  None for dnsperf,
     which has no such mode."""
-    if CLIENT != "dnsblast":
+    if client != "dnsblast":
         return None
     sink = subprocess.Popen(
         ["ip", "netns", "exec", lab.pod_ns(POD), sys.executable, "-c", SINK, str(seconds + 30)],
@@ -817,11 +814,9 @@ CLIENT_NOTES = {
 
 
 def run(args: argparse.Namespace) -> int:
-    global CLIENT
     for tool in ("dig", "nsenter") + (("dnsperf",) if args.client == "dnsperf" else ()):
         require_tool(tool)
     tool = "dnsperf" if args.client == "dnsperf" else str(blast_binary())
-    CLIENT = args.client
     if os.geteuid() != 0:
         raise BenchError("needs root (network namespaces, BPF)")
     if args.names > 38_000:
@@ -868,7 +863,7 @@ def run(args: argparse.Namespace) -> int:
             fixed_load = Load(args.seconds, 1, 1, 100, rate=rate, verbose=True, tool=tool)
             phases["fixed"] = Phase(f"{rate:,} QPS", fixed_load, client_cpus, server_cpus)
             fixed = run_phase(lab, chosen, inputs, phases["fixed"], args.rounds)
-            offer = client_offer(lab, tool, inputs, client_cpus, args.seconds)
+            offer = client_offer(lab, args.client, tool, inputs, client_cpus, args.seconds)
             report = Report(
                 args,
                 chosen,

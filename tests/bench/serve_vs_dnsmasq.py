@@ -134,11 +134,10 @@ def interceptor_command(inputs: Inputs, port: int, upstream: str) -> list[str]:
     ]
 
 
-def dnsmasq_command(dnsmasq: str, inputs: Inputs, port: int) -> list[str]:
-    """dnsmasq answering only its host-records: no resolv.conf, no /etc/hosts, no --server,
-    so it has no upstream to forward to.  ``-C`` replaces /etc/dnsmasq.conf, an empty
-    ``--pid-file=`` keeps it from writing /run/dnsmasq.pid, and ``--log-facility=-`` puts its
-    (startup-only; no --log-queries) log into our log file instead of syslog."""
+def dnsmasq_base(dnsmasq: str, port: int) -> list[str]:
+    """dnsmasq on a loopback port: no resolv.conf, no /etc/hosts, in the foreground.  An
+    empty ``--pid-file=`` keeps it from writing /run/dnsmasq.pid, and ``--log-facility=-``
+    puts its log into our log file instead of syslog."""
     return [
         dnsmasq,
         "--no-resolv",
@@ -147,9 +146,17 @@ def dnsmasq_command(dnsmasq: str, inputs: Inputs, port: int) -> list[str]:
         f"--listen-address={LOOPBACK}",
         "--bind-interfaces",
         "--keep-in-foreground",
-        "--cache-size=10000",
         "--pid-file=",
         "--log-facility=-",
+    ]
+
+
+def dnsmasq_command(dnsmasq: str, inputs: Inputs, port: int) -> list[str]:
+    """dnsmasq answering only its host-records: no --server, so it has no upstream to
+    forward to; ``-C`` replaces /etc/dnsmasq.conf (startup-only log: no --log-queries)."""
+    return [
+        *dnsmasq_base(dnsmasq, port),
+        "--cache-size=10000",
         "-C",
         str(inputs.dnsmasq_conf),
     ]
@@ -290,6 +297,18 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             for srv in servers:
                 stop_process(srv.proc)
+    return run_report(args, params, client_cpus, server_cpus, servers, results)
+
+
+def run_report(
+    args: argparse.Namespace,
+    params: PerfParams,
+    client_cpus: set[int] | None,
+    server_cpus: set[int] | None,
+    servers: list[Running],
+    results: list[PerfResult],
+) -> dict[str, Any]:
+    """One throughput run as the report (and --json) shows it."""
     return {
         "names": args.names,
         "params": asdict(params),
@@ -350,17 +369,9 @@ def run_cached(args: argparse.Namespace) -> dict[str, Any]:
             with origin_log.open("ab") as out:
                 origin = subprocess.Popen(
                     [
-                        dnsmasq,
-                        "--no-resolv",
-                        "--no-hosts",
-                        f"--port={origin_port}",
-                        f"--listen-address={LOOPBACK}",
-                        "--bind-interfaces",
-                        "--keep-in-foreground",
+                        *dnsmasq_base(dnsmasq, origin_port),
                         f"--local-ttl={ORIGIN_TTL}",
                         "--log-queries",
-                        "--pid-file=",
-                        "--log-facility=-",
                         "-C",
                         str(conf),
                     ],
@@ -386,17 +397,9 @@ def run_cached(args: argparse.Namespace) -> dict[str, Any]:
                 start_server(
                     "dnsmasq",
                     lambda p: [
-                        dnsmasq,
-                        "--no-resolv",
-                        "--no-hosts",
+                        *dnsmasq_base(dnsmasq, p),
                         f"--server={LOOPBACK}#{origin_port}",
-                        f"--port={p}",
-                        f"--listen-address={LOOPBACK}",
-                        "--bind-interfaces",
-                        "--keep-in-foreground",
                         "--cache-size=10000",
-                        "--pid-file=",
-                        "--log-facility=-",
                     ],
                     workdir / "dnsmasq.log",
                     inputs,
@@ -429,16 +432,7 @@ def run_cached(args: argparse.Namespace) -> dict[str, Any]:
                 stop_process(srv.proc)
             stop_process(origin)
     return {
-        "names": args.names,
-        "params": asdict(params),
-        "cpus": {
-            "dnsperf": sorted(client_cpus) if client_cpus else None,
-            "servers": sorted(server_cpus) if server_cpus else None,
-        },
-        "servers": {s.name: {"command": shlex.join(s.command)} for s in servers},
-        "results": [r.as_dict() for r in results],
-        "ratio_qps": ratio(results, "qps"),
-        "ratio_latency": ratio(results, "avg_latency_ms"),
+        **run_report(args, params, client_cpus, server_cpus, servers, results),
         "origin_queries_during_runs": leaked,
         "rounds": args.rounds,
         "all_qps": {name: [round(r.qps) for r in rs] for name, rs in runs.items()},

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from devlab.netns import Agent, Lab, PodSpec, stop
+from devlab.netns import Agent, Lab, PodSpec, sh, stop
 from tests.helpers import DATA
 
 UPSTREAM_RECORDS = (
@@ -53,6 +53,13 @@ class Node:
             extra = ("--early-capture=0", *extra)
         self.agent = self.lab.start_agent(self.source, *extra, pin_dir=self.pin_dir)
         return self.agent
+
+    def agent_pid(self) -> int:
+        """The agent process's own PID (the lab may start it under nsenter)."""
+        assert self.agent is not None
+        launcher = self.agent.proc.pid
+        kids = sh("pgrep", "-P", str(launcher), check=False).stdout.split()
+        return int(kids[0]) if kids else launcher
 
     def stop_agent(self) -> int | None:
         if self.agent is None:

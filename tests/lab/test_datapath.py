@@ -348,9 +348,7 @@ def test_an_allowed_extra_server_is_forwarded_to(fresh_node: Node) -> None:
 def test_the_agent_never_maps_bcc_or_llvm(node: Node) -> None:
     """The programs are built by a short-lived child: libbcc (and LLVM in it) never enters
     the long-running agent, only the child that exited."""
-    assert node.agent is not None
-    kids = sh("pgrep", "-P", str(node.agent.proc.pid), check=False).stdout.split()
-    pid = int(kids[0]) if kids else node.agent.proc.pid  # under nsenter, or not
+    pid = node.agent_pid()
     maps = Path(f"/proc/{pid}/maps").read_text()
     assert "python" in Path(f"/proc/{pid}/cmdline").read_text()
     assert "libbcc" not in maps and "libLLVM" not in maps and "libclang" not in maps

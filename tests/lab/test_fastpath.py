@@ -122,23 +122,27 @@ def fnode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         yield n
 
 
+def variants(names: list[str], rng: random.Random) -> list[bytes]:
+    """A and AAAA for each name, four ways: as given, then in mixed case with RD off, with
+    CD, and with EDNS 512 / 1232 / 4096 (the last with a cookie option)."""
+    return [
+        query(
+            mixed_case(name, rng) if variant else name,
+            qtype,
+            qid=rng.randrange(65536),
+            rd=variant != 1,
+            cd=variant == 2,
+            edns=(None, 512, 1232, 4096)[variant],
+            cookie=variant == 3,
+        )
+        for name in names
+        for qtype in (wire.A, wire.AAAA)
+        for variant in range(4)
+    ]
+
+
 def test_kernel_answers_equal_resolver_answers_byte_for_byte(fnode: Node) -> None:
-    rng = random.Random(7)
-    queries: list[bytes] = []
-    for name in NAMES:
-        for qtype in (wire.A, wire.AAAA):
-            for variant in range(4):
-                queries.append(
-                    query(
-                        mixed_case(name, rng) if variant else name,
-                        qtype,
-                        qid=rng.randrange(65536),
-                        rd=variant != 1,
-                        cd=variant == 2,
-                        edns=(None, 512, 1232, 4096)[variant],
-                        cookie=variant == 3,
-                    )
-                )
+    queries = variants(NAMES, random.Random(7))
     before = fp_stats(fnode)
     from_pod = probe(fnode, "client1", SERVER, queries)
     after = fp_stats(fnode)

@@ -15,7 +15,7 @@ import pytest
 from interceptor.dns import wire
 from interceptor.ops.counters import CounterReader
 from tests.lab.conftest import Node, make_node
-from tests.lab.test_fastpath import RESOLVER, SERVER, fp_stats, mixed_case, probe, query
+from tests.lab.test_fastpath import RESOLVER, SERVER, fp_stats, probe, query, variants
 
 JUNK = [
     "www.example.com.ns1.svc.cluster.local",  # ndots:5 expansion in namespace ns1
@@ -44,21 +44,7 @@ def jnode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
 
 
 def test_junk_is_answered_in_the_kernel_as_the_resolver_answers_it(jnode: Node) -> None:
-    rng = random.Random(11)
-    queries = [
-        query(
-            mixed_case(name, rng) if variant else name,
-            qtype,
-            qid=rng.randrange(65536),
-            rd=variant != 1,
-            cd=variant == 2,
-            edns=(None, 512, 1232, 4096)[variant],
-            cookie=variant == 3,
-        )
-        for name in JUNK
-        for qtype in (wire.A, wire.AAAA)
-        for variant in range(4)
-    ]
+    queries = variants(JUNK, random.Random(11))
     before, woke = fp_stats(jnode), redirected(jnode)
     from_pod = probe(jnode, "client1", SERVER, queries)
     after = fp_stats(jnode)
