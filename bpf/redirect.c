@@ -405,6 +405,8 @@ static __always_inline int __open_flow(struct __sk_buff *skb, struct pkt *p, str
 BPF_F_TABLE("hash", struct fp_key, struct fp_answer, FP_ANSWERS, FP_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct fp_name, __u8, FP_OWNERS, FP_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 BPF_ARRAY(FP_JUNK, struct fp_junk, 1);
+BPF_F_TABLE("hash", struct fp_ckey, struct fp_cached, FP_CACHE, FP_CACHED_ENTRIES,
+	    BPF_F_NO_PREALLOC);
 BPF_TABLE("percpu_array", __u32, __u64, FP_STATS, FP_RESULT_MAX);
 BPF_ARRAY(FP_SCRATCH, struct fp_scratch, 1);
 
@@ -494,14 +496,39 @@ static __always_inline struct fp_answer *__fp_junk(struct fp_scratch *s)
 	return &junk->nxdomain;
 }
 
+/* The cached reply for the question in s->key, asked of p->daddr with q's EDNS and CD, while
+ * the kernel may still give it (before its last tenth); else NULL. */
+static __always_inline struct fp_cached *
+__fp_cached(struct pkt *p, struct config *cfg, struct fp_scratch *s, struct fp_query *q, __u64 now)
+{
+	struct fp_ckey *ck = (struct fp_ckey *)&s->key;
+	struct fp_cached *c;
+
+	ck->flags = (q->edns ? FP_CK_EDNS : 0) | (q->hdr[3] & 0x10 ? FP_CK_CD : 0);
+	if (cfg->flags & CFG_CACHED_BY_SERVER) {
+		ck->family = p->family;
+		ck->server = p->daddr;
+	} else {
+		ck->family = 0;
+		__builtin_memset(&ck->server, 0, sizeof(ck->server));
+	}
+	c = FP_CACHE.lookup(ck);
+	ck->flags = 0; /* s->key is an fp_key again */
+	ck->family = 0;
+	if (!c || now >= c->due_ns)
+		return NULL;
+	return c;
+}
+
 static __always_inline int __fastpath(struct __sk_buff *skb, struct pkt *p, struct config *cfg,
 				      struct pod_info *pod, __u64 now)
 {
 	struct fp_query q = {};
 	struct fp_scratch *s;
 	struct fp_answer *ans;
-	__u32 zero = 0;
-	int ret, junk = 0;
+	struct fp_cached *cached = NULL;
+	__u32 zero = 0, kind = FP_HIT;
+	int ret;
 
 	s = FP_SCRATCH.lookup(&zero);
 	if (!s)
@@ -512,16 +539,21 @@ static __always_inline int __fastpath(struct __sk_buff *skb, struct pkt *p, stru
 	ans = FP_ANSWERS.lookup(&s->key);
 	if (!ans) {
 		ans = __fp_junk(s);
-		if (!ans)
+		kind = FP_NXDOMAIN;
+	}
+	if (!ans) {
+		cached = __fp_cached(p, cfg, s, &q, now);
+		if (!cached)
 			return -FP_MISS;
-		junk = 1;
+		ans = &cached->ans;
+		kind = FP_CACHED;
 	}
 	if (__bucket_take(&pod->answers.ts, &pod->answers.tokens, cfg->answer_rate,
 			  cfg->answer_burst, now))
 		return -FP_LIMITED;
-	ret = __fp_answer(skb, p, cfg, s, &q, ans);
-	if (junk && ret >= 0)
-		__fp_count(FP_NXDOMAIN);
+	ret = __fp_answer(skb, p, cfg, s, &q, ans, cached, now);
+	if (kind != FP_HIT && ret >= 0)
+		__fp_count(kind);
 	return ret;
 }
 #endif /* ENABLE_FASTPATH */

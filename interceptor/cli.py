@@ -433,6 +433,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="capacity of the in-kernel answer map (default: %(default)s)",
     )
     agent.add_argument(
+        "--fastpath-cached",
+        type=_non_negative_int,
+        default=DATAPATH.fastpath_cached,
+        metavar="N",
+        help="hot forwarded names answered in the kernel from the cache, at most "
+        "(0: none; default: %(default)s)",
+    )
+    agent.add_argument(
+        "--fastpath-cached-hits",
+        type=_positive_int,
+        default=DATAPATH.fastpath_cached_hits,
+        metavar="N",
+        help="a cached answer goes down to the kernel once the resolver has served it N "
+        "times (default: %(default)s)",
+    )
+    agent.add_argument(
         "--state-dir",
         type=Path,
         default=AGENT.state_dir,
@@ -575,6 +591,8 @@ def agent_settings_from(args: argparse.Namespace) -> AgentSettings:
             tcp_connections=args.tcp_client_connections,
             fastpath=not args.no_fastpath,
             fastpath_entries=args.fastpath_entries,
+            fastpath_cached=args.fastpath_cached,
+            fastpath_cached_hits=args.fastpath_cached_hits,
             max_udp=args.max_udp_size,
             kernel_headers=args.kernel_headers,
         ),

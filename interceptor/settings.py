@@ -393,6 +393,11 @@ class DatapathSettings:
     """Answer hot cluster names in the kernel (bpf/lib/fastpath.h, ENABLE_FASTPATH)."""
     fastpath_entries: int = 65536
     """Capacity of the fast-path answer map (allocated as used, ~420 bytes per entry)."""
+    fastpath_cached: int = 8192
+    """Hot forwarded names the kernel answers from the resolver's cache, at most (allocated
+    as used, ~540 bytes per entry; 0: none)."""
+    fastpath_cached_hits: int = 4
+    """A cached answer goes down to the kernel once the resolver has served it this often."""
     max_udp: int = DEFAULT_MAX_UDP
     """Our EDNS payload size, as the resolver announces it (the fast path must match)."""
     kernel_headers: str = "auto"

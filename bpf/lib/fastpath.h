@@ -20,10 +20,15 @@
  * big for the 512-byte BPF stack. */
 struct fp_scratch {
 	struct fp_key key;
+	struct ip_addr server;	  /* right after key: together they are FP_CACHE's fp_ckey */
 	__u8 msg[FP_MSG_MAX + 4]; /* +4: zero padding to a multiple of 4 for bpf_csum_diff */
 	__u32 end;		  /* see __fp_question() */
 	__u32 label;		  /* see __fp_label_at() */
 };
+
+_Static_assert(__builtin_offsetof(struct fp_scratch, server) ==
+		   __builtin_offsetof(struct fp_ckey, server),
+	       "fp_scratch must begin with an fp_ckey");
 
 /* What __fp_question() found, for __fp_answer(). */
 struct fp_query {
@@ -185,17 +190,24 @@ static __always_inline int __fp_size_limit(struct __sk_buff *skb, struct config 
 }
 
 /* Write the DNS response over the query: its header (flags and counts from ``ans``, RD and
- * CD copied), the question as the client sent it (left in place), the body, our OPT. */
+ * CD copied), the question as the client sent it (left in place), the body, our OPT.  A
+ * cached reply (``verbatim``) keeps its header bits and brings its own OPT in its body. */
 static __always_inline int __fp_write_dns(struct __sk_buff *skb, struct config *cfg,
 					  struct fp_query *q, struct fp_answer *ans, __u32 body_len,
-					  __u32 resp_len)
+					  __u32 resp_len, int verbatim)
 {
 	__u8 *hdr = q->hdr;
 	__u8 opt[OPT_RR_LEN];
-	__u16 ar = bpf_htons(bpf_ntohs(ans->ar) + (q->edns ? 1 : 0));
+	int own_opt = q->edns && !verbatim;
+	__u16 ar = bpf_htons(bpf_ntohs(ans->ar) + (own_opt ? 1 : 0));
 
-	hdr[2] = ans->flag_hi | (hdr[2] & 0x01); /* RD copied (RFC 1035 4.1.1) */
-	hdr[3] = ans->flag_lo | (hdr[3] & 0x10); /* CD copied (RFC 6840 5.9) */
+	if (verbatim) { /* a cached reply: its header bits as the upstream set them */
+		hdr[2] = ans->flag_hi;
+		hdr[3] = ans->flag_lo;
+	} else {
+		hdr[2] = ans->flag_hi | (hdr[2] & 0x01); /* RD copied (RFC 1035 4.1.1) */
+		hdr[3] = ans->flag_lo | (hdr[3] & 0x10); /* CD copied (RFC 6840 5.9) */
+	}
 	__builtin_memcpy(&hdr[6], &ans->an, 2);
 	__builtin_memcpy(&hdr[8], &ans->ns, 2);
 	__builtin_memcpy(&hdr[10], &ar, 2);
@@ -212,7 +224,7 @@ static __always_inline int __fp_write_dns(struct __sk_buff *skb, struct config *
 		if (bpf_skb_store_bytes(skb, q->dns_off + q->qend, ans->body, len, 0) < 0)
 			return -1;
 	}
-	if (q->edns) {
+	if (own_opt) {
 		__builtin_memset(opt, 0, sizeof(opt));
 		opt[2] = 41;
 		opt[3] = cfg->max_udp >> 8;
@@ -308,12 +320,45 @@ static __always_inline int __fp_reverse_eth(struct __sk_buff *skb)
 	return bpf_skb_store_bytes(skb, 0, eth, sizeof(eth), 0) < 0 ? -1 : 0;
 }
 
-/* Turn the query into the response from ``ans`` and send it back to the pod.  Returns
- * TC_ACT_REDIRECT; -FP_FALLTHROUGH with the packet untouched when the answer cannot be given
- * exactly here; -FP_DROP when the packet was already being rewritten and must be dropped. */
+/* A cached reply's TTLs as the resolver's cache serves them at ``now``: each counted down
+ * by the whole seconds since it was cached (not below 0), and none past the whole seconds
+ * left (interceptor/resolve/cache.py Entry.render). */
+static __always_inline int __fp_ttls(struct __sk_buff *skb, struct fp_query *q, struct fp_cached *c,
+				     __u32 body_len, __u64 now)
+{
+	__u64 age = now > c->stored_ns ? (now - c->stored_ns) / 1000000000ULL : 0;
+	__u64 left = c->expires_ns > now ? (c->expires_ns - now) / 1000000000ULL : 0;
+	__u32 n = c->nttl, i;
+
+#pragma unroll
+	for (i = 0; i < FP_TTL_MAX; i++) {
+		__u64 ttl, off;
+		__be32 v;
+
+		if (i >= n)
+			break;
+		ttl = c->ttl[i];
+		ttl = ttl > age ? ttl - age : 0;
+		if (ttl > left)
+			ttl = left;
+		off = c->ttl_off[i];
+		__mask_len(off, 255);
+		if (off + 4 > body_len)
+			return -1;
+		v = bpf_htonl((__u32)ttl);
+		if (bpf_skb_store_bytes(skb, q->dns_off + q->qend + off, &v, 4, 0) < 0)
+			return -1;
+	}
+	return 0;
+}
+
+/* Turn the query into the response from ``ans`` (``cached``: from FP_CACHE, whose answer it
+ * is) and send it back to the pod.  Returns TC_ACT_REDIRECT; -FP_FALLTHROUGH with the packet
+ * untouched when the answer cannot be given exactly here; -FP_DROP when the packet was
+ * already being rewritten and must be dropped. */
 static __always_inline int __fp_answer(struct __sk_buff *skb, struct pkt *p, struct config *cfg,
 				       struct fp_scratch *s, struct fp_query *q,
-				       struct fp_answer *ans)
+				       struct fp_answer *ans, struct fp_cached *cached, __u64 now)
 {
 	struct udphdr udp = q->udp;
 	__u32 limit, body_len, resp_len;
@@ -325,12 +370,14 @@ static __always_inline int __fp_answer(struct __sk_buff *skb, struct pkt *p, str
 	body_len = ans->len;
 	if (body_len > FP_BODY_MAX)
 		return -FP_FALLTHROUGH;
-	resp_len = q->qend + body_len + (q->edns ? OPT_RR_LEN : 0);
+	resp_len = q->qend + body_len + (q->edns && !cached ? OPT_RR_LEN : 0);
 	if (resp_len > limit || resp_len > FP_MSG_MAX)
 		return -FP_FALLTHROUGH; /* would need TC: the resolver's job */
 
 	/* From here on the packet is being rewritten: a failure means drop. */
-	if (__fp_write_dns(skb, cfg, q, ans, body_len, resp_len) < 0)
+	if (__fp_write_dns(skb, cfg, q, ans, body_len, resp_len, cached != NULL) < 0)
+		return -FP_DROP;
+	if (cached && __fp_ttls(skb, q, cached, body_len, now) < 0)
 		return -FP_DROP;
 	if (__fp_message_sum(skb, s, q, resp_len, &sum) < 0)
 		return -FP_DROP;

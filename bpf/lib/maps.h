@@ -35,6 +35,8 @@ struct config {
 
 #define CFG_CAPTURE_ALL (1U << 0) /* any destination on port 53, not only CAPTURE entries */
 #define CFG_SK_LOOKUP	(1U << 1) /* also require a live resolver socket (instant fail-open) */
+#define CFG_CACHED_BY_SERVER                                                                       \
+	(1U << 2) /* FP_CACHE answers depend on the server the pod asked (its key's server) */
 
 /* CAPTURE: DNS server addresses whose traffic is steered to the resolver. */
 struct capture_key {
@@ -146,13 +148,45 @@ struct fp_junk {
 	struct fp_answer nxdomain;
 };
 
+/* FP_CACHE: hot forwarded names from the resolver's cache (A and AAAA), answered in the
+ * kernel until the last tenth of their life (then the resolver answers, and refreshes a
+ * popular one before it expires).  The key is what the resolver's cache keys an answer by:
+ * the name and type, whether the query had EDNS and CD (they change the upstream's reply),
+ * and the server the pod asked when that is where the name is forwarded
+ * (CFG_CACHED_BY_SERVER; else family 0 and server zero).  The answer is the cached reply
+ * verbatim: its header bits and counts as the upstream sent them, its OPT record included,
+ * every TTL counted down as the resolver counts it. */
+#define FP_TTL_MAX 16 /* TTL fields patched per answer; more: the resolver's */
+#define FP_CK_EDNS 1  /* the query has an OPT record */
+#define FP_CK_CD   4  /* the query has CD set */
+
+struct fp_ckey {
+	__u8 name[FP_NAME_MAX];
+	__u16 qtype; /* network order */
+	__u8 flags;  /* FP_CK_* */
+	__u8 family; /* of server; 0: any server */
+	struct ip_addr server;
+};
+
+struct fp_cached {
+	__u64 stored_ns;  /* CLOCK_MONOTONIC when the reply was cached: TTLs count from here */
+	__u64 expires_ns; /* no TTL goes past this */
+	__u64 due_ns;	  /* the kernel answers until then (the last tenth is the resolver's) */
+	__u32 ttl[FP_TTL_MAX];	   /* each TTL field's value as cached */
+	__u16 ttl_off[FP_TTL_MAX]; /* ... and its offset in ans.body */
+	__u32 nttl;
+	__u32 _pad;
+	struct fp_answer ans; /* flags and counts verbatim, body after the question */
+};
+
 /* FP_STATS slots (PERCPU_ARRAY).  Keep in step with maps.py FASTPATH_RESULTS. */
 enum fp_result {
 	FP_HIT = 0,	    /* answered in the kernel */
 	FP_MISS = 1,	    /* not in FP_ANSWERS: the resolver answers */
 	FP_FALLTHROUGH = 2, /* in scope but unusual (EDNS DO, size, flags, long name...) */
 	FP_NXDOMAIN = 3,    /* of the hits: search-path junk answered NXDOMAIN (FP_OWNERS) */
-	FP_RESULT_MAX = 4,
+	FP_CACHED = 4,	    /* of the hits: a forwarded name from FP_CACHE */
+	FP_RESULT_MAX = 5,
 };
 
 /* Not a result (never counted): the fast path had begun rewriting the packet and cannot
@@ -166,6 +200,9 @@ enum fp_result {
 #define MAX_CAPTURE 64
 #ifndef FP_MAX_ENTRIES
 #define FP_MAX_ENTRIES 65536
+#endif
+#ifndef FP_CACHED_ENTRIES
+#define FP_CACHED_ENTRIES 8192
 #endif
 
 #endif /* __INTERCEPTOR_MAPS_H */

@@ -1,4 +1,5 @@
-"""The in-kernel fast path's answer map (FP_ANSWERS), kept in step with the service map.
+"""The in-kernel fast path's answer maps: FP_ANSWERS kept in step with the service map,
+FP_OWNERS and FP_JUNK for search-path junk, FP_CACHE for hot names of the resolver's cache.
 
 Each entry is a copy of one precomputed answer of the resolver's table, split the way
 bpf/lib/fastpath.h builds a response: header bits and counts, then the body that follows the
@@ -14,7 +15,10 @@ from __future__ import annotations
 import ctypes as ct
 import logging
 import struct
+import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
 
 from interceptor.datapath import maps
 from interceptor.datapath.bpfsys import PinnedMap
@@ -228,3 +232,125 @@ def _name_key(name: str) -> maps.FpName | None:
     k = maps.FpName()
     ct.memmove(k.name, raw, len(raw))
     return k
+
+
+@dataclass(frozen=True)
+class CachedReply:
+    """One cache entry as the kernel answers it (see struct fp_cached)."""
+
+    name: bytes
+    """The question name, lowercased wire form."""
+    qtype: int
+    flags: int
+    """maps.FP_CK_EDNS | maps.FP_CK_CD: the queries whose cached reply this is."""
+    server: str
+    """The server a pod must have asked; "" for any."""
+    message: bytes
+    """The cached reply (ID zero), its TTLs as cached."""
+    ttl_offsets: tuple[int, ...]
+    ttls: tuple[int, ...]
+    stored: float
+    """CLOCK_MONOTONIC seconds (time.monotonic, the clock of bpf_ktime_get_ns)."""
+    expires: float
+    due: float
+    """The kernel answers until then; the last tenth of the entry's life is the
+    resolver's, so that it sees the name and can refresh it."""
+
+
+def encode_cached(reply: CachedReply) -> tuple[maps.FpCachedKey, maps.FpCached] | None:
+    """The FP_CACHE entry for a cached reply, or None when it does not fit the kernel's
+    slots (a long name, a big body, too many records)."""
+    qend = 12 + len(reply.name) + 4
+    body = reply.message[qend:]
+    if (
+        len(reply.name) > maps.FP_NAME_MAX - 1
+        or len(body) > maps.FP_BODY_MAX
+        or len(reply.ttls) > maps.FP_TTL_MAX
+        or reply.message[12 : qend - 4].lower() != reply.name
+        or any(off < qend or off + 4 > len(reply.message) for off in reply.ttl_offsets)
+    ):
+        return None
+    k = maps.FpCachedKey()
+    ct.memmove(k.name, reply.name, len(reply.name))
+    k.qtype = _wire16(reply.qtype)
+    k.flags = reply.flags
+    if reply.server:
+        k.family = maps.family_of(reply.server)
+        k.server = maps.IpAddr.of(reply.server)
+    v = maps.FpCached()
+    v.stored_ns = int(reply.stored * 1e9)
+    v.expires_ns = int(reply.expires * 1e9)
+    v.due_ns = int(reply.due * 1e9)
+    v.nttl = len(reply.ttls)
+    for i, (off, ttl) in enumerate(zip(reply.ttl_offsets, reply.ttls, strict=True)):
+        v.ttl[i] = ttl
+        v.ttl_off[i] = off - qend
+    msg = reply.message
+    a = v.ans
+    a.flag_hi, a.flag_lo = msg[2], msg[3]  # verbatim: the upstream's bits
+    a.an, a.ns, a.ar = (int.from_bytes(msg[i : i + 2], "little") for i in (6, 8, 10))
+    a.len = len(body)
+    ct.memmove(a.body, body, len(body))
+    return k, v
+
+
+class CachedAnswers:
+    """Writes hot cache entries into the pinned FP_CACHE map, at most ``capacity`` at once.
+
+    An entry stays until its due time (then the kernel no longer answers it, and a sweep
+    removes it), until a fresher copy of it replaces it, or until a flush (the routes or the
+    mesh changed, so every cached answer must be looked at again by the resolver).  When the
+    map is full, new entries wait for room: entries already down are never pushed out by
+    newer ones, so the churn is bounded by the names' TTLs."""
+
+    def __init__(self, pinned: PinnedMap, capacity: int) -> None:  # type: ignore[type-arg]
+        self.map = pinned
+        self.capacity = capacity
+        self.held: dict[bytes, tuple[maps.FpCachedKey, float]] = {}
+        """What the map holds: key bytes -> (key, due)."""
+        self.pushed = 0
+        self.full = 0
+        """Entries that did not go down because the map was full."""
+        self._full_log = RateLimitedLog(log, 60.0)
+
+    def flush(self) -> None:
+        """Empty the map, also of a previous agent's entries (their routes may not be ours)."""
+        for k in list(self.map.keys()):
+            self.map.delete(k)
+        self.held.clear()
+
+    def put(self, reply: CachedReply) -> Literal["pushed", "unfit", "full"]:
+        """Hand one entry to the kernel: "pushed", or why not: it does not fit the kernel's
+        slots (:func:`encode_cached`), or the map is full."""
+        entry = encode_cached(reply)
+        if entry is None:
+            return "unfit"
+        k, v = entry
+        raw = bytes(k)
+        if raw not in self.held and len(self.held) >= self.capacity:
+            self.full += 1
+            self._full_log.warning(
+                "cached-full",
+                "kernel cache full (%d names, --fastpath-cached): more hot names answered "
+                "in userspace",
+                self.capacity,
+            )
+            return "full"
+        try:
+            self.map.put(k, v)
+        except InterceptorError as exc:
+            self.full += 1
+            self._full_log.warning("cached-full", "kernel cache refused an entry: %s", exc)
+            return "full"
+        self.held[raw] = (k, reply.due)
+        self.pushed += 1
+        return "pushed"
+
+    def sweep(self, now: float | None = None) -> int:
+        """Remove the entries the kernel no longer answers (past their due time)."""
+        now = time.monotonic() if now is None else now
+        gone = [raw for raw, (_, due) in self.held.items() if due <= now]
+        for raw in gone:
+            k, _ = self.held.pop(raw)
+            self.map.delete(k)
+        return len(gone)

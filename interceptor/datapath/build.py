@@ -53,6 +53,7 @@ class BuildSpec:
     pin_dir: str
     fastpath: bool
     fastpath_entries: int
+    fastpath_cached: int
     enable_tcp: bool
     enable_ipv6: bool
     kernel_headers: str
@@ -84,7 +85,11 @@ def cflags(spec: BuildSpec) -> list[str]:
     if spec.enable_ipv6:
         flags.append("-DENABLE_IPV6")
     if spec.fastpath:
-        flags += ["-DENABLE_FASTPATH", f"-DFP_MAX_ENTRIES={spec.fastpath_entries}"]
+        flags += [
+            "-DENABLE_FASTPATH",
+            f"-DFP_MAX_ENTRIES={spec.fastpath_entries}",
+            f"-DFP_CACHED_ENTRIES={max(1, spec.fastpath_cached)}",  # 0: none go down
+        ]
     return flags
 
 
@@ -132,7 +137,7 @@ def _pin_maps_carrying_state(bpf: Any, spec: BuildSpec, pin_dir: Path) -> int:
         fd = bpf[name.encode()].map_fd
         path = pin_dir / name
         shape = pinned_map_shape(path)
-        entries = defn.entries or spec.fastpath_entries
+        entries = defn.entries or max(1, getattr(spec, defn.sized_by))
         want = (ct.sizeof(defn.key), ct.sizeof(defn.value), entries)
         if shape == want:
             carried += copy_entries(path, fd, percpu=defn.percpu)

@@ -72,6 +72,7 @@ class Datapath:
             pin_dir=str(s.pin_dir),
             fastpath=s.fastpath,
             fastpath_entries=s.fastpath_entries,
+            fastpath_cached=s.fastpath_cached,
             enable_tcp=s.enable_tcp,
             enable_ipv6=s.enable_ipv6,
             kernel_headers=s.kernel_headers,
@@ -157,6 +158,15 @@ class Datapath:
                 capture.delete(k)
         for k in wanted.values():
             capture.put(k, ct.c_uint32(1))
+
+    def cached_by_server(self, on: bool) -> None:
+        """Whether the kernel's cached answers are keyed by the server the pod asked (the
+        resolver forwards to it) or are the same for every server (a fixed upstream)."""
+        if on:
+            self._config.flags |= maps.CFG_CACHED_BY_SERVER
+        else:
+            self._config.flags &= ~maps.CFG_CACHED_BY_SERVER
+        self.maps["CONFIG"].put(ct.c_uint32(0), self._config)
 
     def heartbeat(self) -> None:
         """CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns().  A live agent vouches for the

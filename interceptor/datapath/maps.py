@@ -16,6 +16,7 @@ FAMILY_V6 = 6
 
 CFG_CAPTURE_ALL = 1 << 0
 CFG_SK_LOOKUP = 1 << 1
+CFG_CACHED_BY_SERVER = 1 << 2
 
 FLOW_DIRECT = 1 << 0
 FLOW_TCP_COUNTED = 1 << 1
@@ -165,7 +166,11 @@ FP_NAME_MAX = 128
 FP_BODY_MAX = 256
 
 # Keep in step with enum fp_result in bpf/lib/maps.h.
-FASTPATH_RESULTS = ("hit", "miss", "fallthrough", "nxdomain")
+FASTPATH_RESULTS = ("hit", "miss", "fallthrough", "nxdomain", "cached")
+
+FP_TTL_MAX = 16
+FP_CK_EDNS = 1
+FP_CK_CD = 4
 
 
 class FpKey(ct.Structure):
@@ -211,6 +216,33 @@ class FpJunk(ct.Structure):
     ]
 
 
+class FpCachedKey(ct.Structure):
+    """struct fp_ckey"""
+
+    _fields_ = [
+        ("name", ct.c_uint8 * FP_NAME_MAX),
+        ("qtype", ct.c_uint16),
+        ("flags", ct.c_uint8),
+        ("family", ct.c_uint8),
+        ("server", IpAddr),
+    ]
+
+
+class FpCached(ct.Structure):
+    """struct fp_cached"""
+
+    _fields_ = [
+        ("stored_ns", ct.c_uint64),
+        ("expires_ns", ct.c_uint64),
+        ("due_ns", ct.c_uint64),
+        ("ttl", ct.c_uint32 * FP_TTL_MAX),
+        ("ttl_off", ct.c_uint16 * FP_TTL_MAX),
+        ("nttl", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+        ("ans", FpAnswer),
+    ]
+
+
 MIRRORS: dict[str, type[ct.Structure]] = {
     "ip_addr": IpAddr,
     "config": Config,
@@ -226,6 +258,8 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "fp_answer": FpAnswer,
     "fp_name": FpName,
     "fp_junk": FpJunk,
+    "fp_ckey": FpCachedKey,
+    "fp_cached": FpCached,
 }
 
 
@@ -240,13 +274,14 @@ class MapDef:
     key: CType
     value: CType
     entries: int
-    """Max entries; 0 for FP_ANSWERS and FP_OWNERS, whose size is a flag
-    (--fastpath-entries)."""
+    """Max entries; 0 when a flag sizes it (see :attr:`sized_by`)."""
     doc: str
     percpu: bool = False
     """One value per possible CPU (counters: no atomics on the hot path)."""
     fastpath: bool = False
     """Only when the programs are built with the in-kernel fast path."""
+    sized_by: str = "fastpath_entries"
+    """With ``entries`` 0: the build setting (a flag) that sizes the map."""
 
 
 REGISTRY: dict[str, MapDef] = {
@@ -299,6 +334,14 @@ REGISTRY: dict[str, MapDef] = {
         1,
         "where the kernel answers search-path junk (the zone), and its NXDOMAIN",
         fastpath=True,
+    ),
+    "FP_CACHE": MapDef(
+        FpCachedKey,
+        FpCached,
+        0,
+        "hot forwarded names from the resolver's cache, answered until their last tenth",
+        fastpath=True,
+        sized_by="fastpath_cached",
     ),
 }
 """The one description of our pinned maps: the loader pins and carries them over by it,

@@ -67,6 +67,8 @@ class ServiceMap:
         """Bumped whenever the mesh hosts change: a name outside the zone that was forwarded
         (and cached) may be a mesh host now, and the cache's hot path must look again."""
         self._mesh_wild: dict[str, MeshHost] = {}
+        self._mesh_listeners: list[Callable[[], None]] = []
+        self._mesh_told = 0
         soa = wire.rr(self.zone_wire, wire.SOA, self.ttl, records.soa_rdata(self.zone, self.ttl))
         self.nxdomain = Answer(wire.NXDOMAIN, True, 0, 1, 0, soa)
         self.nodata = Answer(wire.NOERROR, True, 0, 1, 0, soa)
@@ -91,12 +93,22 @@ class ServiceMap:
         if self._names_dirty is None:
             self._names_dirty = set()
 
+    def subscribe_mesh(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every event that changed the mesh hosts (exact or
+        wildcard; :attr:`mesh_generation`): copies of answers to names found *not* ours
+        (the kernel's cached forwarded names) must be looked at again."""
+        self._mesh_listeners.append(listener)
+
     def existing_names(self) -> Iterable[str]:
         """Every name that exists (:meth:`exists`), for a copy kept in step by
         :meth:`subscribe_names`."""
         return list(self._exist)
 
     def _notify(self) -> None:
+        if self._mesh_listeners and self._mesh_told != self.mesh_generation:
+            self._mesh_told = self.mesh_generation
+            for mesh_listener in self._mesh_listeners:
+                mesh_listener()
         if self._names_dirty:
             # Names first: a copy that says which names exist (the kernel's junk test) must
             # know a new name before its answers appear, and lose it after they are gone.

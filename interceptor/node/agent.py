@@ -20,16 +20,18 @@ from typing import TypeVar
 
 from interceptor import __version__
 from interceptor.datapath.addresses import AddressBook
-from interceptor.datapath.answers import AnswerMap, JunkAnswers
+from interceptor.datapath.answers import AnswerMap, CachedAnswers, JunkAnswers
 from interceptor.datapath.discovery import LinkFinder, NetlinkEvents
 from interceptor.datapath.loader import Datapath
 from interceptor.model.nodepods import NodePod, node_pod_ips, node_pods
 from interceptor.model.servicemap import ServiceMap
 from interceptor.node.health import HealthServer, self_query
+from interceptor.node.kernelcache import KernelCacheMirror
 from interceptor.node.lifecycle import OwnerWatch, StopMode
 from interceptor.node.runtime import Feed, make_resolver, start_metrics
 from interceptor.ops.agentops import AgentOps
 from interceptor.resolve.listener import DnsServer
+from interceptor.resolve.resolver import Resolver
 from interceptor.settings import ADDRESS_BOOK, AgentSettings, Endpoint, Settings
 
 log = logging.getLogger(__name__)
@@ -290,6 +292,7 @@ class Agent:
                 if stop.is_set():
                     return
             self._start_fastpath()
+            mirror = self._start_kernel_cache(resolver)
             finder = await self._netlink(LinkFinder.open)
             stack.push_async_callback(timer.timed("links", self._netlink, finder.ipr.close))
             stack.push_async_callback(timer.timed("programs", self._let_go))
@@ -303,7 +306,10 @@ class Agent:
             events = NetlinkEvents(self._kick_from_thread)
             events.start()
             stack.callback(timer.sync("netlink events", events.close))
-            for job in (self._heartbeat(), self._reconcile_loop(finder)):
+            jobs = [self._heartbeat(), self._reconcile_loop(finder)]
+            if mirror is not None:
+                jobs.append(mirror.run())
+            for job in jobs:
                 stack.push_async_callback(timer.timed("tasks", _cancel, asyncio.ensure_future(job)))
             log.info(
                 "agent ready on node %s: resolver %s on %s, capturing %s",
@@ -380,6 +386,22 @@ class Agent:
         )
         smap.subscribe_names(lambda changed: junk.apply(changed, smap.exists))
         smap.subscribe(lambda changed: answers.apply(smap.answers, changed))
+
+    def _start_kernel_cache(self, resolver: Resolver) -> KernelCacheMirror | None:
+        """Hand the cache's hot names to the kernel (FP_CACHE), unless there is no cache,
+        no fast path, or --fastpath-cached 0."""
+        pinned = self.datapath.maps.get("FP_CACHE")
+        d = self.agent.datapath
+        if pinned is None or resolver.cache is None or d.fastpath_cached == 0:
+            return None
+        return KernelCacheMirror(
+            resolver,
+            resolver.cache,
+            self.smap,
+            CachedAnswers(pinned, d.fastpath_cached),
+            self.datapath.cached_by_server,
+            d.fastpath_cached_hits,
+        )
 
     async def _alive(self) -> tuple[bool, str]:
         """/healthz: the resolver answers a real query on its own address."""

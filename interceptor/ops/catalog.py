@@ -91,7 +91,11 @@ def _age(ctx: Context, ts_ns: int) -> float | None:
 def _config(v: maps.Config, k: Any, ctx: Context) -> Fields:
     flags = [
         n
-        for bit, n in ((maps.CFG_CAPTURE_ALL, "capture_all"), (maps.CFG_SK_LOOKUP, "sk_lookup"))
+        for bit, n in (
+            (maps.CFG_CAPTURE_ALL, "capture_all"),
+            (maps.CFG_SK_LOOKUP, "sk_lookup"),
+            (maps.CFG_CACHED_BY_SERVER, "cached_by_server"),
+        )
         if v.flags & bit
     ]
     age = _age(ctx, v.heartbeat_ns)
@@ -188,6 +192,24 @@ def _fp_junk(v: maps.FpJunk, k: Any, ctx: Context) -> Fields:
     }
 
 
+def _fp_cached_key(k: maps.FpCachedKey, ctx: Context) -> Fields:
+    flags = [n for bit, n in ((maps.FP_CK_EDNS, "edns"), (maps.FP_CK_CD, "cd")) if k.flags & bit]
+    return {
+        "name": _wire_name(bytes(k.name)),
+        "qtype": type_text(socket.ntohs(k.qtype)),
+        "query": flags,
+        "server": _addr(k.server, k.family) if k.family else "any",
+    }
+
+
+def _fp_cached(v: maps.FpCached, k: Any, ctx: Context) -> Fields:
+    return {
+        **_fp_answer(v.ans, k, ctx),
+        "kernel_for_s": round(max(0, v.due_ns - ctx.now_ns) / 1e9, 1),
+        "ttls": list(v.ttl[: v.nttl]),
+    }
+
+
 def _fp_answer(v: maps.FpAnswer, k: Any, ctx: Context) -> Fields:
     rcode = v.flag_lo & 0xF
     return {
@@ -260,6 +282,12 @@ CATALOG: dict[str, MapSpec] = {
         "FP_ANSWERS", _fp_key, _fp_answer, ("name", "qtype", "rcode", "answers", "body_bytes")
     ),
     "FP_OWNERS": described("FP_OWNERS", _fp_name, lambda v, k, ctx: {}, ("name",)),
+    "FP_CACHE": described(
+        "FP_CACHE",
+        _fp_cached_key,
+        _fp_cached,
+        ("name", "qtype", "query", "server", "rcode", "answers", "kernel_for_s"),
+    ),
     "FP_JUNK": described(
         "FP_JUNK",
         lambda k, ctx: {"index": k.value},
@@ -320,12 +348,14 @@ COUNTER_SETS: list[CounterSet] = [
         "interceptor_fastpath",
         "Captured queries by in-kernel fast path outcome: hit (answered in the kernel), miss "
         "(not a known name), fallthrough (known, but left to the resolver), nxdomain (of the "
-        "hits: search-path junk answered NXDOMAIN)",
+        "hits: search-path junk answered NXDOMAIN), cached (of the hits: a hot forwarded "
+        "name from the cache)",
         {
             "hit": "answered",
             "miss": "to resolver",
             "fallthrough": "to resolver",
             "nxdomain": "answered (junk)",
+            "cached": "answered (cached)",
         },
     ),
 ]

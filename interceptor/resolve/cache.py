@@ -46,6 +46,8 @@ class Entry:
     checked: int = -1
     """The service map's mesh generation at which the careful path last found this name not
     ours (forwarded); the hot path serves the entry only while that still holds."""
+    offered: bool = False
+    """Offered to the kernel to answer (see :attr:`Cache.promotions`)."""
     size: int = field(init=False)
     rendered: bytes = field(init=False, repr=False)
     """``message`` with the TTLs of :attr:`rendered_for`."""
@@ -56,6 +58,12 @@ class Entry:
         self.size = len(self.message) + 64
         self.rendered = self.message
         self.rendered_for = (-1, -1)
+
+    @property
+    def due(self) -> float:
+        """When the last tenth of the entry's life begins: from then on only the careful
+        path serves it, so that a popular one is refreshed (:meth:`Cache.claim_prefetch`)."""
+        return self.expires - (self.expires - self.stored) * 0.1
 
     def render(self, age: int, left: int) -> bytes:
         """The message with every TTL counted down by ``age`` and capped at ``left``."""
@@ -118,6 +126,12 @@ class Cache:
         self.entries: OrderedDict[bytes, Entry] = OrderedDict()
         self.bytes = 0
         self.stats = CacheStats()
+        self.promote_hits = 0
+        """Hits after which a hot-path entry is offered to the kernel (0: never)."""
+        self.promotions: dict[bytes, None] = {}
+        """Keys offered to the kernel, oldest first: entries that reached
+        :attr:`promote_hits`, and fresh replacements of entries the kernel had.  The agent
+        takes them (an ordered set: a key is offered once however often it is hit)."""
 
     def put(self, key: bytes, reply: bytes, checked: int = -1) -> None:
         """Cache an upstream reply (NOERROR or NXDOMAIN, not truncated); others are ignored.
@@ -145,6 +159,8 @@ class Cache:
         old = self.entries.pop(key, None)
         if old is not None:
             self.bytes -= old.size
+            if old.offered and self.promote_hits:
+                self.promotions[key] = None  # a refresh (a prefetch): the kernel's again
         self.entries[key] = entry
         self.bytes += entry.size
         while len(self.entries) > self.max_entries or self.bytes > self.max_bytes:
@@ -188,7 +204,7 @@ class Cache:
             return None
         now = self.clock()
         expires = entry.expires
-        due = expires - (expires - entry.stored) * 0.1
+        due = entry.due
         if now >= due:
             return None
         age = int(now - entry.stored)
@@ -198,6 +214,8 @@ class Cache:
         self.entries.move_to_end(key)
         entry.hits += 1
         self.stats.hits += 1
+        if self.promote_hits and not entry.offered and entry.hits >= self.promote_hits:
+            self.promotions[key] = None
         return entry.render(age, left), until, entry
 
     def has_stale(self, key: bytes) -> bool:

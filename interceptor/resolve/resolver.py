@@ -104,6 +104,9 @@ class Resolver:
         self._cache_stats = cache.stats if cache is not None else CacheStats()
         self._zones: list[tuple[str, tuple[Endpoint, ...]]] = []
         self._servers: tuple[Endpoint, ...] = ()
+        self.routes_generation = 0
+        """Counts route changes (:meth:`reconfigure`): cached answers the kernel holds were
+        keyed by the old routes."""
         self.reconfigure(settings.upstream.kube_dns)
         self.synced = synced if synced is not None else SyncGate()
         self.stats = RequestStats()
@@ -137,6 +140,7 @@ class Resolver:
         """The server a pod asked -> its cache-key tail (allowed servers only)."""
         self._memo: dict[bytes, Memo] = {}
         """Finished hot-path replies (see :data:`Memo`): forgotten when the routes change."""
+        self.routes_generation += 1
         self._allowed = frozenset(
             [e.host for e in self.upstreams]
             + [e.host for e in servers]
@@ -194,6 +198,7 @@ class Resolver:
                     # Recency is refreshed when the memo entry is made (at least once a
                     # second for a hot name): LRU to the second, not a move per hit.
                     self._cache_stats.hits += 1
+                    entry.hits += 1  # what puts a hot name in the kernel (Cache.promotions)
                 counts = self._fast_counts
                 counts[stat] = counts.get(stat, 0) + 1
                 if kind:
@@ -253,6 +258,29 @@ class Resolver:
                 return None  # REFUSED is the careful path's
             servers = self._asked_keys.setdefault(orig, servers_key((Endpoint(orig, 53),)))
         return servers
+
+    @property
+    def routes_by_server(self) -> bool:
+        """Forwarded names go to the server each pod asked (no fixed servers): cached answers
+        differ by that server."""
+        return self._servers_key is None and self.original_destination is not None
+
+    def kernel_route(self, name: bytes, servers: bytes) -> str | None:
+        """Which pods the kernel may give a cached answer to, for a name (lowercased wire
+        form) whose cache key ends in ``servers`` (:func:`servers_key`), exactly as
+        :meth:`fast` would: "" for a pod asking any server (the route is fixed), an address
+        for a pod asking that server (the route is the server the pod asked), or None when
+        the careful path must decide (a ``--forward`` zone, a server no pod is sent to)."""
+        if any(name.endswith(zone) for zone in self._zone_wires):
+            return None
+        if not self.routes_by_server:
+            fixed = self._servers_key if self._servers_key is not None else self._upstreams_key
+            return "" if servers == fixed else None
+        host, sep, port = servers.decode().rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if sep and port == "53" and "," not in host and host in self._allowed:
+            return host
+        return None
 
     def _fast_cached(self, data: bytes, client: Client) -> bytes | None:
         """A cached forwarded answer, when the route needs no decision: not a zone of

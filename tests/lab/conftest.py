@@ -19,6 +19,12 @@ UPSTREAM_RECORDS = (
     "--host-record=www.upstream.test,192.0.2.53",
     "--host-record=svc1.ns1.svc.cluster.local,10.96.99.99",  # kube-dns's (different) answer
     "--host-record=auto.mesh.test,192.0.2.77",
+    # Cacheable names (dnsmasq's own records have TTL 0): two TTL fields through the CNAME.
+    "--host-record=cached.upstream.test,192.0.2.60,2001:db8::60,300",
+    "--cname=alias.upstream.test,cached.upstream.test,300",
+    "--host-record=brief.upstream.test,192.0.2.61,8",
+    "--host-record=other.upstream.test,192.0.2.62,300",
+    "--host-record=short.upstream.test,192.0.2.63,2001:db8::63,5",
 )
 PODS = [
     PodSpec("client1", "10.244.1.10", "ns1", ip6="fd00:10:244::10"),
