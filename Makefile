@@ -69,6 +69,7 @@ bench: setup
 	$(PY) -m tests.bench.serve_vs_dnsmasq
 	$(PY) -m tests.bench.datapath
 	$(PY) -m tests.bench.peers
+	$(PY) -m tests.bench.peers --workload cached
 	$(PY) -m tests.bench.ndots
 	$(PY) -m tests.bench.fairness
 	$(PY) -m tests.bench.agent_rss

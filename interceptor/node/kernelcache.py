@@ -55,9 +55,10 @@ class KernelCacheMirror:
         self.answers = answers
         self.by_server = by_server
         """Sets the kernel's CFG_CACHED_BY_SERVER."""
-        self._routes = -1
+        self._routes = resolver.routes_generation
         self._mesh = smap.mesh_generation
         answers.flush()  # a previous agent's entries were for its routes
+        by_server(resolver.routes_by_server)
         cache.promote_hits = promote_hits
         smap.subscribe_mesh(self.forget)  # at once: no window for a stale forwarded answer
 

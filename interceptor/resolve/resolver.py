@@ -102,6 +102,7 @@ class Resolver:
         # What the memo's hits read, bound once (see fast()).
         self._clock = cache.clock if cache is not None else time.monotonic
         self._cache_stats = cache.stats if cache is not None else CacheStats()
+        self._hot_cache = cache if cache is not None else Cache(max_entries=0)
         self._zones: list[tuple[str, tuple[Endpoint, ...]]] = []
         self._servers: tuple[Endpoint, ...] = ()
         self.routes_generation = 0
@@ -198,7 +199,10 @@ class Resolver:
                     # Recency is refreshed when the memo entry is made (at least once a
                     # second for a hot name): LRU to the second, not a move per hit.
                     self._cache_stats.hits += 1
-                    entry.hits += 1  # what puts a hot name in the kernel (Cache.promotions)
+                    entry.hits += 1
+                    hot = self._hot_cache
+                    if entry.hits == hot.promote_hits and not entry.offered:
+                        hot.promotions[key] = None  # as Cache.hot: offered to the kernel
                 counts = self._fast_counts
                 counts[stat] = counts.get(stat, 0) + 1
                 if kind:

@@ -13,6 +13,13 @@ Every system serves the same ClusterIP Services (``svc-<i>.bench.svc.cluster.loc
 * the interceptor's agent from a YAML file of the same Services, once with the in-kernel
   fast path and once without (``--no-fastpath``: userspace only), if the agent has the flag.
 
+``--workload cached`` asks external names instead (``ext-<i>.example.test``, TTL 300, served
+by an origin dnsmasq at the kube-dns address), every system a caching forwarder to it:
+dnsmasq ``--server``, unbound ``forward-zone``, CoreDNS ``forward`` + ``cache``, and the agent
+(which forwards to the server the pod asked), once with hot cached names answered in the
+kernel (the default) and once without (``--fastpath-cached=0``).  The caches are warmed
+before each measurement, and queries that reached the origin during it are counted.
+
 Two phases: the highest QPS each system sustains (dnsperf with many queries in flight), then
 latency percentiles at one fixed rate every system sustained (half the lowest maximum, unless
 ``--rate``), from dnsperf's per-query log (``-v``).  Before any measurement every system must
@@ -32,6 +39,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
@@ -89,6 +97,17 @@ DEFAULT_CLIENTS, DEFAULT_THREADS, DEFAULT_OUTSTANDING = 4, 2, 100
 DEFAULT_RATE = 10_000
 
 
+ORIGIN_ZONE = "example.test"
+
+
+def ext_name(i: int) -> str:
+    return f"ext-{i}.{ORIGIN_ZONE}"
+
+
+def ext_ip(i: int) -> str:
+    return f"198.18.{i // 250}.{i % 250 + 1}"
+
+
 def service_ip(i: int) -> str:
     """Inside the e2e apiserver's 10.96.0.0/16, clear of 10.96.0.1 and the kube-dns IP."""
     return f"10.96.{100 + i // 250}.{i % 250 + 1}"
@@ -122,9 +141,24 @@ class Inputs:
     zonefile: Path
     queries: Path
     expected: Path
+    workload: str = "cluster"
+    origin_hosts: Path | None = None
+    """cached: the origin's hosts file (what kube-dns serves)."""
+    origin_log: Path | None = None
+
+    @property
+    def first(self) -> tuple[str, str]:
+        """The first name asked and its address: a started system is ready when it answers."""
+        return (ext_name(0), ext_ip(0)) if self.workload == "cached" else (fqdn(0), service_ip(0))
+
+    def origin_queries(self) -> int:
+        """Queries the origin has logged so far (cache misses of the system under test)."""
+        if self.origin_log is None or not self.origin_log.exists():
+            return 0
+        return sum(" from " in ln and "query[" in ln for ln in self.origin_log.open())
 
 
-def write_inputs(tmp: Path, names: int) -> Inputs:
+def write_inputs(tmp: Path, names: int, workload: str = "cluster") -> Inputs:
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -151,6 +185,25 @@ def write_inputs(tmp: Path, names: int) -> Inputs:
     )
     queries = tmp / "queries.txt"
     queries.write_text("".join(f"{fqdn(i)} A\n" for i in range(names)))
+    if workload == "cached":
+        origin = tmp / "origin-hosts"
+        origin.write_text("".join(f"{ext_ip(i)} {ext_name(i)}\n" for i in range(names)))
+        queries.write_text("".join(f"{ext_name(i)} A\n" for i in range(names)))
+        expected = write_expected(
+            tmp / "expected.json", [(ext_name(i), ext_ip(i)) for i in range(names)]
+        )
+        return Inputs(
+            names,
+            cluster,
+            hosts,
+            unbound,
+            zone,
+            queries,
+            expected,
+            workload,
+            origin,
+            tmp / "origin.log",
+        )
     expected = write_expected(
         tmp / "expected.json", [(fqdn(i), service_ip(i)) for i in range(names)]
     )
@@ -225,11 +278,28 @@ def systems(
     peers, the agent's BPF redirect for the interceptor."""
 
     def first_name_ready() -> bool:
-        return dig_from_pod(lab, POD, RESOLVER_IP, fqdn(0)) == [service_ip(0)]
+        first, address = inputs.first
+        return dig_from_pod(lab, POD, RESOLVER_IP, first) == [address]
 
     def peer(name: str, cmd: list[str], cpus: set[int] | None) -> Server:
         proc = start_in_node(lab, name, cmd, tmp / f"{name}.log", cpus, first_name_ready)
         return Server(name, proc, cmd, RESOLVER_IP)
+
+    def agent(name: str, extra: tuple[str, ...]) -> System:
+        return System(
+            name,
+            False,
+            lambda cpus: start_agent(lab, inputs.cluster_yaml, PIN, cpus, name, extra, WANTED),
+            lambda s: stop_agent(s, PIN),
+            "agent, --source cluster.yaml, BPF on the pod's veth"
+            + (f", {' '.join(extra)}" if extra else ""),
+        )
+
+    if inputs.workload == "cached":
+        return forwarders(tmp, coredns, peer) + [
+            agent(FAST, ()),
+            agent(USER, (CACHED_FLAG,)),
+        ]
 
     dnsmasq = dnsmasq_command(
         tmp,
@@ -281,21 +351,59 @@ def systems(
             )
         )
 
-    def agent(name: str, extra: tuple[str, ...]) -> System:
-        return System(
-            name,
-            False,
-            lambda cpus: start_agent(lab, inputs.cluster_yaml, PIN, cpus, name, extra, WANTED),
-            lambda s: stop_agent(s, PIN),
-            "agent, --source cluster.yaml, BPF on the pod's veth"
-            + (f", {' '.join(extra)}" if extra else ""),
-        )
-
     if fastpath:
         out.append(agent(FAST, ()))
         out.append(agent(USER, (FASTPATH_FLAG,)))
     else:
         out.append(agent(USER, ()))
+    return out
+
+
+def forwarders(
+    tmp: Path,
+    coredns: tuple[Path, Path | None] | None,
+    peer: Callable[[str, list[str], set[int] | None], Server],
+) -> list[System]:
+    """The peers as caching forwarders to the origin (kube-dns's address), as NodeLocal
+    DNSCache forwards the names it does not own."""
+    dnsmasq = dnsmasq_command(tmp, "dnsmasq", f"--server={DNS_IP}", "--cache-size=10000")
+    unbound = unbound_command(
+        tmp,
+        "unbound",
+        # unbound answers the RFC 6761 "test." zone itself unless told not to.
+        '  local-zone: "test." nodefault\n'
+        "  do-not-query-localhost: no\n"
+        "forward-zone:\n"
+        '  name: "."\n'
+        f"  forward-addr: {DNS_IP}\n",
+    )
+    out = [
+        System(
+            "dnsmasq",
+            True,
+            lambda cpus: peer("dnsmasq", dnsmasq, cpus),
+            Server.stop,
+            f"--server={DNS_IP} --cache-size=10000",
+        ),
+        System(
+            "unbound",
+            True,
+            lambda cpus: peer("unbound", unbound, cpus),
+            Server.stop,
+            f'forward-zone "." to {DNS_IP}, 1 thread',
+        ),
+    ]
+    if coredns is not None:
+        cmd = coredns_command(coredns[0], tmp, "coredns", f"    forward . {DNS_IP}\n    cache\n")
+        out.append(
+            System(
+                "CoreDNS",
+                True,
+                lambda cpus: peer("CoreDNS", cmd, cpus),
+                Server.stop,
+                f"{coredns[0].name}: forward . {DNS_IP}, cache",
+            )
+        )
     return out
 
 
@@ -315,12 +423,18 @@ def measure(lab: Lab, system: System, inputs: Inputs, phase: Phase) -> Measured:
     server = system.start(phase.server_cpus)
     try:
         check_answers(lab, POD, server.target, inputs.expected)
-        warm = Load(0, 1, 1, 20, runs=2, tool=phase.load.tool)
+        # Cached names: enough passes for every cache to hold every name, and for the agent
+        # to have handed its hot ones to the kernel (--fastpath-cached-hits, then a turn).
+        cached = inputs.workload == "cached"
+        warm = Load(0, 1, 1, 20, runs=6 if cached else 2, tool=phase.load.tool)
         run_dnsperf(
             lab, POD, system.name, server.target, inputs.queries, warm, phase.client_cpus, None
         )
+        if cached:
+            time.sleep(1.0)
         progress(f"{system.name}: {phase.key} for {phase.load.duration:g}s")
-        return run_dnsperf(
+        origin_before = inputs.origin_queries()
+        measured = run_dnsperf(
             lab,
             POD,
             system.name,
@@ -332,6 +446,9 @@ def measure(lab: Lab, system: System, inputs: Inputs, phase: Phase) -> Measured:
             server_pid=server.proc.pid,
             counters=server.counters,
         )
+        if cached:
+            measured.counters["origin queries"] = inputs.origin_queries() - origin_before
+        return measured
     finally:
         system.stop(server)
 
@@ -356,6 +473,7 @@ def progress(msg: str) -> None:
 # ------------------------------------------------------------------------------ report
 
 FAST, USER = "interceptor (fast path)", "interceptor (userspace)"
+CACHED_FLAG = "--fastpath-cached=0"
 
 
 @dataclass
@@ -471,6 +589,8 @@ def cpu_table(r: Report) -> str:
         srv = "-" if m.server_pct is None else f"{m.server_pct:.0f}%"
         soft = " / ".join(f"{m.cpu[c].softirq_pct:.0f}%" for c in sorted(m.cpu))
         hits = m.counters.get("fast-path hits")
+        if "origin queries" in m.counters:
+            soft += f" ({int(m.counters['origin queries']):,} origin queries)"
         rows.append(
             [
                 s.name,
@@ -513,7 +633,40 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
+def cached_target_lines(r: Report) -> list[str]:
+    """Issue 14's targets for cached external names."""
+    out = []
+    for name, what in ((FAST, "hot names in the kernel"), (USER, "userspace cache only")):
+        if name not in r.pinned:
+            continue
+        if r.unpinned:
+            ub_name, ub = r.best_peer(r.unpinned)
+            q = r.unpinned[name].perf.qps / ub
+            target = f"; target >= 1.5x: {verdict(q >= 1.5)}" if name == FAST else ""
+            out.append(
+                f"- {name} ({what}), max QPS with both CPUs shared: {q:.2f}x the best peer "
+                f"({ub_name}){target}"
+            )
+        lat = r.pct(name, 99) / r.best_peer_pct(99)
+        target = f"; target <= 0.25x: {verdict(lat <= 0.25)}" if name == FAST else ""
+        out.append(f"- {name} p99 at {r.rate:,} QPS: {lat:.2f}x the best peer's p99{target}")
+    if "dnsmasq" in r.pinned and USER in r.pinned:
+        user = r.pinned[USER].perf.qps / r.pinned["dnsmasq"].perf.qps
+        out.append(
+            f"- userspace cache max QPS, pinned: {user:.2f}x dnsmasq; target >= 1.0x: "
+            f"{verdict(user >= 1.0)}"
+        )
+    misses = {n: m.counters.get("origin queries", 0) for n, m in r.pinned.items()}
+    out.append(
+        "- queries that reached the origin during the pinned max-QPS runs (cache misses): "
+        + ", ".join(f"{n} {int(v):,}" for n, v in misses.items())
+    )
+    return out
+
+
 def target_lines(r: Report) -> list[str]:
+    if r.args.workload == "cached":
+        return cached_target_lines(r)
     best_name, best_qps = r.best_peer(r.pinned)
     out = []
     if r.fastpath and FAST in r.pinned:
@@ -603,8 +756,21 @@ def render(r: Report, plot: Path | None) -> str:
         if pinned.client_cpus and pinned.server_cpus
         else "no CPU pinning"
     )
+    cached = a.workload == "cached"
+    asked = (
+        f"{a.names:,} external names, `ext-<i>.{ORIGIN_ZONE} A` (TTL 300), every system a "
+        f"caching forwarder to the origin at {DNS_IP} (a dnsmasq), each cache warmed before "
+        "it is measured"
+        if cached
+        else f"{a.names:,} Services, `svc-<i>.bench.svc.cluster.local A`"
+    )
     lines = [
-        "## Node-local DNS: interceptor vs dnsmasq, unbound, CoreDNS (issue 7)",
+        (
+            "## Cached external names: interceptor vs dnsmasq, unbound, CoreDNS as caching "
+            "forwarders (issue 14)"
+            if cached
+            else "## Node-local DNS: interceptor vs dnsmasq, unbound, CoreDNS (issue 7)"
+        ),
         "",
         f"Run {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPUs, "
         f"kernel {platform.release()}; load average before {r.load_before}, after "
@@ -618,7 +784,7 @@ def render(r: Report, plot: Path | None) -> str:
         f"{RESOLVER_IP}:53 (on lo), {pin}.  Peers: the pod asks {RESOLVER_IP}, as with "
         f"NodeLocal DNSCache.  Interceptor: the pod asks the kube-dns ClusterIP {DNS_IP}, as "
         "pods do; tc on the veth steers the query to the agent, or the fast path answers it "
-        f"in the kernel.  Queries: {a.names:,} Services, `svc-<i>.bench.svc.cluster.local A`; "
+        f"in the kernel.  Queries: {asked}; "
         "every system's answer to every name is checked (dnspython, from the pod) before it "
         "is measured.",
         "",
@@ -732,6 +898,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--names", type=positive, default=1000, help="Services served and asked")
     p.add_argument(
+        "--workload",
+        choices=("cluster", "cached"),
+        default="cluster",
+        help="cluster names served from the service map, or external names every system "
+        "caches from an origin (peers.md or peers-cached.md)",
+    )
+    p.add_argument(
         "--rate",
         type=positive,
         help=f"fixed QPS for latency (default: {DEFAULT_RATE:,}, or "
@@ -834,12 +1007,22 @@ def run(args: argparse.Namespace) -> int:
     tmp.chmod(0o755)  # dnsmasq reads its hosts file as nobody
     lab = Lab(f"bp{os.getpid() % 10000}", [PodSpec(POD, POD_IP, NAMESPACE)])
     try:
-        inputs = write_inputs(tmp, args.names)
+        inputs = write_inputs(tmp, args.names, args.workload)
         lab.up()
         add_node_local_address(lab)
-        # kube-dns, for queries that would bypass the interceptor: it knows none of the
-        # benchmark names, so such a query fails the answer check instead of passing.
-        lab.start_upstream("--local=/cluster.local/")
+        if inputs.origin_hosts is not None:
+            # kube-dns is the origin of the external names: every cache's upstream.
+            lab.start_upstream(
+                "--local=/cluster.local/",
+                f"--local=/{ORIGIN_ZONE}/",
+                f"--addn-hosts={inputs.origin_hosts}",
+                "--local-ttl=300",
+                log=inputs.origin_log,
+            )
+        else:
+            # kube-dns, for queries that would bypass the interceptor: it knows none of the
+            # benchmark names, so such a query fails the answer check instead of passing.
+            lab.start_upstream("--local=/cluster.local/")
         binary = None if "coredns" in skip else coredns_binary()
         with kube_or_nothing(lab, tmp, args, binary) as (kubeconfig, coredns_note):
             if binary is None and "coredns" not in skip:
@@ -880,11 +1063,13 @@ def run(args: argparse.Namespace) -> int:
                 offer,
             )
         args.out.mkdir(parents=True, exist_ok=True)
-        plot = write_plot(report, args.out / "latency.png")
+        suffix = "-cached" if args.workload == "cached" else ""
+        plot = write_plot(report, args.out / f"latency{suffix}.png")
         text = render(report, plot)
-        (args.out / "peers.md").write_text(text)
+        out = args.out / f"peers{suffix}.md"
+        out.write_text(text)
         print(text)
-        print(f"written: {args.out / 'peers.md'}" + (f", {plot}" if plot else ""))
+        print(f"written: {out}" + (f", {plot}" if plot else ""))
         return 0
     finally:
         lab.down()
@@ -899,6 +1084,9 @@ def kube_or_nothing(
     lab: Lab, tmp: Path, args: argparse.Namespace, binary: Path | None
 ) -> Iterator[tuple[Path | None, str]]:
     """(kubeconfig or None, a note on CoreDNS's data source)."""
+    if args.workload == "cached":
+        yield None, f"forward . {DNS_IP} and cache (no cluster data)"
+        return
     if binary is None or args.coredns_source == "file":
         yield None, "file plugin, zone generated from the same Service list"
         return
