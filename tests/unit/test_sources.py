@@ -116,3 +116,54 @@ def test_reload_keeps_last_good_state_on_broken_file(tmp_path: Path) -> None:
     )
     assert src.reload_if_changed() is True
     assert set(m.objects) == {("Service", "n", "b")}
+
+
+YAML_FEATURES = """\
+apiVersion: v1
+kind: Namespace
+metadata: {name: n}
+---
+apiVersion: v1
+defaults: &port {name: http, port: 80, protocol: TCP}
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: a, namespace: n, labels: {"yes": yes, num: 0x10, when: 2024-01-01}}
+  spec:
+    clusterIP: 10.0.0.1
+    ports:
+    - <<: *port
+      name: web
+- &svc {apiVersion: v1, kind: Service, metadata: {name: b, namespace: n},
+        spec: {clusterIP: "10.0.0.2", ports: [*port]}}
+- *svc
+---
+kind: ServiceList
+items: []
+"""
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        YAML_FEATURES,
+        *(p.read_text() for p in sorted(Path(__file__).parents[1].glob("data/*.yaml"))),
+        (Path(__file__).parents[2] / "interceptor" / "example" / "cluster.yaml").read_text(),
+    ],
+)
+def test_streamed_objects_are_what_the_safe_loader_reads(text: str) -> None:
+    """The file source builds objects from parser events, one at a time; they must be the
+    objects PyYAML's safe loader would give, anchors, aliases and merge keys included."""
+    import yaml
+
+    from interceptor.sources.yamlfile import KINDS, LIST_KINDS
+
+    expected = []
+    for doc in yaml.safe_load_all(text):
+        if doc is None:
+            continue
+        items = doc["items"] if doc.get("kind") in LIST_KINDS else [doc]
+        expected += [parse(raw) for raw in items if raw.get("kind") in KINDS]
+    loaded = load_text(text, "t.yaml")
+    assert loaded.objects == expected and not loaded.errors
