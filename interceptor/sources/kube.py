@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 WATCH_TIMEOUT = 300  # seconds the server keeps one watch open before we re-watch
 LIST_TIMEOUT = 20.0  # seconds of silence after which a list is abandoned and retried
+LIST_PAGE = 500  # objects per list request
 # How often an absent CRD (ServiceEntry without Istio) is looked for again.  The environment
 # override exists for the e2e tests, which install the CRD after the agent started.
 CRD_RECHECK = float(os.environ.get("INTERCEPTOR_CRD_RECHECK", "60"))
@@ -259,14 +260,28 @@ class ResourceWatcher:
             self.state.connected[kind] = True
 
     def _list(self, path: str, api_version: str) -> str:
+        """The full list, a page of :data:`LIST_PAGE` at a time (client-go's reflector pages
+        at 500 too): each page is decoded to slim objects before the next is read, so a
+        100,000-object list never sits in memory as JSON and dicts at once.  The pages are
+        one consistent snapshot (the continue token carries it); an expired token is a 410,
+        and the caller lists again from the start."""
         kind = self.resource.kind
-        listed = self.api.list(path, self.params())
-        objects = [
-            o
-            for o in (decode(kind, api_version, item) for item in listed.get("items") or [])
-            if o is not None
-        ]
-        version = str((listed.get("metadata") or {}).get("resourceVersion", ""))
+        objects: list[KubeObject] = []
+        version = ""
+        token = ""
+        while True:
+            params = self.params(limit=str(LIST_PAGE), **({"continue": token} if token else {}))
+            page = self.api.list(path, params)
+            for item in page.get("items") or []:
+                obj = decode(kind, api_version, item)
+                if obj is not None:
+                    objects.append(obj)
+            meta = page.get("metadata") or {}
+            version = str(meta.get("resourceVersion", "")) or version
+            token = str(meta.get("continue") or "")
+            del page
+            if not token:
+                break
         self.apply(lambda: self._replace(objects))
         self.state.relists += 1
         self.state.connected[kind] = True

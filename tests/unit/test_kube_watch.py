@@ -115,6 +115,37 @@ def test_list_then_watch_events_and_bookmark() -> None:
     assert watches[1][2]["resourceVersion"] == "17"  # resumes after the last event seen
 
 
+def test_a_list_is_read_a_page_at_a_time_and_applied_whole() -> None:
+    """Pages of 500 (client-go's reflector's size); the map changes once, with every page,
+    and the watch starts at the snapshot's resourceVersion.  An expired continue token is a
+    410: the list starts over."""
+    smap = ServiceMap(ZoneSettings())
+    applied: list[int] = []
+    script = Script(
+        lists=[
+            {
+                "metadata": {"resourceVersion": "7", "continue": "c1"},
+                "items": [svc("a", "10.0.0.1")],
+            },
+            ApiError(410, "continue token expired"),
+            {
+                "metadata": {"resourceVersion": "9", "continue": "c2"},
+                "items": [svc("a", "10.0.0.1")],
+            },
+            {"metadata": {"resourceVersion": "9"}, "items": [svc("b", "10.0.0.2")]},
+        ],
+        watches=[[]],
+    )
+    run(script, smap, on_apply=lambda m: applied.append(len(m.answers)))
+    lists = [c[2] for c in script.calls if c[0] == "list" and c[2].get("limit") != "1"]
+    assert [p.get("continue") for p in lists] == [None, "c1", None, "c2"]
+    assert all(p["limit"] == "500" for p in lists)
+    assert key("a") in smap.answers and key("b") in smap.answers
+    assert applied[0] == len(smap.answers), "applied before the last page"
+    watch = next(c for c in script.calls if c[0] == "watch")
+    assert watch[2]["resourceVersion"] == "9"
+
+
 def test_410_relists_quietly_without_flapping() -> None:
     smap = ServiceMap(ZoneSettings())
     seen_missing: list[bool] = []
