@@ -6,8 +6,10 @@ Parsing a malformed object raises :class:`ObjectError` naming the object and the
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -279,9 +281,9 @@ def parse(obj: Mapping[str, Any]) -> KubeObject:
     name = r.get(obj, "metadata.name", str, required=True)
     if kind == "Namespace":
         return Namespace(r.dns_label(name, "metadata.name"), r.mapping(obj, "metadata.labels"))
-    namespace = r.dns_label(
-        r.get(obj, "metadata.namespace", str, default="default"), "metadata.namespace"
-    )
+    namespace = sys.intern(
+        r.dns_label(r.get(obj, "metadata.namespace", str, default="default"), "metadata.namespace")
+    )  # one string per namespace, not one per object (a cluster has 100,000 of them)
     if kind == "Service":
         name = r.dns_label(name, "metadata.name")
     if kind == "Service":
@@ -305,8 +307,14 @@ def _ports(r: _Reader, obj: Mapping[str, Any], path: str) -> tuple[ServicePort, 
             port_name = r.dns_label(port_name, f"{p}.name")
         if not PROTOCOL.fullmatch(protocol.lower()):
             raise r.fail(f"{p}.protocol", f"{protocol!r:.40} is not TCP, UDP or SCTP")
-        ports.append(ServicePort(port_name, protocol.lower(), number))
+        ports.append(_port(port_name, protocol.lower(), number))
     return tuple(ports)
+
+
+@functools.lru_cache(maxsize=4096)
+def _port(name: str, protocol: str, number: int) -> ServicePort:
+    """One shared object per distinct port: most Services of a cluster have the same few."""
+    return ServicePort(sys.intern(name), sys.intern(protocol), number)
 
 
 def _service(r: _Reader, obj: Mapping[str, Any], namespace: str, name: str) -> Service:

@@ -30,6 +30,9 @@ from interceptor.model.records import Contribution, MeshHost, Record
 from interceptor.settings import PodRecords, ZoneSettings
 
 Owner = tuple[str, ...]
+RData = bytes | Counter[bytes]
+"""A name's rdatas of one type: the rdata itself when there is one, held by one owner (the
+common case, and a Counter costs more than the record); else how many owners hold each."""
 APEX: Owner = ("apex",)
 MESH: Owner = ("mesh",)
 
@@ -48,12 +51,13 @@ class ServiceMap:
         self.zone_wire = wire.encode_name(self.zone)
         self.ttl = zone.ttl
         self.objects: dict[Key, KubeObject] = {}
-        self._slices_by_service: dict[tuple[str, str], set[str]] = {}
-        self._contrib: dict[Owner, Contribution] = {}
-        self._rrs: dict[str, dict[int, Counter[bytes]]] = {}
+        self._slices_by_service: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._contrib: dict[Owner, tuple[tuple[Record, ...], tuple[str, ...]]] = {}
+        """What each owner contributed (records, names without records)."""
+        self._rrs: dict[str, dict[int, RData]] = {}
         self._exist: Counter[str] = Counter()
         self._ns_refs: Counter[str] = Counter()
-        self._keys_of: dict[str, list[bytes]] = {}
+        self._keys_of: dict[str, tuple[bytes, ...]] = {}
         self.generation = 0
         """Bumped by every event that changed anything (watchers of the map poll it)."""
         self.answers: dict[bytes, Answer] = {}
@@ -179,13 +183,15 @@ class ServiceMap:
             for svc_name, present in ((old_svc, False), (new_svc, True)):
                 if svc_name is None:
                     continue
-                members = self._slices_by_service.setdefault((obj.namespace, svc_name), set())
+                key = (obj.namespace, svc_name)
+                # A tuple, not a set: a service has one slice or a few (and 10,000 of them).
+                members = tuple(n for n in self._slices_by_service.get(key, ()) if n != obj.name)
                 if present:
-                    members.add(obj.name)
+                    members += (obj.name,)
+                if members:
+                    self._slices_by_service[key] = members
                 else:
-                    members.discard(obj.name)
-                if not members:
-                    del self._slices_by_service[(obj.namespace, svc_name)]
+                    self._slices_by_service.pop(key, None)
             for svc_name in {old_svc, new_svc} - {None}:
                 assert svc_name is not None
                 self._recompute_service(obj.namespace, svc_name)
@@ -237,9 +243,11 @@ class ServiceMap:
     # ------------------------------------------------------ record bookkeeping
 
     def _set_owner(self, owner: Owner, new: Contribution | None) -> None:
-        old = self._contrib.pop(owner, None) or Contribution()
+        held = self._contrib.pop(owner, None)
+        old = Contribution(set(held[0]), set(held[1])) if held else Contribution()
         if new is not None and (new.records or new.names):
-            self._contrib[owner] = new
+            # Kept as tuples: a set costs several times its members (100k services).
+            self._contrib[owner] = (tuple(new.records), tuple(new.names))
         else:
             new = Contribution()
         dirty: set[str] = set()
@@ -290,22 +298,34 @@ class ServiceMap:
 
     def _ref_record(self, rec: Record) -> None:
         types = self._rrs.setdefault(rec.name, {})
-        rdatas = types.setdefault(rec.rtype, Counter())
-        if rdatas[rec.rdata] == 0:
+        have = types.get(rec.rtype)
+        if have is None:
+            types[rec.rtype] = rec.rdata  # the common case: one rdata, one owner
             self._ref_name(rec.name)
-        rdatas[rec.rdata] += 1
+            return
+        if isinstance(have, bytes):
+            have = types[rec.rtype] = Counter({have: 1})
+        if have[rec.rdata] == 0:
+            self._ref_name(rec.name)
+        have[rec.rdata] += 1
 
     def _unref_record(self, rec: Record) -> None:
         types = self._rrs[rec.name]
-        rdatas = types[rec.rtype]
-        rdatas[rec.rdata] -= 1
-        if rdatas[rec.rdata] <= 0:
-            del rdatas[rec.rdata]
+        have = types[rec.rtype]
+        if isinstance(have, bytes):
+            del types[rec.rtype]
             self._unref_name(rec.name)
-            if not rdatas:
-                del types[rec.rtype]
-                if not types:
-                    del self._rrs[rec.name]
+        else:
+            have[rec.rdata] -= 1
+            if have[rec.rdata] <= 0:
+                del have[rec.rdata]
+                self._unref_name(rec.name)
+                if not have:
+                    del types[rec.rtype]
+                elif len(have) == 1 and next(iter(have.values())) == 1:
+                    types[rec.rtype] = next(iter(have))  # back to the compact form
+        if not types:
+            del self._rrs[rec.name]
 
     # ------------------------------------------------------------ compilation
 
@@ -341,16 +361,14 @@ class ServiceMap:
             for family in (wire.A, wire.AAAA):
                 if has_address and family not in types:
                     put(family, self.nodata if in_zone else self.mesh_nodata)
-            if in_zone:
-                put(wire.ANY, self._positive(name, sorted(types)))
-        self._keys_of[name] = keys
+        self._keys_of[name] = tuple(keys)
 
     def _positive(self, name: str, rtypes: list[int]) -> Answer:
         body = bytearray()
         additional: list[bytes] = []
         an = 0
         for rtype in rtypes:
-            for rdata in sorted(self._rrs[name][rtype]):
+            for rdata in _sorted(self._rrs[name][rtype]):
                 body += wire.rr(wire.QNAME_POINTER, rtype, self.ttl, rdata)
                 an += 1
                 if rtype in (wire.SRV, wire.NS):
@@ -359,12 +377,25 @@ class ServiceMap:
         extra = list(dict.fromkeys(additional))  # dedupe, keep order
         return Answer(wire.NOERROR, True, an, 0, len(extra), bytes(body) + b"".join(extra))
 
+    def any_answer(self, name: str) -> Answer | None:
+        """Every record of an in-zone name, for an ANY question; None for a name without
+        records of its own, or an alias (the CNAME is chased).  Made when asked, not kept:
+        ANY is rare, and a table entry per name costs about 300 bytes (RFC 8482 would even
+        allow a minimal answer)."""
+        types = self._rrs.get(name)
+        if not types or wire.CNAME in types or not self._in_zone(name):
+            return None
+        return self._positive(name, sorted(types))
+
     def address_rrs(self, name: str, rtypes: tuple[int, ...] = (wire.A, wire.AAAA)) -> list[bytes]:
         """The records of ``name`` of the given types, encoded with their full owner name."""
         types = self._rrs.get(name, {})
         owner = wire.encode_name(name)
         return [
-            wire.rr(owner, t, self.ttl, rdata) for t in rtypes for rdata in sorted(types.get(t, ()))
+            wire.rr(owner, t, self.ttl, rdata)
+            for t in rtypes
+            if t in types
+            for rdata in _sorted(types[t])
         ]
 
     # ----------------------------------------------------------------- views
@@ -381,7 +412,7 @@ class ServiceMap:
         types = self._rrs.get(name)
         if not types or wire.CNAME not in types:
             return None
-        rdata = next(iter(types[wire.CNAME]))
+        rdata = _sorted(types[wire.CNAME])[0]
         target, _ = wire.decode_name_plain(rdata, 0)
         return target
 
@@ -412,6 +443,11 @@ class ServiceMap:
             "answers": len(self.answers),
             "mesh_hosts": len(self._mesh) + len(self._mesh_wild),
         }
+
+
+def _sorted(have: RData) -> list[bytes]:
+    """A name's rdatas of one type, in the order answers list them."""
+    return [have] if isinstance(have, bytes) else sorted(have)
 
 
 def _target(rec: Record) -> str:

@@ -431,6 +431,10 @@ class Resolver:
         if hit is not None:
             return hit, Rule.TABLE
         name = query.qname
+        if query.qtype == wire.ANY:
+            every = smap.any_answer(name)
+            if every is not None:
+                return every, Rule.TABLE
         if smap.in_zone(name):
             if smap.cname(name) is not None:
                 return None

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import dns.flags
 import dns.message
 import dns.rcode
+import dns.rdatatype
 import pytest
 
+from interceptor.dns import wire
 from interceptor.dns.message import Malformed, fast_response, parse_query
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolve.resolver import Resolver
@@ -142,3 +145,28 @@ def test_cap_edns_sends_no_client_options_upstream() -> None:
     assert not sent.options and sent.edns == 0 and sent.payload == 1232
     assert sent.ednsflags & dns.flags.DO and sent.flags & dns.flags.RD
     assert sent.question == q.question and sent.id == q.id
+
+
+def test_any_is_made_when_asked_with_every_record_of_the_name(resolver: Resolver) -> None:
+    """ANY answers are not kept in the table (memory); made on demand they carry every
+    record of the name, as the table's answers for each type do."""
+    smap = resolver.smap
+    name = "svc1.ns1.svc.cluster.local"
+    assert wire.encode_name(name) + b"\x00\xff" not in smap.answers
+
+    def ask(qname: str, qtype: str) -> dns.message.Message:
+        q = dns.message.make_query(qname, qtype, use_edns=0, payload=4096).to_wire()
+        reply = asyncio.run(resolver.resolve(q, tcp=True))
+        assert reply is not None
+        return dns.message.from_wire(reply)
+
+    every = ask(name, "ANY")
+    by_type = {rrset.rdtype: sorted(r.to_text() for r in rrset) for rrset in every.answer}
+    assert set(by_type) == {dns.rdatatype.A, dns.rdatatype.SRV}
+    for rdtype, texts in by_type.items():
+        one = ask(name, dns.rdatatype.to_text(rdtype))
+        assert sorted(r.to_text() for rrset in one.answer for r in rrset) == texts
+    assert every.flags & dns.flags.AA
+    # An empty non-terminal has no records of its own: NODATA, as before.
+    ent = ask("_tcp.svc1.ns1.svc.cluster.local", "ANY")
+    assert ent.rcode() == dns.rcode.NOERROR and not ent.answer
