@@ -21,11 +21,16 @@ objects are ever built (they cost ~100x the memory).
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import json
 import logging
 import os
 import random
+import sys
 import threading
+import types
+import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -330,23 +335,29 @@ class ResourceWatcher:
 
 
 class ClientApi:
-    """:class:`Api` over the official client's configuration and connection pool (TLS,
-    tokens, kubeconfig or in-cluster), reading raw JSON."""
+    """:class:`Api` over the official client's configuration (kubeconfig or in-cluster, TLS,
+    tokens and their refresh) and its urllib3 connection pool, reading raw JSON.
+
+    Only ``kubernetes.config`` and the client's ``configuration`` and ``rest`` modules are
+    used; :func:`_client_modules` imports them without the client's generated API and model
+    classes, which the agent never uses and which would hold about 20 MiB for its whole life.
+    """
 
     def __init__(self, kubeconfig: Path | None) -> None:
-        from kubernetes import client, config
-        from kubernetes.config.config_exception import ConfigException
-
+        config, configuration, rest = _client_modules()
+        self.configuration = configuration()
         try:
             if kubeconfig is not None:
-                config.load_kube_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+                config.load_kube_config(
+                    config_file=str(kubeconfig), client_configuration=self.configuration
+                )
             else:
-                config.load_incluster_config()  # type: ignore[no-untyped-call]
-        except (ConfigException, OSError) as exc:
+                config.load_incluster_config(client_configuration=self.configuration)
+        except (config.ConfigException, OSError) as exc:
             where = str(kubeconfig) if kubeconfig else "in-cluster (service account)"
             raise SourceError(f"Kubernetes configuration {where}: {exc}") from exc
-        self.client = client.ApiClient()
-        if self.client.configuration.verify_ssl:
+        self.rest = rest.RESTClientObject(self.configuration)
+        if self.configuration.verify_ssl:
             # urllib3 calls a request to an IP address "unverified" even though the CA is
             # checked (CERT_REQUIRED); without this, every request logs a warning.
             import urllib3
@@ -354,16 +365,15 @@ class ClientApi:
             warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
 
     def _request(self, path: str, params: Mapping[str, str], timeout: float) -> Any:
-        method, url, headers, _, _ = self.client.param_serialize(
-            "GET",
-            path,
-            query_params=list(params.items()),
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-        )
-        resp = self.client.rest_client.request(  # type: ignore[no-untyped-call]
-            method, url, headers=headers, _request_timeout=(10, timeout)
-        )
+        query = urllib.parse.urlencode(list(params.items()))
+        url = self.configuration.host + path + (f"?{query}" if query else "")
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        # The bearer token as the client would send it: refreshed by the configuration's
+        # hook (in-cluster: the projected token file, re-read as the kubelet rotates it).
+        bearer = self.configuration.auth_settings().get("BearerToken")
+        if bearer and bearer["value"]:
+            headers[bearer["key"]] = bearer["value"]
+        resp = self.rest.request("GET", url, headers=headers, _request_timeout=(10, timeout))
         if resp.status >= 400:
             body = resp.read()
             try:
@@ -392,6 +402,67 @@ class ClientApi:
                         yield json.loads(line)
         finally:
             resp.response.release_conn()
+
+
+USER_AGENT = "dns-interceptor"
+
+
+def _client_modules() -> tuple[Any, Any, Any]:
+    """(``kubernetes.config``, the client's ``Configuration``, ``kubernetes.client.rest``).
+
+    ``import kubernetes`` runs the package's ``__init__``, which imports every generated API
+    and model class.  So, unless the package is imported already, it and ``kubernetes.client``
+    stand as bare packages while the three are imported, and are then taken away again, so
+    that a later ``import kubernetes`` gets the real package.  ``kubernetes.config`` refers to
+    ``ApiClient`` (only to refresh OIDC tokens): it gets one that imports the real one when
+    first made.  A client laid out otherwise falls back to the full import."""
+    if "kubernetes" in sys.modules:
+        return _full_client_modules()
+    stubs = ("kubernetes", "kubernetes.client")
+    try:
+        spec = importlib.util.find_spec("kubernetes")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("the kubernetes package is not installed as a package")
+        root = list(spec.submodule_search_locations)
+        package = types.ModuleType("kubernetes")
+        package.__path__ = root
+        client = types.ModuleType("kubernetes.client")
+        client.__path__ = [os.path.join(r, "client") for r in root]
+        package.client = client  # type: ignore[attr-defined]
+        sys.modules.update({"kubernetes": package, "kubernetes.client": client})
+        configuration = importlib.import_module("kubernetes.client.configuration").Configuration
+        client.Configuration = configuration  # type: ignore[attr-defined]
+        client.ApiClient = _ApiClientOnDemand  # type: ignore[attr-defined]
+        rest = importlib.import_module("kubernetes.client.rest")
+        config = importlib.import_module("kubernetes.config")
+        return config, configuration, rest
+    except Exception as exc:  # another layout: pay for the models
+        log.info("importing the whole Kubernetes client (%s)", exc)
+        for name in [n for n in sys.modules if n == "kubernetes" or n.startswith("kubernetes.")]:
+            del sys.modules[name]
+        return _full_client_modules()
+    finally:
+        for name in stubs:
+            if isinstance(sys.modules.get(name), types.ModuleType) and not getattr(
+                sys.modules[name], "__file__", None
+            ):
+                del sys.modules[name]
+
+
+def _full_client_modules() -> tuple[Any, Any, Any]:
+    from kubernetes import config
+    from kubernetes.client import Configuration, rest
+
+    return config, Configuration, rest
+
+
+class _ApiClientOnDemand:
+    """``kubernetes.client.ApiClient`` for ``kubernetes.config``, imported when first made."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        from kubernetes.client.api_client import ApiClient
+
+        return ApiClient(*args, **kwargs)
 
 
 class KubeSource:

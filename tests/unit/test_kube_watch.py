@@ -3,7 +3,9 @@ flapping, errors with backoff that keep the last state, RBAC hints, an absent CR
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -259,3 +261,62 @@ def test_bad_object_in_watch_is_skipped(caplog: pytest.LogCaptureFixture) -> Non
     run(script, smap)
     assert key("ok") in smap.answers
     assert "Service ns/bad: field spec.clusterIPs" in caplog.text
+
+
+def test_the_client_api_sends_the_token_and_reads_json_without_the_clients_models(
+    tmp_path: Path,
+) -> None:
+    """ClientApi against a local HTTP server, in a fresh interpreter: the kubeconfig's bearer
+    token and the query parameters arrive, the JSON comes back, and the client's generated
+    models (about 20 MiB) were never imported."""
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            seen.append((self.path, self.headers.get("Authorization")))
+            body = b'{"kind": "ServiceList", "items": [], "metadata": {"resourceVersion": "5"}}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    kubeconfig = tmp_path / "kc"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: t\n"
+        f"clusters: [{{name: t, cluster: {{server: 'http://127.0.0.1:{server.server_port}'}}}}]\n"
+        "users: [{name: t, user: {token: s3cret}}]\n"
+        "contexts: [{name: t, context: {cluster: t, user: t}}]\n"
+    )
+    script = (
+        "import sys, json\n"
+        "from pathlib import Path\n"
+        "from interceptor.sources.kube import ClientApi\n"
+        "api = ClientApi(Path(sys.argv[1]))\n"
+        "out = api.list('/api/v1/services', {'limit': '500', 'continue': 'a b&c'})\n"
+        "print(json.dumps([out['metadata']['resourceVersion'],\n"
+        "    sorted(m for m in sys.modules if m.startswith('kubernetes.client.models'))[:3]]))\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(kubeconfig)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+    finally:
+        server.shutdown()
+    version, models = json.loads(done.stdout.strip().splitlines()[-1])
+    assert version == "5" and models == []
+    assert seen == [("/api/v1/services?limit=500&continue=a+b%26c", "Bearer s3cret")]
