@@ -60,7 +60,13 @@ class KernelCacheMirror:
         answers.flush()  # a previous agent's entries were for its routes
         by_server(resolver.routes_by_server)
         cache.promote_hits = promote_hits
-        smap.subscribe_mesh(self.forget)  # at once: no window for a stale forwarded answer
+        smap.subscribe_mesh(self._mesh_changed)  # at once: no stale forwarded answer
+
+    def _mesh_changed(self) -> None:
+        try:
+            self.forget()
+        except Exception as exc:  # never into the service map's event: it must go on
+            log.warning("taking cached names back from the kernel failed: %s", exc)
 
     def forget(self) -> None:
         """Take every cached answer out of the kernel; hot ones are offered again."""
