@@ -73,6 +73,7 @@ bench: setup
 	$(PY) -m tests.bench.ndots
 	$(PY) -m tests.bench.fairness
 	$(PY) -m tests.bench.agent_rss
+	$(PY) -m tests.bench.memory
 
 # The long runs: a million fuzzed packets along each path (about 9 minutes), and the soak
 # (ten minutes of load with restarts and churn).
