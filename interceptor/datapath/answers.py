@@ -48,15 +48,20 @@ def encode(key: bytes, answer: Answer) -> tuple[maps.FpKey, maps.FpAnswer] | Non
 def answer_value(answer: Answer) -> maps.FpAnswer:
     """An answer as the kernel stores it; its body must fit FP_BODY_MAX (the callers check:
     a longer one would be written past the slot)."""
-    if len(answer.body) > maps.FP_BODY_MAX:
-        raise ValueError(f"answer body of {len(answer.body)} bytes exceeds a kernel slot")
+    return _slot(answer.flag_hi, answer.flag_lo, (answer.an, answer.ns, answer.ar), answer.body)
+
+
+def _slot(flag_hi: int, flag_lo: int, counts: Iterable[int], body: bytes) -> maps.FpAnswer:
+    """struct fp_answer: header bytes 2 and 3, the three section counts, the body."""
+    if len(body) > maps.FP_BODY_MAX:
+        raise ValueError(f"answer body of {len(body)} bytes exceeds a kernel slot")
     v = maps.FpAnswer()
-    v.flag_hi = answer.flag_hi
-    v.flag_lo = answer.flag_lo
+    v.flag_hi = flag_hi
+    v.flag_lo = flag_lo
     # Counts go in network order: the program copies them into the header as they are.
-    v.an, v.ns, v.ar = (_wire16(n) for n in (answer.an, answer.ns, answer.ar))
-    v.len = len(answer.body)
-    ct.memmove(v.body, answer.body, len(answer.body))
+    v.an, v.ns, v.ar = (_wire16(n) for n in counts)
+    v.len = len(body)
+    ct.memmove(v.body, body, len(body))
     return v
 
 
@@ -285,12 +290,8 @@ def encode_cached(reply: CachedReply) -> tuple[maps.FpCachedKey, maps.FpCached] 
     for i, (off, ttl) in enumerate(zip(reply.ttl_offsets, reply.ttls, strict=True)):
         v.ttl[i] = ttl
         v.ttl_off[i] = off - qend
-    msg = reply.message
-    a = v.ans
-    a.flag_hi, a.flag_lo = msg[2], msg[3]  # verbatim: the upstream's bits
-    a.an, a.ns, a.ar = (int.from_bytes(msg[i : i + 2], "little") for i in (6, 8, 10))
-    a.len = len(body)
-    ct.memmove(a.body, body, len(body))
+    msg = reply.message  # verbatim: the upstream's header bits and counts
+    v.ans = _slot(msg[2], msg[3], struct.unpack_from("!HHH", msg, 6), body)
     return k, v
 
 

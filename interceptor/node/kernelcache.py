@@ -24,6 +24,7 @@ from interceptor.datapath.maps import FP_CK_CD, FP_CK_EDNS
 from interceptor.dns import wire
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolve.cache import Cache, Entry
+from interceptor.resolve.caching import KEY_CD, KEY_DO, KEY_EDNS, key_parts
 from interceptor.resolve.resolver import Resolver
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,6 @@ MIRROR_INTERVAL = 0.25
 PUSH_PER_TURN = 1024
 """Entries handed down per turn at most: a burst of new names costs bounded agent time."""
 
-_DO = 2
-"""The cache key's DNSSEC OK bit (resolve.caching.cache_key): the kernel leaves DO queries to
-the resolver, so such entries never go down."""
 _KERNEL_TYPES = frozenset((wire.A, wire.AAAA))
 
 
@@ -111,22 +109,22 @@ class KernelCacheMirror:
         due = entry.due
         if now >= due:
             return None
-        z = key.find(0)
-        if z < 0 or len(key) < z + 6:
+        parts = key_parts(key)
+        if parts is None:
             return None
-        name = key[: z + 1]
-        qtype = int.from_bytes(key[z + 1 : z + 3], "big")
-        qclass = int.from_bytes(key[z + 3 : z + 5], "big")
-        flags = key[z + 5]
-        if qtype not in _KERNEL_TYPES or qclass != wire.CLASS_IN or flags & _DO:
+        # The kernel leaves DO queries to the resolver: such entries never go down.
+        if parts.qtype not in _KERNEL_TYPES or parts.qclass != wire.CLASS_IN:
             return None
-        server = self.resolver.kernel_route(name, key[z + 6 :])
+        if parts.flags & KEY_DO:
+            return None
+        server = self.resolver.kernel_route(parts.name, parts.servers)
         if server is None:
             return None
         return CachedReply(
-            name=name,
-            qtype=qtype,
-            flags=flags & (FP_CK_EDNS | FP_CK_CD),
+            name=parts.name,
+            qtype=parts.qtype,
+            flags=(FP_CK_EDNS if parts.flags & KEY_EDNS else 0)
+            | (FP_CK_CD if parts.flags & KEY_CD else 0),
             server=server,
             message=entry.message,
             ttl_offsets=entry.ttl_offsets,

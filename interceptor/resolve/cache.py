@@ -212,11 +212,18 @@ class Cache:
         # The rendered TTLs hold while neither the age nor the seconds left tick over.
         until = min(due, entry.stored + age + 1, expires - left)
         self.entries.move_to_end(key)
+        self.count_hit(key, entry)
+        return entry.render(age, left), until, entry
+
+    def count_hit(self, key: bytes, entry: Entry) -> None:
+        """A hot-path hit on ``entry``: counted, and the entry offered to the kernel once it
+        is hot.  The resolver's memo calls it for the hits it answers itself; recency is
+        refreshed only by :meth:`hot` (at least once a second for a hot name), so LRU order
+        holds to the second without a move per hit."""
         entry.hits += 1
         self.stats.hits += 1
         if self.promote_hits and not entry.offered and entry.hits >= self.promote_hits:
             self.promotions[key] = None
-        return entry.render(age, left), until, entry
 
     def has_stale(self, key: bytes) -> bool:
         """Whether an expired answer for ``key`` could still be served (nothing counted)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from interceptor.dns import wire
 from interceptor.dns.message import (
@@ -131,10 +131,10 @@ class CachingForwarder:
         shape = plain_tail(data, qend, self.max_udp)
         if shape is None:
             return None
-        # The cache key's flags are cache_key's: bit 0 EDNS, bit 1 DO (as plain_tail's), 2 CD.
+        # plain_tail's shape values are the key's KEY_EDNS and KEY_EDNS | KEY_DO bits.
         limit, flags = shape
         if data[3] & 0x10:
-            flags |= 4
+            flags |= KEY_CD
         # Only the name is lowercased: a type's bytes can look like ASCII letters (65, HTTPS).
         name = data[12 : z + 1].lower()
         key = name + data[z + 1 : qend] + bytes((flags,)) + servers
@@ -158,12 +158,41 @@ def servers_key(servers: Sequence[Endpoint]) -> bytes:
     return ",".join(map(str, servers)).encode()
 
 
+KEY_EDNS, KEY_DO, KEY_CD = 1, 2, 4
+"""The flags byte of a cache key: the client spoke EDNS, set DO, set CD (each changes the
+reply).  KEY_EDNS and KEY_EDNS | KEY_DO are :func:`plain_tail`'s EDNS and EDNS_DO."""
+
+
+class KeyParts(NamedTuple):
+    """A cache key taken apart (:func:`cache_key`)."""
+
+    name: bytes
+    """Lowercased wire form, with its root label."""
+    qtype: int
+    qclass: int
+    flags: int
+    servers: bytes
+
+
 def cache_key(query: Query, servers: bytes) -> bytes:
     """The question as asked (lowercased name, type, class), whether the client spoke EDNS and
     set DO and CD (they change the reply), and :func:`servers_key` of the servers asked."""
     edns = query.edns
-    flags = (1 if edns else 0) | (2 if edns and edns.do else 0) | (4 if query.flags & 0x10 else 0)
+    flags = (
+        (KEY_EDNS if edns else 0)
+        | (KEY_DO if edns and edns.do else 0)
+        | (KEY_CD if query.flags & 0x10 else 0)
+    )
     return query.key + struct.pack("!HB", query.qclass, flags) + servers
+
+
+def key_parts(key: bytes) -> KeyParts | None:
+    """The parts of a :func:`cache_key` (None for bytes that are not one)."""
+    z = key.find(0)
+    if z < 0 or len(key) < z + 6:
+        return None
+    qtype, qclass, flags = struct.unpack_from("!HHB", key, z + 1)
+    return KeyParts(key[: z + 1], qtype, qclass, flags, key[z + 6 :])
 
 
 def for_client(reply: bytes, query: Query, limit: int | None, max_udp: int) -> bytes:

@@ -34,7 +34,7 @@ from interceptor.model.gate import SyncGate
 from interceptor.model.records import MeshHost
 from interceptor.model.servicemap import ServiceMap
 from interceptor.resolve.autopath import Autopath
-from interceptor.resolve.cache import Cache, CacheStats, Entry
+from interceptor.resolve.cache import Cache, Entry
 from interceptor.resolve.caching import CachingForwarder, servers_key
 from interceptor.resolve.decision import Client, Decision, Rule
 from interceptor.resolve.upstream import Upstream, UpstreamFailed
@@ -100,9 +100,8 @@ class Resolver:
         self.max_udp = settings.server.max_udp_size
         self.caching = CachingForwarder(forwarder, cache, self.max_udp, settings.cache.stale_after)
         # What the memo's hits read, bound once (see fast()).
-        self._clock = cache.clock if cache is not None else time.monotonic
-        self._cache_stats = cache.stats if cache is not None else CacheStats()
-        self._hot_cache = cache if cache is not None else Cache(max_entries=0)
+        self._cache = cache if cache is not None else Cache(max_entries=0)
+        self._clock = self._cache.clock
         self._zones: list[tuple[str, tuple[Endpoint, ...]]] = []
         self._servers: tuple[Endpoint, ...] = ()
         self.routes_generation = 0
@@ -196,13 +195,7 @@ class Resolver:
                 if entry is not None:
                     # The cache replaces an entry only after ``until`` (from its last tenth
                     # on), and one it evicted stays a correct answer until then too.
-                    # Recency is refreshed when the memo entry is made (at least once a
-                    # second for a hot name): LRU to the second, not a move per hit.
-                    self._cache_stats.hits += 1
-                    entry.hits += 1
-                    hot = self._hot_cache
-                    if entry.hits == hot.promote_hits and not entry.offered:
-                        hot.promotions[key] = None  # as Cache.hot: offered to the kernel
+                    self._cache.count_hit(key, entry)
                 counts = self._fast_counts
                 counts[stat] = counts.get(stat, 0) + 1
                 if kind:
@@ -309,7 +302,7 @@ class Resolver:
         counts[stat] = counts.get(stat, 0) + 1
         # Only a route that depends on the client (the server its pod asked) is checked again
         # on a remembered hit; a change of the fixed servers forgets the memo (reconfigure).
-        route = servers if self._servers_key is None and self.original_destination else None
+        route = servers if self.routes_by_server else None
         self._remember(
             data[2:], (reply[2:], self.smap.generation, until, stat, CACHE, route, key, entry)
         )

@@ -11,14 +11,10 @@ Run as root from the repository root: ``.venv/bin/python -m tests.bench.agent_rs
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import shutil
-import ssl
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,9 +59,9 @@ NODE_PODS = 110
 
 def populate(cluster: Any, services: int, pods: int) -> None:
     """``services`` ClusterIP Services in 100 namespaces, each with an EndpointSlice of
-    pods/services ready addresses, and ``pods`` Pods: the first NODE_PODS on node-1 (ours,
-    with their addresses), the rest on 100 other nodes.  One POST each, 16 at a time."""
-    from tests.e2e.apiserver import ADMIN_TOKEN, collection_path
+    pods/services ready addresses, and ``pods`` Pods: the first NODE_PODS on node-1 (the
+    agent's), the rest on 100 other nodes.  One POST each, 16 at a time."""
+    from tests.e2e.apiserver import collection_path
 
     per = max(1, pods // services)
 
@@ -75,33 +71,8 @@ def populate(cluster: Any, services: int, pods: int) -> None:
     def pod_ip(i: int) -> str:
         return f"10.{128 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}"
 
-    # One TLS connection per worker thread, kept open: Cluster.raw makes a new context and
-    # connection per request, which costs more than the API server's own work here.
-    tls = ssl.create_default_context()
-    tls.check_hostname = False
-    tls.verify_mode = ssl.CERT_NONE  # the apiserver's self-signed cert, on loopback
-    local = threading.local()
-
     def post(obj: dict[str, Any]) -> None:
-        body = json.dumps(obj)
-        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
-        for _ in range(3):
-            conn = getattr(local, "conn", None)
-            if conn is None:
-                conn = local.conn = http.client.HTTPSConnection(
-                    "127.0.0.1", cluster.api_port, context=tls, timeout=60
-                )
-            try:
-                conn.request("POST", collection_path(obj), body, headers)
-                resp = conn.getresponse()
-                text = resp.read()
-            except (OSError, http.client.HTTPException):
-                local.conn = None
-                continue
-            if resp.status >= 300:
-                raise RuntimeError(f"POST {obj['kind']}: HTTP {resp.status}: {text[:300]!r}")
-            return
-        raise RuntimeError(f"POST {obj['kind']}: no connection to the API server")
+        cluster.raw("POST", collection_path(obj), obj)
 
     for n in range(NAMESPACES):
         post({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns(n)}})

@@ -58,12 +58,11 @@ from tests.bench.nodelocal import (
     background_load,
     check_answers,
     coredns_binary,
-    coredns_command,
     cpu_note,
     cpu_plan,
     dig_from_pod,
-    dnsmasq_command,
     fmt_us,
+    forwarder_commands,
     load_average,
     md_table,
     percentile,
@@ -71,7 +70,6 @@ from tests.bench.nodelocal import (
     start_agent,
     start_in_node,
     stop_agent,
-    unbound_command,
     write_expected,
 )
 
@@ -432,45 +430,8 @@ def qps_systems(
                 lab, inputs.cluster_yaml, PIN, cpus, "interceptor", (), WANTED
             ),
         ),
-        (
-            "dnsmasq",
-            "--server=10.96.0.10 --cache-size=10000",
-            peer(
-                "dnsmasq",
-                dnsmasq_command(tmp, "dnsmasq", f"--server={DNS_IP}", "--cache-size=10000"),
-            ),
-        ),
-        (
-            "unbound",
-            'forward-zone "." to 10.96.0.10, 1 thread, local-zone "test." nodefault',
-            peer(
-                "unbound",
-                unbound_command(
-                    tmp,
-                    "unbound",
-                    # unbound answers the RFC 6761 "test." zone itself unless told not to.
-                    '  local-zone: "test." nodefault\n'
-                    "  do-not-query-localhost: no\n"
-                    "forward-zone:\n"
-                    '  name: "."\n'
-                    f"  forward-addr: {DNS_IP}\n",
-                ),
-            ),
-        ),
     ]
-    if coredns is not None:
-        out.append(
-            (
-                "CoreDNS",
-                f"{coredns.name}: forward . 10.96.0.10, cache",
-                peer(
-                    "CoreDNS",
-                    coredns_command(
-                        coredns, tmp, "coredns", f"    forward . {DNS_IP}\n    cache\n"
-                    ),
-                ),
-            )
-        )
+    out += [(name, about, peer(name, cmd)) for name, about, cmd in forwarder_commands(tmp, coredns)]
     return out
 
 

@@ -620,6 +620,43 @@ def coredns_command(binary: Path, tmp: Path, name: str, body: str) -> list[str]:
     return [str(binary), "-conf", str(corefile), "-quiet"]
 
 
+def forwarder_commands(tmp: Path, coredns: Path | None) -> list[tuple[str, str, list[str]]]:
+    """(name, description, command) of dnsmasq, unbound and CoreDNS (when built) as caching
+    forwarders to kube-dns's address, as NodeLocal DNSCache forwards the names it does not
+    own: the peers of every cached-name benchmark."""
+    out = [
+        (
+            "dnsmasq",
+            f"--server={DNS_IP} --cache-size=10000",
+            dnsmasq_command(tmp, "dnsmasq", f"--server={DNS_IP}", "--cache-size=10000"),
+        ),
+        (
+            "unbound",
+            f'forward-zone "." to {DNS_IP}, 1 thread, local-zone "test." nodefault',
+            unbound_command(
+                tmp,
+                "unbound",
+                # unbound answers the RFC 6761 "test." zone itself unless told not to.
+                '  local-zone: "test." nodefault\n'
+                "  do-not-query-localhost: no\n"
+                "forward-zone:\n"
+                '  name: "."\n'
+                f"  forward-addr: {DNS_IP}\n",
+            ),
+        ),
+    ]
+    if coredns is not None:
+        body = f"    forward . {DNS_IP}\n    cache\n"
+        out.append(
+            (
+                "CoreDNS",
+                f"{coredns.name}: forward . {DNS_IP}, cache",
+                coredns_command(coredns, tmp, "coredns", body),
+            )
+        )
+    return out
+
+
 # ------------------------------------------------------------------------------ output
 
 

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ from tests.bench.nodelocal import (
     dig_from_pod,
     dnsmasq_command,
     fmt_us,
+    forwarder_commands,
     load_average,
     md_table,
     percentile,
@@ -364,47 +366,12 @@ def forwarders(
     coredns: tuple[Path, Path | None] | None,
     peer: Callable[[str, list[str], set[int] | None], Server],
 ) -> list[System]:
-    """The peers as caching forwarders to the origin (kube-dns's address), as NodeLocal
-    DNSCache forwards the names it does not own."""
-    dnsmasq = dnsmasq_command(tmp, "dnsmasq", f"--server={DNS_IP}", "--cache-size=10000")
-    unbound = unbound_command(
-        tmp,
-        "unbound",
-        # unbound answers the RFC 6761 "test." zone itself unless told not to.
-        '  local-zone: "test." nodefault\n'
-        "  do-not-query-localhost: no\n"
-        "forward-zone:\n"
-        '  name: "."\n'
-        f"  forward-addr: {DNS_IP}\n",
-    )
-    out = [
-        System(
-            "dnsmasq",
-            True,
-            lambda cpus: peer("dnsmasq", dnsmasq, cpus),
-            Server.stop,
-            f"--server={DNS_IP} --cache-size=10000",
-        ),
-        System(
-            "unbound",
-            True,
-            lambda cpus: peer("unbound", unbound, cpus),
-            Server.stop,
-            f'forward-zone "." to {DNS_IP}, 1 thread',
-        ),
+    """The peers as caching forwarders to the origin (kube-dns's address)."""
+    binary = coredns[0] if coredns is not None else None
+    return [
+        System(name, True, partial(peer, name, cmd), Server.stop, about)
+        for name, about, cmd in forwarder_commands(tmp, binary)
     ]
-    if coredns is not None:
-        cmd = coredns_command(coredns[0], tmp, "coredns", f"    forward . {DNS_IP}\n    cache\n")
-        out.append(
-            System(
-                "CoreDNS",
-                True,
-                lambda cpus: peer("CoreDNS", cmd, cpus),
-                Server.stop,
-                f"{coredns[0].name}: forward . {DNS_IP}, cache",
-            )
-        )
-    return out
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,14 @@ import struct
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from devlab.netns import Agent, Lab, PodSpec, sh, stop
+from interceptor.datapath.bpfsys import PinnedMap
+from interceptor.datapath.loader import open_maps
 from tests.helpers import DATA
 
 UPSTREAM_RECORDS = (
@@ -59,6 +62,16 @@ class Node:
             extra = ("--early-capture=0", *extra)
         self.agent = self.lab.start_agent(self.source, *extra, pin_dir=self.pin_dir)
         return self.agent
+
+    @contextmanager
+    def pinned_maps(self) -> Iterator[dict[str, PinnedMap]]:  # type: ignore[type-arg]
+        """Every pinned map of the node's programs, open for as long as the block runs."""
+        maps = open_maps(self.pin_dir)
+        try:
+            yield maps
+        finally:
+            for m in maps.values():
+                m.close()
 
     def agent_pid(self) -> int:
         """The agent process's own PID (the lab may start it under nsenter)."""

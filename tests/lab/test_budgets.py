@@ -137,14 +137,8 @@ def holding_connections(node: Node, pod: str, server: str, n: int) -> Iterator[t
 
 def tcp_conns(node: Node) -> dict[int, int]:
     """pod id -> the kernel's count of its TCP connections."""
-    from interceptor.datapath.loader import open_maps
-
-    maps = open_maps(node.pin_dir)
-    try:
+    with node.pinned_maps() as maps:
         return {k.value: v.value for k, v in maps["TCP_CONNS"].items() if v.value}
-    finally:
-        for m in maps.values():
-            m.close()
 
 
 def no_tcp_conns_within(node: Node, seconds: float) -> dict[int, int]:
@@ -228,12 +222,9 @@ def test_a_leaked_tcp_count_is_taken_back_by_the_agent(fresh_node: Node) -> None
     above its own count at two passes in a row and lowers it."""
     import ctypes as ct
 
-    from interceptor.datapath.loader import open_maps
-
     fresh_node.start_agent("--tcp-client-connections", "8")
     assert fresh_node.answer("client1", "+tcp", SVC1) == [INTERCEPTED]  # client1 has its id
-    maps = open_maps(fresh_node.pin_dir)
-    try:
+    with fresh_node.pinned_maps() as maps:
         state = read_state(fresh_node.lab.state_dir)
         assert state is not None
         pod_id = next(p.pod_id for p in state.pods if p.ip == "10.244.1.10")
@@ -244,6 +235,3 @@ def test_a_leaked_tcp_count_is_taken_back_by_the_agent(fresh_node: Node) -> None
         assert no_tcp_conns_within(fresh_node, 8) == {}  # ...until the agent takes it back
         with holding_connections(fresh_node, "client1", "10.96.0.10", 2) as room:
             assert room == (2, 0)
-    finally:
-        for m in maps.values():
-            m.close()

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from devlab.netns import PodSpec, sh
-from interceptor.datapath.loader import open_maps
 from interceptor.ops.counters import CounterReader
 from interceptor.ops.state import read_state
 from tests.lab.conftest import Node, dns_query, send_raw, udp_query
@@ -137,12 +136,8 @@ def test_spoofed_source_creates_no_state_and_is_not_redirected(node: Node) -> No
     while time.monotonic() < deadline and reasons(node)["spoofed"] == before:
         time.sleep(0.05)
     assert reasons(node)["spoofed"] == before + 1
-    maps = open_maps(node.pin_dir)
-    try:
+    with node.pinned_maps() as maps:
         pods = {k.pod.text(k.family) for k in maps["FLOWS"].keys()}
-    finally:
-        for m in maps.values():
-            m.close()
     assert "10.244.1.99" not in pods
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline and not node.upstream_queries("spoof.test"):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from interceptor.datapath.loader import open_maps
 from interceptor.datapath.maps import FASTPATH_RESULTS
 from interceptor.dns import wire
 from interceptor.dns.message import parse_query
@@ -101,16 +100,12 @@ def probe(node: Node, pod: str, server: str, queries: list[bytes]) -> list[dict[
 
 
 def fp_stats(node: Node) -> dict[str, int]:
-    maps = open_maps(node.pin_dir)
-    try:
+    with node.pinned_maps() as maps:
         stats = maps["FP_STATS"]
         return {
             name: sum(v.value for v in stats.get_percpu(ct.c_uint32(i)))
             for i, name in enumerate(FASTPATH_RESULTS)
         }
-    finally:
-        for m in maps.values():
-            m.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from interceptor.datapath.loader import open_maps
 from interceptor.dns import wire
 from interceptor.dns.message import parse_query
 from interceptor.resolve.cache import ttl_fields
@@ -68,15 +67,11 @@ def warm(node: Node, queries: list[bytes], server: str = SERVER, pod: str = "cli
 
 
 def drop_kernel_copies(node: Node) -> int:
-    maps = open_maps(node.pin_dir)
-    try:
+    with node.pinned_maps() as maps:
         keys = list(maps["FP_CACHE"].keys())
         for k in keys:
             maps["FP_CACHE"].delete(k)
         return len(keys)
-    finally:
-        for m in maps.values():
-            m.close()
 
 
 def test_kernel_cached_answers_equal_the_resolvers_at_the_same_moment(cnode: Node) -> None:
@@ -156,12 +151,8 @@ def test_a_mesh_change_takes_the_kernel_copies_back_at_once(cnode: Node) -> None
             assert time.monotonic() < deadline, "the wildcard mesh host never answered"
             time.sleep(0.1)
         assert cached == 0
-        maps = open_maps(cnode.pin_dir)
-        try:
+        with cnode.pinned_maps() as maps:
             assert not list(maps["FP_CACHE"].keys())
-        finally:
-            for m in maps.values():
-                m.close()
     finally:
         cnode.source.write_text(text)
     rcode = struct.unpack("!H", reply_bytes(probe(cnode, "client1", SERVER, q)[0])[2:4])[0]
