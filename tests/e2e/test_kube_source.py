@@ -18,7 +18,7 @@ import dns.rcode
 import pytest
 
 from devlab.netns import stop
-from tests.e2e.apiserver import Cluster
+from tests.e2e.apiserver import Cluster, HttpError
 from tests.helpers import DATA, Served, free_tcp_ports, start_serve
 
 Z = "cluster.local"
@@ -37,6 +37,17 @@ def eventually(check: Callable[[], Any], timeout: float = 15.0) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"not true after {timeout}s")
         time.sleep(0.05)
+
+
+def served_path(cluster: Cluster, path: str) -> bool:
+    """Whether the API server serves ``path`` yet: a new CRD's path answers 404 until the
+    CRD is established."""
+    try:
+        return cluster.raw("GET", path) is not None
+    except HttpError as exc:
+        if exc.status == 404:
+            return False
+        raise
 
 
 def readyz(port: int) -> tuple[int, str]:
@@ -193,10 +204,7 @@ def test_externalname(cluster: Cluster, served: Served) -> None:
 def test_service_entry_lifecycle(cluster: Cluster, served: Served) -> None:
     cluster.apply_file(DATA / "serviceentry-crd.yaml")
     eventually(
-        lambda: (
-            cluster.raw("GET", "/apis/networking.istio.io/v1/namespaces/e2e/serviceentries")
-            is not None
-        ),
+        lambda: served_path(cluster, "/apis/networking.istio.io/v1/namespaces/e2e/serviceentries"),
         30,
     )
     se = {
