@@ -8,9 +8,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
+from interceptor.datapath.netlink import IPRoute, NetlinkError
 from interceptor.errors import InterceptorError
 
 IFA_F_NODAD = 0x02

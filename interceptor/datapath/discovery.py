@@ -20,8 +20,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from interceptor.datapath.netlink import IPRoute, NetlinkError
 
 log = logging.getLogger(__name__)
 

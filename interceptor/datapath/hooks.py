@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
-
+from interceptor.datapath.netlink import IPRoute
 from interceptor.datapath.tc import list_filters
 from interceptor.datapath.tcx import tcx_programs
 

@@ -81,7 +81,7 @@ class Datapath:
     def load(self) -> None:
         """Build and pin the programs and maps in a child (LLVM never enters this process),
         then open the pins."""
-        from pyroute2 import IPRoute
+        from interceptor.datapath.netlink import IPRoute
 
         if ensure_bpffs(self.settings.pin_dir.parent):
             log.info("mounted bpffs at %s", self.settings.pin_dir.parent)

@@ -12,9 +12,7 @@ import errno
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
+from interceptor.datapath.netlink import IPRoute, NetlinkError
 from interceptor.errors import InterceptorError
 
 INGRESS = "ffff:fff2"

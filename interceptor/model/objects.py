@@ -63,14 +63,31 @@ class EndpointAddress:
     hostname: str | None
 
 
+def pack_endpoints(endpoints: tuple[EndpointAddress, ...]) -> tuple[str | EndpointAddress, ...]:
+    """Endpoints as :class:`EndpointSlice` keeps them: one with a single address, ready and
+    without a hostname (almost every endpoint) as its address alone.  An EndpointAddress and
+    its tuple cost about 110 bytes more an endpoint, 5.5 MB for a cluster of 50,000 pods."""
+    return tuple(
+        e.addresses[0] if len(e.addresses) == 1 and e.ready and e.hostname is None else e
+        for e in endpoints
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointSlice:
     namespace: str
     name: str
     service: str | None
     """The owning service (label ``kubernetes.io/service-name``); None: not a service's."""
-    endpoints: tuple[EndpointAddress, ...]
+    packed: tuple[str | EndpointAddress, ...]
+    """The endpoints (:func:`pack_endpoints`); read them as :attr:`endpoints`."""
     ports: tuple[ServicePort, ...]
+
+    @property
+    def endpoints(self) -> tuple[EndpointAddress, ...]:
+        return tuple(
+            EndpointAddress((e,), True, None) if isinstance(e, str) else e for e in self.packed
+        )
 
     @property
     def key(self) -> Key:
@@ -365,7 +382,7 @@ def _endpoint_slice(r: _Reader, obj: Mapping[str, Any], namespace: str, name: st
         namespace,
         name,
         str(service) if service else None,
-        tuple(endpoints),
+        pack_endpoints(tuple(endpoints)),
         _ports(r, obj, "ports") if obj.get("ports") else (),
     )
 

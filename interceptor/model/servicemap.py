@@ -34,6 +34,9 @@ RData = bytes | Counter[bytes]
 """A name's rdatas of one type: the rdata itself when there is one, held by one owner (the
 common case, and a Counter costs more than the record); else how many owners hold each."""
 APEX: Owner = ("apex",)
+RECORD_TYPES = (wire.A, wire.AAAA, wire.CNAME, wire.SRV, wire.PTR, wire.NS, wire.SOA, wire.TXT)
+"""Every type the map holds records of (:mod:`interceptor.model.records` makes no other)."""
+TABLE_TYPES = tuple(struct.pack("!H", t) for t in RECORD_TYPES)
 MESH: Owner = ("mesh",)
 
 
@@ -52,12 +55,11 @@ class ServiceMap:
         self.ttl = zone.ttl
         self.objects: dict[Key, KubeObject] = {}
         self._slices_by_service: dict[tuple[str, str], tuple[str, ...]] = {}
-        self._contrib: dict[Owner, tuple[tuple[Record, ...], tuple[str, ...]]] = {}
-        """What each owner contributed (records, names without records)."""
-        self._rrs: dict[str, dict[int, RData]] = {}
+        self._rrs: dict[bytes, RData] = {}
+        """(owner name wire + type) -> the rdatas of that record set.  One flat table: a dict
+        of types per name cost about 200 bytes a name (three names a service)."""
         self._exist: Counter[str] = Counter()
         self._ns_refs: Counter[str] = Counter()
-        self._keys_of: dict[str, tuple[bytes, ...]] = {}
         self.generation = 0
         """Bumped by every event that changed anything (watchers of the map poll it)."""
         self.answers: dict[bytes, Answer] = {}
@@ -77,7 +79,7 @@ class ServiceMap:
         self.nxdomain = Answer(wire.NXDOMAIN, True, 0, 1, 0, soa)
         self.nodata = Answer(wire.NOERROR, True, 0, 1, 0, soa)
         self.mesh_nodata = Answer(wire.NOERROR, True, 0, 0, 0, b"")
-        self._set_owner(APEX, records.apex_records(self.zone, self.ttl, None))
+        self._set_owner(Contribution(), self._contribution(APEX))
 
     # ----------------------------------------------------------------- events
 
@@ -130,14 +132,13 @@ class ServiceMap:
         old = self.objects.get(obj.key)
         if old == obj:
             return
-        self.objects[obj.key] = obj
         self.generation += 1
         self._changed(obj, old)
         self._notify()
 
     def delete(self, key: Key) -> None:
         """Remove one object (a watch DELETED event); unknown keys are a no-op."""
-        old = self.objects.pop(key, None)
+        old = self.objects.get(key)
         if old is None:
             return
         self.generation += 1
@@ -162,68 +163,105 @@ class ServiceMap:
         return n
 
     def _changed(self, new: KubeObject | None, old: KubeObject | None) -> None:
+        """Apply one object's change: what its owners contribute is computed from the objects
+        before and after, and only the difference touches the records.  Contributions are not
+        kept: they are a pure function of the objects, and keeping them cost about a KB per
+        service at 100,000 services."""
+        obj = new if new is not None else old
+        assert obj is not None
+        owners = self._owners(new, old)
+        before = [self._contribution(owner) for owner in owners]
+        if new is None:
+            del self.objects[obj.key]
+        else:
+            self.objects[obj.key] = new
+        if isinstance(obj, Service | Pod):
+            self._ns_ref(obj.namespace, +1 if old is None else 0, -1 if new is None else 0)
+        elif isinstance(obj, EndpointSlice):
+            self._move_slice(obj, old, new)
+        elif isinstance(obj, ServiceEntry):
+            self._recompute_mesh()
+        for owner, had in zip(owners, before, strict=True):
+            self._set_owner(had, self._contribution(owner))
+
+    def _owners(self, new: KubeObject | None, old: KubeObject | None) -> list[Owner]:
+        """The owners whose records one object's change may change."""
         obj = new if new is not None else old
         assert obj is not None
         if isinstance(obj, Namespace):
-            self._set_owner(
-                ("ns", obj.name),
-                None if new is None else records.namespace_names(obj.name, self.zone),
-            )
-            return
+            return [("ns", obj.name)]
         if isinstance(obj, Service):
-            self._ns_ref(obj.namespace, +1 if old is None else 0, -1 if new is None else 0)
-            self._recompute_service(obj.namespace, obj.name)
+            owners: list[Owner] = [("svc", obj.namespace, obj.name)]
             if f"{obj.namespace}/{obj.name}" == self.settings.dns_service:
-                svc = new if isinstance(new, Service) else None
-                self._set_owner(APEX, records.apex_records(self.zone, self.ttl, svc))
-            return
+                owners.append(APEX)
+            return owners
         if isinstance(obj, EndpointSlice):
-            old_svc = old.service if isinstance(old, EndpointSlice) else None
-            new_svc = new.service if isinstance(new, EndpointSlice) else None
-            for svc_name, present in ((old_svc, False), (new_svc, True)):
-                if svc_name is None:
-                    continue
-                key = (obj.namespace, svc_name)
-                # A tuple, not a set: a service has one slice or a few (and 10,000 of them).
-                members = tuple(n for n in self._slices_by_service.get(key, ()) if n != obj.name)
-                if present:
-                    members += (obj.name,)
-                if members:
-                    self._slices_by_service[key] = members
-                else:
-                    self._slices_by_service.pop(key, None)
-            for svc_name in {old_svc, new_svc} - {None}:
-                assert svc_name is not None
-                self._recompute_service(obj.namespace, svc_name)
-            return
+            names = {s.service for s in (new, old) if isinstance(s, EndpointSlice)} - {None}
+            return [("svc", obj.namespace, str(n)) for n in sorted(names, key=str)]
         if isinstance(obj, Pod):
-            self._ns_ref(obj.namespace, +1 if old is None else 0, -1 if new is None else 0)
+            return [("pod", obj.namespace, obj.name)]
+        return [MESH]
+
+    def _contribution(self, owner: Owner) -> Contribution:
+        """What ``owner`` contributes given the objects held now."""
+        kind = owner[0]
+        if kind == "svc":
+            return self._service_records(owner[1], owner[2])
+        if kind == "pod":
+            pod = self.objects.get(("Pod", owner[1], owner[2]))
+            if not isinstance(pod, Pod):
+                return Contribution()
             verified = self.settings.pod_records is PodRecords.VERIFIED
-            self._set_owner(
-                ("pod", obj.namespace, obj.name),
-                None if new is None else records.pod_records(obj, self.zone, verified),
+            return records.pod_records(pod, self.zone, verified)
+        if kind == "ns":
+            if ("Namespace", "", owner[1]) not in self.objects:
+                return Contribution()
+            return records.namespace_names(owner[1], self.zone)
+        if owner == APEX:
+            namespace, _, name = self.settings.dns_service.partition("/")
+            svc = self.objects.get(("Service", namespace, name))
+            return records.apex_records(
+                self.zone, self.ttl, svc if isinstance(svc, Service) else None
             )
-            return
-        assert isinstance(obj, ServiceEntry)
-        self._recompute_mesh()
+        out = Contribution()
+        for host, m in self._mesh.items():
+            for ip in m.v4 + m.v6:
+                out.address(host, ip)
+        return out
+
+    def _move_slice(
+        self, obj: EndpointSlice, old: KubeObject | None, new: KubeObject | None
+    ) -> None:
+        old_svc = old.service if isinstance(old, EndpointSlice) else None
+        new_svc = new.service if isinstance(new, EndpointSlice) else None
+        for svc_name, present in ((old_svc, False), (new_svc, True)):
+            if svc_name is None:
+                continue
+            key = (obj.namespace, svc_name)
+            # A tuple, not a set: a service has one slice or a few (and 10,000 of them).
+            members = tuple(n for n in self._slices_by_service.get(key, ()) if n != obj.name)
+            if present:
+                members += (obj.name,)
+            if members:
+                self._slices_by_service[key] = members
+            else:
+                self._slices_by_service.pop(key, None)
 
     def _ns_ref(self, namespace: str, add: int, remove: int) -> None:
         self._ns_refs[namespace] += add + remove
         if self._ns_refs[namespace] <= 0:
             del self._ns_refs[namespace]
 
-    def _recompute_service(self, namespace: str, name: str) -> None:
+    def _service_records(self, namespace: str, name: str) -> Contribution:
         svc = self.objects.get(("Service", namespace, name))
-        owner = ("svc", namespace, name)
         if not isinstance(svc, Service):
-            self._set_owner(owner, None)
-            return
+            return Contribution()
         slices = [
             s
             for n in sorted(self._slices_by_service.get((namespace, name), ()))
             if isinstance(s := self.objects.get(("EndpointSlice", namespace, n)), EndpointSlice)
         ]
-        self._set_owner(owner, records.service_records(svc, slices, self.zone))
+        return records.service_records(svc, slices, self.zone)
 
     def _recompute_mesh(self) -> None:
         entries = [o for o in self.objects.values() if isinstance(o, ServiceEntry)]
@@ -234,22 +272,10 @@ class ServiceMap:
             self.mesh_generation += 1
         self._mesh_wild = wild
         self._mesh = exact
-        out = Contribution()
-        for host, m in self._mesh.items():
-            for ip in m.v4 + m.v6:
-                out.address(host, ip)
-        self._set_owner(MESH, out)
 
     # ------------------------------------------------------ record bookkeeping
 
-    def _set_owner(self, owner: Owner, new: Contribution | None) -> None:
-        held = self._contrib.pop(owner, None)
-        old = Contribution(set(held[0]), set(held[1])) if held else Contribution()
-        if new is not None and (new.records or new.names):
-            # Kept as tuples: a set costs several times its members (100k services).
-            self._contrib[owner] = (tuple(new.records), tuple(new.names))
-        else:
-            new = Contribution()
+    def _set_owner(self, old: Contribution, new: Contribution) -> None:
         dirty: set[str] = set()
         for rec in old.records - new.records:
             self._unref_record(rec)
@@ -297,55 +323,63 @@ class ServiceMap:
                     self._names_dirty.add(n)
 
     def _ref_record(self, rec: Record) -> None:
-        types = self._rrs.setdefault(rec.name, {})
-        have = types.get(rec.rtype)
+        assert rec.rtype in RECORD_TYPES, rec
+        key = wire.encode_name(rec.name) + struct.pack("!H", rec.rtype)
+        have = self._rrs.get(key)
         if have is None:
-            types[rec.rtype] = rec.rdata  # the common case: one rdata, one owner
+            self._rrs[key] = rec.rdata  # the common case: one rdata, one owner
             self._ref_name(rec.name)
             return
         if isinstance(have, bytes):
-            have = types[rec.rtype] = Counter({have: 1})
+            have = self._rrs[key] = Counter({have: 1})
         if have[rec.rdata] == 0:
             self._ref_name(rec.name)
         have[rec.rdata] += 1
 
     def _unref_record(self, rec: Record) -> None:
-        types = self._rrs[rec.name]
-        have = types[rec.rtype]
+        key = wire.encode_name(rec.name) + struct.pack("!H", rec.rtype)
+        have = self._rrs[key]
         if isinstance(have, bytes):
-            del types[rec.rtype]
+            del self._rrs[key]
             self._unref_name(rec.name)
-        else:
-            have[rec.rdata] -= 1
-            if have[rec.rdata] <= 0:
-                del have[rec.rdata]
-                self._unref_name(rec.name)
-                if not have:
-                    del types[rec.rtype]
-                elif len(have) == 1 and next(iter(have.values())) == 1:
-                    types[rec.rtype] = next(iter(have))  # back to the compact form
-        if not types:
-            del self._rrs[rec.name]
+            return
+        have[rec.rdata] -= 1
+        if have[rec.rdata] <= 0:
+            del have[rec.rdata]
+            self._unref_name(rec.name)
+            if not have:
+                del self._rrs[key]
+            elif len(have) == 1 and next(iter(have.values())) == 1:
+                self._rrs[key] = next(iter(have))  # back to the compact form
+
+    def _types(self, name: str) -> dict[int, RData]:
+        """The record sets of one name, by type (empty: the name has no records)."""
+        owner = wire.encode_name(name)
+        rrs = self._rrs
+        return {
+            rtype: have
+            for rtype, suffix in zip(RECORD_TYPES, TABLE_TYPES, strict=True)
+            if (have := rrs.get(owner + suffix)) is not None
+        }
 
     # ------------------------------------------------------------ compilation
 
     def _compile(self, name: str) -> None:
         """Rebuild every precomputed answer of one name."""
         dirty = self._dirty
-        for key in self._keys_of.pop(name, ()):
-            self.answers.pop(key, None)
-            if dirty is not None:
-                dirty.add(key)
-        types = self._rrs.get(name)
+        owner = wire.encode_name(name)
+        # The name's keys are not kept (a tuple per name cost 600 bytes a service): every type
+        # a record can have is tried instead, which an event can afford.
+        for qtype in TABLE_TYPES:
+            if self.answers.pop(owner + qtype, None) is not None and dirty is not None:
+                dirty.add(owner + qtype)
+        types = self._types(name)
         if not types:
             return
-        owner = wire.encode_name(name)
-        keys: list[bytes] = []
 
         def put(qtype: int, answer: Answer) -> None:
             key = owner + struct.pack("!H", qtype)
             self.answers[key] = answer
-            keys.append(key)
             if dirty is not None:
                 dirty.add(key)
 
@@ -353,22 +387,21 @@ class ServiceMap:
         if wire.CNAME in types:
             # Only the CNAME question is answered from the table; other types chase the
             # target (the resolver does that, as the target may live upstream).
-            put(wire.CNAME, self._positive(name, [wire.CNAME]))
+            put(wire.CNAME, self._positive(name, types, [wire.CNAME]))
         else:
             for rtype in types:
-                put(rtype, self._positive(name, [rtype]))
+                put(rtype, self._positive(name, types, [rtype]))
             has_address = wire.A in types or wire.AAAA in types
             for family in (wire.A, wire.AAAA):
                 if has_address and family not in types:
                     put(family, self.nodata if in_zone else self.mesh_nodata)
-        self._keys_of[name] = tuple(keys)
 
-    def _positive(self, name: str, rtypes: list[int]) -> Answer:
+    def _positive(self, name: str, types: dict[int, RData], rtypes: list[int]) -> Answer:
         body = bytearray()
         additional: list[bytes] = []
         an = 0
         for rtype in rtypes:
-            for rdata in _sorted(self._rrs[name][rtype]):
+            for rdata in _sorted(types[rtype]):
                 body += wire.rr(wire.QNAME_POINTER, rtype, self.ttl, rdata)
                 an += 1
                 if rtype in (wire.SRV, wire.NS):
@@ -382,14 +415,14 @@ class ServiceMap:
         records of its own, or an alias (the CNAME is chased).  Made when asked, not kept:
         ANY is rare, and a table entry per name costs about 300 bytes (RFC 8482 would even
         allow a minimal answer)."""
-        types = self._rrs.get(name)
+        types = self._types(name)
         if not types or wire.CNAME in types or not self._in_zone(name):
             return None
-        return self._positive(name, sorted(types))
+        return self._positive(name, types, sorted(types))
 
     def address_rrs(self, name: str, rtypes: tuple[int, ...] = (wire.A, wire.AAAA)) -> list[bytes]:
         """The records of ``name`` of the given types, encoded with their full owner name."""
-        types = self._rrs.get(name, {})
+        types = self._types(name)
         owner = wire.encode_name(name)
         return [
             wire.rr(owner, t, self.ttl, rdata)
@@ -409,10 +442,10 @@ class ServiceMap:
 
     def cname(self, name: str) -> str | None:
         """The target of an ExternalName service at ``name``."""
-        types = self._rrs.get(name)
-        if not types or wire.CNAME not in types:
+        have = self._rrs.get(wire.encode_name(name) + TABLE_TYPES[RECORD_TYPES.index(wire.CNAME)])
+        if have is None:
             return None
-        rdata = _sorted(types[wire.CNAME])[0]
+        rdata = _sorted(have)[0]
         target, _ = wire.decode_name_plain(rdata, 0)
         return target
 
@@ -439,7 +472,7 @@ class ServiceMap:
             "endpointslices": kinds["EndpointSlice"],
             "pods": kinds["Pod"],
             "serviceentries": kinds["ServiceEntry"],
-            "names": len(self._rrs),
+            "rrsets": len(self._rrs),
             "answers": len(self.answers),
             "mesh_hosts": len(self._mesh) + len(self._mesh_wild),
         }

@@ -29,7 +29,6 @@ import os
 import random
 import sys
 import threading
-import types
 import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from interceptor.errors import ObjectError, SourceError
+from interceptor.lightimport import bare_packages
 from interceptor.model.objects import KubeObject, parse
 from interceptor.model.servicemap import ServiceMap
 
@@ -418,35 +418,20 @@ def _client_modules() -> tuple[Any, Any, Any]:
     first made.  A client laid out otherwise falls back to the full import."""
     if "kubernetes" in sys.modules:
         return _full_client_modules()
-    stubs = ("kubernetes", "kubernetes.client")
     try:
-        spec = importlib.util.find_spec("kubernetes")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError("the kubernetes package is not installed as a package")
-        root = list(spec.submodule_search_locations)
-        package = types.ModuleType("kubernetes")
-        package.__path__ = root
-        client = types.ModuleType("kubernetes.client")
-        client.__path__ = [os.path.join(r, "client") for r in root]
-        package.client = client  # type: ignore[attr-defined]
-        sys.modules.update({"kubernetes": package, "kubernetes.client": client})
-        configuration = importlib.import_module("kubernetes.client.configuration").Configuration
-        client.Configuration = configuration  # type: ignore[attr-defined]
-        client.ApiClient = _ApiClientOnDemand  # type: ignore[attr-defined]
-        rest = importlib.import_module("kubernetes.client.rest")
-        config = importlib.import_module("kubernetes.config")
+        with bare_packages("kubernetes", "kubernetes.client") as stubs:
+            client = stubs["kubernetes.client"]
+            configuration = importlib.import_module("kubernetes.client.configuration").Configuration
+            client.Configuration = configuration  # type: ignore[attr-defined]
+            client.ApiClient = _ApiClientOnDemand  # type: ignore[attr-defined]
+            rest = importlib.import_module("kubernetes.client.rest")
+            config = importlib.import_module("kubernetes.config")
         return config, configuration, rest
     except Exception as exc:  # another layout: pay for the models
         log.info("importing the whole Kubernetes client (%s)", exc)
         for name in [n for n in sys.modules if n == "kubernetes" or n.startswith("kubernetes.")]:
             del sys.modules[name]
         return _full_client_modules()
-    finally:
-        for name in stubs:
-            if isinstance(sys.modules.get(name), types.ModuleType) and not getattr(
-                sys.modules[name], "__file__", None
-            ):
-                del sys.modules[name]
 
 
 def _full_client_modules() -> tuple[Any, Any, Any]:

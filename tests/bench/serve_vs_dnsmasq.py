@@ -506,7 +506,7 @@ def memory_child(count: int) -> dict[str, Any]:
     return {
         "services": count,
         "answers": answers,
-        "names": stats["names"],
+        "rrsets": stats["rrsets"],
         "build_s": round(build_s, 3),
         "tracemalloc_current": current - base,
         "tracemalloc_peak": peak - base,
