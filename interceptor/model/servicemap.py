@@ -37,6 +37,8 @@ APEX: Owner = ("apex",)
 RECORD_TYPES = (wire.A, wire.AAAA, wire.CNAME, wire.SRV, wire.PTR, wire.NS, wire.SOA, wire.TXT)
 """Every type the map holds records of (:mod:`interceptor.model.records` makes no other)."""
 TABLE_TYPES = tuple(struct.pack("!H", t) for t in RECORD_TYPES)
+ADDRESS_TYPES = (struct.pack("!H", wire.A), struct.pack("!H", wire.AAAA))
+"""The types kept precomputed in :attr:`ServiceMap.answers` (see :meth:`ServiceMap.answer`)."""
 MESH: Owner = ("mesh",)
 
 
@@ -44,7 +46,7 @@ class ServiceMap:
     """Kubernetes objects in, DNS answers out.
 
     Readers (the resolver) use :attr:`answers`, :meth:`exists`, :meth:`cname`,
-    :meth:`records_of`, :meth:`mesh_wildcard` and :meth:`namespace_exists`.  Every method
+    :meth:`answer`, :meth:`mesh_wildcard` and :meth:`namespace_exists`.  Every method
     leaves those views consistent before it returns.
     """
 
@@ -63,7 +65,8 @@ class ServiceMap:
         self.generation = 0
         """Bumped by every event that changed anything (watchers of the map poll it)."""
         self.answers: dict[bytes, Answer] = {}
-        """(lowercased qname wire + qtype) -> precomputed answer: the hot-path table."""
+        """(lowercased qname wire + qtype) -> precomputed A or AAAA answer: the hot-path
+        table (other types: :meth:`answer`)."""
         self._dirty: set[bytes] | None = None
         self._listeners: list[Callable[[set[bytes]], None]] = []
         self._names_dirty: set[str] | None = None
@@ -287,11 +290,6 @@ class ServiceMap:
             self._unref_name(name)
         for name in new.names - old.names:
             self._ref_name(name)
-        # An SRV or NS answer carries its targets' addresses in the additional section:
-        # rebuild it when a target changed.
-        for rec in new.records:
-            if rec.rtype in (wire.SRV, wire.NS) and _target(rec) in dirty:
-                dirty.add(rec.name)
         for name in dirty:
             self._compile(name)
 
@@ -365,36 +363,33 @@ class ServiceMap:
     # ------------------------------------------------------------ compilation
 
     def _compile(self, name: str) -> None:
-        """Rebuild every precomputed answer of one name."""
+        """Rebuild the precomputed A and AAAA answers of one name."""
         dirty = self._dirty
         owner = wire.encode_name(name)
-        # The name's keys are not kept (a tuple per name cost 600 bytes a service): every type
-        # a record can have is tried instead, which an event can afford.
-        for qtype in TABLE_TYPES:
-            if self.answers.pop(owner + qtype, None) is not None and dirty is not None:
-                dirty.add(owner + qtype)
+        for suffix in ADDRESS_TYPES:
+            if self.answers.pop(owner + suffix, None) is not None and dirty is not None:
+                dirty.add(owner + suffix)
         types = self._types(name)
-        if not types:
+        # An alias answers only its CNAME; other types chase the target (the resolver does
+        # that, as the target may live upstream).
+        if wire.CNAME in types or not (wire.A in types or wire.AAAA in types):
             return
-
-        def put(qtype: int, answer: Answer) -> None:
-            key = owner + struct.pack("!H", qtype)
-            self.answers[key] = answer
+        negative = self.nodata if self._in_zone(name) else self.mesh_nodata
+        for rtype, suffix in zip((wire.A, wire.AAAA), ADDRESS_TYPES, strict=True):
+            key = owner + suffix
+            self.answers[key] = self._positive(name, types, [rtype]) if rtype in types else negative
             if dirty is not None:
                 dirty.add(key)
 
-        in_zone = self._in_zone(name)
-        if wire.CNAME in types:
-            # Only the CNAME question is answered from the table; other types chase the
-            # target (the resolver does that, as the target may live upstream).
-            put(wire.CNAME, self._positive(name, types, [wire.CNAME]))
-        else:
-            for rtype in types:
-                put(rtype, self._positive(name, types, [rtype]))
-            has_address = wire.A in types or wire.AAAA in types
-            for family in (wire.A, wire.AAAA):
-                if has_address and family not in types:
-                    put(family, self.nodata if in_zone else self.mesh_nodata)
+    def answer(self, name: str, qtype: int) -> Answer | None:
+        """The answer to a question of any other type than A and AAAA (those are in
+        :attr:`answers`), made when asked: None when the name has no records of that type.
+        SRV, PTR, CNAME, NS, SOA and TXT questions are rare next to addresses, and a kept
+        answer costs about 300 bytes (three of them for every service)."""
+        types = self._types(name)
+        if qtype not in types or (wire.CNAME in types and qtype != wire.CNAME):
+            return None
+        return self._positive(name, types, [qtype])
 
     def _positive(self, name: str, types: dict[int, RData], rtypes: list[int]) -> Answer:
         body = bytearray()

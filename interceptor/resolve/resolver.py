@@ -428,6 +428,10 @@ class Resolver:
             every = smap.any_answer(name)
             if every is not None:
                 return every, Rule.TABLE
+        elif query.qtype not in (wire.A, wire.AAAA):
+            made = smap.answer(name, query.qtype)
+            if made is not None:
+                return made, Rule.TABLE
         if smap.in_zone(name):
             if smap.cname(name) is not None:
                 return None
