@@ -17,6 +17,7 @@ from pathlib import Path
 from interceptor import __version__
 from interceptor.console import verbs
 from interceptor.errors import ConfigError, InterceptorError
+from interceptor.model.objects import DNS_LABEL
 from interceptor.settings import (
     ADMIN_SOCKET,
     AGENT_HEALTH,
@@ -175,6 +176,14 @@ def _add_resolver_flags(p: argparse.ArgumentParser) -> None:
         "--ipv6",
         action="store_true",
         help="allocate IPv6 mesh VIPs from 2001:2::/48 (default: AAAA is NODATA)",
+    )
+    p.add_argument(
+        "--default-service-export-to",
+        default=",".join(ZONE.default_export_to),
+        metavar="LIST",
+        help="exportTo of ServiceEntries that set none, as meshConfig's "
+        "defaultServiceExportTo: '*' (everyone), '.' (their own namespace), '~' (no one) "
+        "or namespace names, comma-separated (default: %(default)s)",
     )
     p.add_argument(
         "--upstream",
@@ -493,6 +502,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _export_to(value: str) -> tuple[str, ...]:
+    items = tuple(sorted({v.strip().lower() for v in value.split(",") if v.strip()}))
+    for v in items:
+        if v not in ("*", ".", "~") and not DNS_LABEL.fullmatch(v):
+            raise ConfigError(
+                f"--default-service-export-to: {v!r} is not '*', '.', '~' or a namespace name"
+            )
+    if not items:
+        raise ConfigError("--default-service-export-to must name someone ('~' for no one)")
+    return items
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     if args.ttl > 0x7FFFFFFF:
         raise ConfigError("--ttl must fit in 31 bits (RFC 2181 section 8)")
@@ -506,6 +527,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             ttl=args.ttl,
             pod_records=PodRecords(args.pod_records),
             ipv6=args.ipv6,
+            default_export_to=_export_to(args.default_service_export_to),
         ),
         server=ServerSettings(
             listen=getattr(args, "listen", ServerSettings().listen),

@@ -83,6 +83,9 @@ class ZoneSettings:
     """Answering of ``a-b-c-d.<ns>.pod.<zone>``; ``insecure`` like kubeadm's Corefile."""
     ipv6: bool = False
     """Hand out IPv6 mesh VIPs (AAAA); when off, AAAA for mesh hosts is NODATA."""
+    default_export_to: tuple[str, ...] = ("*",)
+    """ServiceEntries without ``spec.exportTo`` are exported as this (meshConfig's
+    ``defaultServiceExportTo``; Istio's default is ``*``, everyone)."""
     dns_service: str = "kube-system/kube-dns"
     """The Service whose ClusterIPs are the zone's name server (apex NS glue)."""
 

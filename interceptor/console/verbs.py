@@ -473,4 +473,7 @@ def query(ctx: Ctx) -> None:
         )
     if why["upstreams"]:
         out.append("servers: " + ", ".join(why["upstreams"]))
+    for i, line in enumerate(why.get("visibility") or []):
+        head = "visible: " if i == 0 else " " * 9
+        out.append(textwrap.fill(head + line, 80, subsequent_indent=" " * 11))
     ctx.emit(data, "\n".join(out))

@@ -126,6 +126,9 @@ class ServiceEntry:
     """istiod's ``status.addresses``: (host, address); host "" applies to every host."""
     created: str
     """``metadata.creationTimestamp`` (RFC 3339): older entries win VIP collisions."""
+    export_to: tuple[str, ...] = ()
+    """``spec.exportTo``: ``*``, ``.``, ``~`` or namespace names; empty: the mesh default
+    (:mod:`interceptor.model.visibility`)."""
 
     @property
     def key(self) -> Key:
@@ -434,6 +437,20 @@ def _service_entry(r: _Reader, obj: Mapping[str, Any], namespace: str, name: str
             )
         )
     created = _timestamp(r.get(obj, "metadata.creationTimestamp", object, default=""))
+    export_to = []
+    for i, value in enumerate(r.strings(obj, "spec.exportTo")):
+        # Istio's values: "*" everyone, "." the entry's namespace, "~" no one, else a
+        # namespace's name.
+        if value not in ("*", ".", "~"):
+            value = r.dns_label(value, f"spec.exportTo[{i}]")
+        export_to.append(value)
     return ServiceEntry(
-        namespace, name, hosts, tuple(addresses), resolution, tuple(status), created
+        namespace,
+        name,
+        hosts,
+        tuple(addresses),
+        resolution,
+        tuple(status),
+        created,
+        tuple(sorted(set(export_to))),
     )

@@ -5,13 +5,11 @@ DNS-Based Service Discovery specification (kubernetes/dns docs/specification.md,
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from interceptor.dns import wire
-from interceptor.model.objects import EndpointSlice, Pod, Service, ServiceEntry
-from interceptor.model.vip import V4_NET, V6_NET, Claim, allocate
+from interceptor.model.objects import EndpointSlice, Pod, Service
 
 SCHEMA_VERSION = "1.1.0"
 
@@ -123,51 +121,3 @@ def soa_rdata(zone: str, ttl: int) -> bytes:
     # Zone transfers are refused, so the serial carries no meaning; a constant keeps every
     # node's answers byte-identical.  MINIMUM is the negative-caching TTL (RFC 2308 4).
     return wire.rdata_soa(f"ns.dns.{zone}", f"hostmaster.{zone}", 1, 7200, 1800, 86400, ttl)
-
-
-@dataclass(frozen=True, slots=True)
-class MeshHost:
-    """A ServiceEntry host and the addresses it answers with."""
-
-    host: str
-    v4: tuple[str, ...]
-    v6: tuple[str, ...]
-
-
-def mesh_hosts(entries: Iterable[ServiceEntry], ipv6: bool) -> dict[str, MeshHost]:
-    """host -> addresses for every ServiceEntry host that gets an address (Istio semantics).
-
-    * ``spec.addresses`` are returned as given, whatever the resolution;
-    * else hosts with resolution DNS / DNS_ROUND_ROBIN get ``status.addresses`` when istiod
-      filled them, or an auto-allocated VIP (not for wildcard hosts, as istiod);
-    * resolution NONE / STATIC without addresses get nothing: their names are forwarded.
-    """
-    given: dict[str, set[str]] = {}
-    claims: list[Claim] = []
-    for se in sorted(entries, key=lambda e: (e.created, e.namespace, e.name)):
-        for host in se.hosts:
-            if se.addresses:
-                given.setdefault(host, set()).update(se.addresses)
-                continue
-            if se.resolution not in ("DNS", "DNS_ROUND_ROBIN"):
-                continue
-            status = {ip for h, ip in se.status_addresses if h in (host, "")}
-            if status:
-                given.setdefault(host, set()).update(status)
-            elif not host.startswith("*"):
-                claims.append(Claim(se.created, se.namespace, se.name, host))
-    auto = [c for c in claims if c.host not in given]
-    v4 = allocate(auto, V4_NET)
-    v6 = allocate(auto, V6_NET) if ipv6 else {}
-    out: dict[str, MeshHost] = {}
-    for host, ips in given.items():
-        addrs = [ipaddress.ip_address(ip) for ip in ips]
-        out[host] = MeshHost(
-            host,
-            tuple(sorted(a.compressed for a in addrs if a.version == 4)),
-            # Addresses someone wrote down (or istiod assigned) are served as given.
-            tuple(sorted(a.compressed for a in addrs if a.version == 6)),
-        )
-    for host, vip in v4.items():
-        out[host] = MeshHost(host, (vip,), (v6[host],) if host in v6 else ())
-    return out

@@ -26,7 +26,8 @@ from interceptor.model.objects import (
     Service,
     ServiceEntry,
 )
-from interceptor.model.records import Contribution, MeshHost, Record
+from interceptor.model.records import Contribution, Record
+from interceptor.model.visibility import HostView, MeshHost, host_views
 from interceptor.settings import PodRecords, ZoneSettings
 
 Owner = tuple[str, ...]
@@ -71,11 +72,15 @@ class ServiceMap:
         self._listeners: list[Callable[[set[bytes]], None]] = []
         self._names_dirty: set[str] | None = None
         self._name_listeners: list[Callable[[set[str]], None]] = []
-        self._mesh: dict[str, MeshHost] = {}
+        self._mesh: dict[str, HostView] = {}
         self.mesh_generation = 0
         """Bumped whenever the mesh hosts change: a name outside the zone that was forwarded
         (and cached) may be a mesh host now, and the cache's hot path must look again."""
-        self._mesh_wild: dict[str, MeshHost] = {}
+        self._mesh_wild: dict[str, HostView] = {}
+        self.mesh_scoped_any = False
+        """Some mesh host answers by the client's namespace (ServiceEntry ``exportTo``): a
+        name's answer may then depend on who asks (:meth:`mesh_scoped`)."""
+        self._pods_by_ip: dict[str, tuple[Key, ...]] = {}
         self._mesh_listeners: list[Callable[[], None]] = []
         self._mesh_told = 0
         soa = wire.rr(self.zone_wire, wire.SOA, self.ttl, records.soa_rdata(self.zone, self.ttl))
@@ -180,6 +185,8 @@ class ServiceMap:
             self.objects[obj.key] = new
         if isinstance(obj, Service | Pod):
             self._ns_ref(obj.namespace, +1 if old is None else 0, -1 if new is None else 0)
+        if isinstance(obj, Pod):
+            self._index_pod(old, new)
         elif isinstance(obj, EndpointSlice):
             self._move_slice(obj, old, new)
         elif isinstance(obj, ServiceEntry):
@@ -226,10 +233,14 @@ class ServiceMap:
             return records.apex_records(
                 self.zone, self.ttl, svc if isinstance(svc, Service) else None
             )
+        # Only hosts every client sees alike go into the shared table (and the kernel's copy);
+        # the others are answered per client (:meth:`mesh_host`).
         out = Contribution()
-        for host, m in self._mesh.items():
-            for ip in m.v4 + m.v6:
-                out.address(host, ip)
+        for host, view in self._mesh.items():
+            m = view.answer(None) if view.uniform else None
+            if m is not None:
+                for ip in m.v4 + m.v6:
+                    out.address(host, ip)
         return out
 
     def _move_slice(
@@ -267,14 +278,35 @@ class ServiceMap:
         return records.service_records(svc, slices, self.zone)
 
     def _recompute_mesh(self) -> None:
-        entries = [o for o in self.objects.values() if isinstance(o, ServiceEntry)]
-        hosts = records.mesh_hosts(entries, self.settings.ipv6)
+        hosts = host_views(self.mesh_entries(), self.settings.ipv6, self.settings.default_export_to)
+        # Inside the cluster domain only hosts every namespace sees alike: names there exist
+        # or not for everyone (NXDOMAIN, the kernel's junk test), and a name that existed for
+        # some namespaces only would tell the others it is there.
+        hosts = {
+            h: v for h, v in hosts.items() if v.uniform or not self._in_zone(h.removeprefix("*."))
+        }
         wild = {h[2:]: m for h, m in hosts.items() if h.startswith("*.")}
         exact = {h: m for h, m in hosts.items() if not h.startswith("*")}
         if wild != self._mesh_wild or exact != self._mesh:
             self.mesh_generation += 1
         self._mesh_wild = wild
         self._mesh = exact
+        self.mesh_scoped_any = not all(v.uniform for v in (*wild.values(), *exact.values()))
+
+    def _index_pod(self, old: KubeObject | None, new: KubeObject | None) -> None:
+        """Keep :meth:`client_namespace`'s index: pod address -> the pods holding it.
+        Host-network pods are left out: their address is the node's."""
+        for pod, present in ((old, False), (new, True)):
+            if not isinstance(pod, Pod) or pod.host_network:
+                continue
+            for ip in pod.ips:
+                held = tuple(k for k in self._pods_by_ip.get(ip, ()) if k != pod.key)
+                if present:
+                    held += (pod.key,)
+                if held:
+                    self._pods_by_ip[ip] = held
+                else:
+                    self._pods_by_ip.pop(ip, None)
 
     # ------------------------------------------------------ record bookkeeping
 
@@ -447,17 +479,56 @@ class ServiceMap:
     def namespace_exists(self, namespace: str) -> bool:
         return ("Namespace", "", namespace) in self.objects or namespace in self._ns_refs
 
-    def mesh_wildcard(self, name: str) -> MeshHost | None:
-        """The most specific wildcard ServiceEntry host matching ``name``, if any."""
+    def mesh_wildcard(self, name: str, namespace: str | None = None) -> MeshHost | None:
+        """The most specific wildcard ServiceEntry host matching ``name`` that gives a client
+        in ``namespace`` (None: an unknown client) an address, if any."""
         labels = name.split(".")
         for i in range(1, len(labels)):
-            hit = self._mesh_wild.get(".".join(labels[i:]))
-            if hit is not None:
+            view = self._mesh_wild.get(".".join(labels[i:]))
+            if view is not None and (hit := view.answer(namespace)) is not None:
                 return hit
         return None
 
-    def mesh_host(self, name: str) -> MeshHost | None:
-        return self._mesh.get(name)
+    def mesh_host(self, name: str, namespace: str | None = None) -> MeshHost | None:
+        """The exact ServiceEntry host ``name`` as a client in ``namespace`` sees it (None:
+        an unknown client, which sees only hosts exported to everyone)."""
+        view = self._mesh.get(name)
+        return view.answer(namespace) if view is not None else None
+
+    def mesh_answer(self, name: str, namespace: str | None) -> MeshHost | None:
+        """What ``name`` answers as a mesh host to a client in ``namespace``: the exact host,
+        else the most specific wildcard (a host without an address for this client is not
+        in its name table, so a wildcard may still match, as in Istio)."""
+        return self.mesh_host(name, namespace) or self.mesh_wildcard(name, namespace)
+
+    def mesh_scoped(self, name: str) -> bool:
+        """Whether ``name``'s answer depends on the client's namespace: such a name is never
+        answered from a copy shared by every client (the hot path's memory, the kernel's
+        cached forwarded names)."""
+        if not self.mesh_scoped_any:
+            return False
+        view = self._mesh.get(name)
+        if view is not None:
+            return not view.uniform
+        labels = name.split(".")
+        return any(
+            not v.uniform
+            for i in range(1, len(labels))
+            if (v := self._mesh_wild.get(".".join(labels[i:]))) is not None
+        )
+
+    def mesh_entries(self) -> list[ServiceEntry]:
+        return [o for o in self.objects.values() if isinstance(o, ServiceEntry)]
+
+    def client_namespace(self, ip: str) -> str | None:
+        """The namespace of the pod holding address ``ip``; None for an address no known pod
+        holds, or held by pods of two namespaces (a finished pod and the address's new
+        owner): such a client sees only what everyone sees."""
+        held = self._pods_by_ip.get(ip)
+        if not held:
+            return None
+        namespaces = {k[1] for k in held}
+        return next(iter(namespaces)) if len(namespaces) == 1 else None
 
     def stats(self) -> dict[str, int]:
         kinds = Counter(k[0] for k in self.objects)

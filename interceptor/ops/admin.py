@@ -176,7 +176,14 @@ class AdminServer:
         if decision.reply is None:
             raise AdminError("the resolver dropped the query")
         answer = reply_to_json(decision.reply)
-        why = describe(resolver.smap, decision, name, qtype)
+        why = describe(
+            resolver.smap,
+            decision,
+            name,
+            qtype,
+            client[0] if client else None,
+            resolver.client_namespace(client),
+        )
         return {
             "question": {
                 "name": name,

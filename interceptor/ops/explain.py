@@ -20,6 +20,7 @@ from interceptor.dns import wire
 from interceptor.dns.codes import rcode_text, type_text
 from interceptor.model.objects import EndpointSlice, Namespace, Pod, Service, ServiceEntry
 from interceptor.model.servicemap import ServiceMap
+from interceptor.model.visibility import explain as explain_visibility
 from interceptor.resolve.decision import Decision, Rule
 
 
@@ -35,6 +36,9 @@ class Explanation:
     """``Kind namespace/name`` of every object the answer comes from."""
     upstreams: list[str] = field(default_factory=list)
     """For forwarded names: the servers asked, in order."""
+    visibility: list[str] = field(default_factory=list)
+    """For a name some ServiceEntry names: who sees which entry, and so what this client
+    got (``exportTo``)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,9 +60,47 @@ FIXED = {
 }
 
 
-def describe(smap: ServiceMap, decision: Decision, name: str, qtype: int) -> Explanation:
-    """The resolver's ``decision`` for (``name``, ``qtype``), in words and objects."""
+def describe(
+    smap: ServiceMap,
+    decision: Decision,
+    name: str,
+    qtype: int,
+    client: str | None = None,
+    namespace: str | None = None,
+) -> Explanation:
+    """The resolver's ``decision`` for (``name``, ``qtype``) asked by ``client`` (an address,
+    in ``namespace`` when it is a known pod's), in words and objects."""
     name = name.strip().rstrip(".").lower()
+    why = _describe(smap, decision, name, qtype)
+    if not smap.in_zone(name):
+        why.visibility = _visibility(smap, name, client, namespace)
+    return why
+
+
+def _visibility(
+    smap: ServiceMap, name: str, client: str | None, namespace: str | None
+) -> list[str]:
+    lines = explain_visibility(
+        smap.mesh_entries(), name, namespace, smap.settings.default_export_to
+    )
+    if not lines:
+        return []
+    if client is None:
+        who = "no client given (--from): as for an unknown client, which sees only entries "
+        who += "exported to everyone"
+    elif namespace is None:
+        who = f"{client} is no known pod: it sees only entries exported to everyone"
+    else:
+        who = f"{client} is a pod in namespace {namespace}"
+    seen = smap.mesh_answer(name, namespace)
+    if seen is None:
+        verdict = "so no entry gives it an address here: the name is forwarded"
+    else:
+        verdict = f"so it is answered {', '.join(seen.v4 + seen.v6) or 'NODATA'} ({seen.host})"
+    return [who, *lines, verdict]
+
+
+def _describe(smap: ServiceMap, decision: Decision, name: str, qtype: int) -> Explanation:
     rule = decision.rule
     servers = [str(s) for s in decision.upstreams]
     if rule in FIXED:
@@ -84,6 +126,12 @@ def describe(smap: ServiceMap, decision: Decision, name: str, qtype: int) -> Exp
             "the rest of the client's search list was tried on the server; CNAME to the "
             f"first name that exists, {decision.target}",
             _objects_for(smap, name),
+        )
+    if rule == Rule.MESH_SCOPED:
+        return Explanation(
+            rule,
+            "mesh host (ServiceEntry) as the client's namespace sees it (exportTo)",
+            _service_entries(smap, name, wildcard=smap.mesh_host(name) is None),
         )
     if rule == Rule.MESH_WILDCARD:
         return Explanation(
@@ -338,7 +386,9 @@ def services(smap: ServiceMap, name: str | None = None) -> list[dict[str, Any]]:
                     host,
                 ):
                     continue
-                mesh = smap.mesh_host(host)
+                # As the entry's own namespace sees the host (exportTo may hide it from
+                # others, or another entry may decide it for them).
+                mesh = smap.mesh_host(host, obj.namespace) or smap.mesh_host(host)
                 addrs = list(mesh.v4 + mesh.v6) if mesh is not None else []
                 out.append(
                     {
@@ -352,6 +402,7 @@ def services(smap: ServiceMap, name: str | None = None) -> list[dict[str, Any]]:
                         "ports": [],
                         "ready_endpoints": 0,
                         "endpoint_slices": [],
+                        "export_to": list(obj.export_to or smap.settings.default_export_to),
                     }
                 )
     out.sort(key=lambda s: (s["namespace"], s["name"], s["dns_name"]))

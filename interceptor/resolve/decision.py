@@ -40,6 +40,9 @@ class Rule:
     """The pod's search list completed on the server: CNAME to the first name that exists."""
     MESH_WILDCARD = "mesh-wildcard"
     """A name under a wildcard ServiceEntry host: its addresses."""
+    MESH_SCOPED = "mesh-scoped"
+    """A ServiceEntry host not exported to everyone, or answering otherwise in the client's
+    namespace: its addresses as the client's namespace sees it (``exportTo``)."""
     EXTERNALNAME = "externalname"
     """ExternalName: a CNAME chain, then the target's records (map, mesh or upstream)."""
     CNAME_LOOP = "cname-loop"
@@ -72,3 +75,6 @@ class Decision:
     """The servers asked for a forwarded name, in order."""
     via: str = ""
     """Why those servers (the flag or ConfigMap entry that chose them)."""
+    per_client: bool = False
+    """The answer depends on the client's namespace (a mesh host some namespaces see
+    otherwise): never remembered for the next client."""

@@ -31,8 +31,8 @@ from interceptor.dns.message import (
 from interceptor.dns.records import sections
 from interceptor.logutil import RateLimitedLog
 from interceptor.model.gate import SyncGate
-from interceptor.model.records import MeshHost
 from interceptor.model.servicemap import ServiceMap
+from interceptor.model.visibility import MeshHost
 from interceptor.resolve.autopath import Autopath
 from interceptor.resolve.cache import Cache, Entry
 from interceptor.resolve.caching import CachingForwarder, servers_key
@@ -58,7 +58,8 @@ FROM_THE_MAP = frozenset(
     (Rule.TABLE, Rule.POD_RECORD, Rule.EMPTY_NON_TERMINAL, Rule.NXDOMAIN, Rule.MESH_WILDCARD)
 )
 """Careful-path answers that depend on nothing but the query and the service map (without
-autopath, whose answers depend on the client's namespace): the hot path may remember them."""
+autopath, whose answers depend on the client's namespace, and but for mesh hosts whose
+answer does too, :meth:`ServiceMap.mesh_scoped`): the hot path may remember them."""
 
 MEMO_MAX = 65536
 """Finished hot-path replies remembered (distinct queries: case and EDNS size count)."""
@@ -289,6 +290,13 @@ class Resolver:
             name = data[12 : z + 1].lower()
             if any(name.endswith(zone) for zone in self._zone_wires):
                 return None  # may be a stub domain's (the careful path matches labels)
+        if self.smap.mesh_scoped_any:
+            try:
+                qname = wire.decode_name_plain(data, 12)[0].lower()
+            except (ValueError, IndexError):
+                return None
+            if self.smap.mesh_scoped(qname):
+                return None  # forwarded for some namespaces, a mesh host for others
         servers = self._route_key(client)
         if servers is None:
             return None
@@ -335,7 +343,12 @@ class Resolver:
                 decision.source,
                 time.perf_counter() - t0,
             )
-            if not tcp and decision.rule in FROM_THE_MAP and self.autopath is None:
+            if (
+                not tcp
+                and decision.rule in FROM_THE_MAP
+                and self.autopath is None
+                and not decision.per_client
+            ):
                 # Made from the service map alone, so the same bytes answer the same query
                 # until the map changes: search-path junk then costs a memo lookup.
                 rcode = reply[3] & 15
@@ -383,18 +396,23 @@ class Resolver:
         smap = self.smap
         if not self.synced.is_open and smap.in_zone(query.qname):
             return self._error(query, wire.SERVFAIL, Rule.NOT_SYNCED)
-        local = self.lookup(query)
+        local = self.lookup(query, client)
+        per_client = smap.mesh_scoped(query.qname)
         if local is not None:
             answer, rule = local
             if rule == Rule.NXDOMAIN and autopath and client is not None and self.autopath:
                 done = await self.autopath.complete(query, tcp, client, limit)
                 if done is not None:
                     return done
-            mesh = not smap.in_zone(query.qname) and (
-                smap.mesh_host(query.qname) is not None or smap.mesh_wildcard(query.qname)
+            mesh = rule in (Rule.MESH_WILDCARD, Rule.MESH_SCOPED) or (
+                rule == Rule.TABLE
+                and not smap.in_zone(query.qname)
+                and smap.mesh_host(query.qname) is not None
             )
             reply = assemble(query, answer, self.max_udp, limit)
-            return Decision(reply, "mesh" if mesh else "authoritative", rule)
+            decided = Decision(reply, "mesh" if mesh else "authoritative", rule)
+            decided.per_client = per_client
+            return decided
         target = smap.cname(query.qname)
         if target is not None:
             return await self._chase(query, target, limit, client, tcp)
@@ -408,6 +426,7 @@ class Resolver:
             return refused
         decision = await self.caching.forward(query, limit, route.servers, smap.mesh_generation)
         decision.via = "not ours: forwarded to " + route.via
+        decision.per_client = per_client
         return decision
 
     async def _candidate(self, data: bytes, tcp: bool, client: Client) -> Decision:
@@ -416,9 +435,18 @@ class Resolver:
     def _error(self, query: Query, rcode: int, rule: str) -> Decision:
         return Decision(error_response(query.data, rcode, query, self.max_udp), "error", rule)
 
-    def lookup(self, query: Query) -> tuple[Answer, str] | None:
-        """The local answer for a query and its rule, or None if it is not ours (or needs a
-        CNAME chase)."""
+    def client_namespace(self, client: Client | None) -> str | None:
+        """The namespace of the pod asking (None: not a known pod)."""
+        if client is None:
+            return None
+        ip = client[0]
+        if ip.startswith("::ffff:"):
+            ip = ip[7:]  # a v4 client on a dual-stack socket
+        return self.smap.client_namespace(ip)
+
+    def lookup(self, query: Query, client: Client | None = None) -> tuple[Answer, str] | None:
+        """The local answer for a query from ``client`` and its rule, or None if it is not
+        ours (or needs a CNAME chase)."""
         smap = self.smap
         hit = smap.answers.get(query.key)
         if hit is not None:
@@ -443,9 +471,17 @@ class Resolver:
             if smap.exists(name):
                 return smap.nodata, Rule.EMPTY_NON_TERMINAL
             return smap.nxdomain, Rule.NXDOMAIN
-        wild = smap.mesh_wildcard(name)
-        if wild is not None and query.qtype in (wire.A, wire.AAAA):
-            return _mesh_answer(wild, query.qtype, smap.ttl, smap.mesh_nodata), Rule.MESH_WILDCARD
+        if query.qtype not in (wire.A, wire.AAAA):
+            return None
+        scoped = smap.mesh_scoped(name)
+        namespace = self.client_namespace(client) if scoped else None
+        exact = smap.mesh_host(name, namespace) if scoped else None
+        if exact is not None:
+            return _mesh_answer(exact, query.qtype, smap.ttl, smap.mesh_nodata), Rule.MESH_SCOPED
+        wild = smap.mesh_wildcard(name, namespace)
+        if wild is not None:
+            rule = Rule.MESH_SCOPED if scoped else Rule.MESH_WILDCARD
+            return _mesh_answer(wild, query.qtype, smap.ttl, smap.mesh_nodata), rule
         return None
 
     def pod_record_ip(self, name: str) -> str | None:
@@ -507,7 +543,7 @@ class Resolver:
                 rcode = wire.NOERROR if smap.exists(owner) else wire.NXDOMAIN
                 authority = [smap.nodata.body]
         else:
-            mesh = smap.mesh_host(owner)
+            mesh = smap.mesh_answer(owner, self.client_namespace(client))
             if mesh is not None and query.qtype in (wire.A, wire.AAAA):
                 source = "mesh"
                 ips = mesh.v4 if query.qtype == wire.A else mesh.v6
