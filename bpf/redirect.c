@@ -537,6 +537,12 @@ static __always_inline int __fastpath(struct __sk_buff *skb, struct pkt *p, stru
 	if (ret < 0)
 		return ret;
 	ans = FP_ANSWERS.lookup(&s->key);
+	if (!ans && pod->view) {
+		/* A mesh host answered by namespace: the entry of the pod's, if it sees one. */
+		s->key.view = (__u16)pod->view;
+		ans = FP_ANSWERS.lookup(&s->key);
+		s->key.view = 0;
+	}
 	if (!ans) {
 		ans = __fp_junk(s);
 		kind = FP_NXDOMAIN;

@@ -60,7 +60,7 @@ struct bucket {
 
 struct pod_info {
 	__u32 pod_id;	       /* slot in per-pod counters, assigned by the agent */
-	__u32 flags;	       /* unused for now */
+	__u32 view;	       /* the pod's namespace's FP_ANSWERS view (0: none, see fp_key) */
 	__u64 tokens_ts;       /* new-flow bucket: time of the last refill (ns) */
 	__u64 tokens;	       /* new-flow bucket: tokens left, times 1e9 */
 	struct bucket queries; /* queries to the resolver (config query_rate) */
@@ -109,14 +109,16 @@ struct pod_stats {
 /* FP_ANSWERS: the in-kernel fast path's answers, a copy of the resolver's precomputed table
  * for the names that fit.  The key is the question name exactly as the resolver keys it
  * (lowercased wire form, zero-padded) and the QTYPE; the value is everything of the response
- * that does not come from the query itself. */
+ * that does not come from the query itself.  Mesh hosts that namespaces see differently
+ * (ServiceEntry exportTo) have no view-0 entry, only one per namespace (view) that sees
+ * them with an address: a pod whose view has none is answered by the resolver. */
 #define FP_NAME_MAX 128 /* longer names fall through to the resolver */
 #define FP_BODY_MAX 256 /* answer+authority+additional bytes; bigger answers fall through */
 
 struct fp_key {
 	__u8 name[FP_NAME_MAX];
 	__u16 qtype; /* network order */
-	__u16 _pad;
+	__u16 view;  /* 0: every pod's answer; else only for pods of that view (a namespace) */
 };
 
 struct fp_answer {

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 FASTPATH_QTYPES = frozenset({wire.A, wire.AAAA})
 
 
-def encode(key: bytes, answer: Answer) -> tuple[maps.FpKey, maps.FpAnswer] | None:
-    """The map entry for one table entry, or None when it is not for the fast path."""
+def encode(key: bytes, answer: Answer, view: int = 0) -> tuple[maps.FpKey, maps.FpAnswer] | None:
+    """The map entry for one table entry (for the pods of ``view``; 0: every pod), or None
+    when it is not for the fast path."""
     name, qtype = key[:-2], struct.unpack("!H", key[-2:])[0]
     if qtype not in FASTPATH_QTYPES:
         return None
@@ -42,6 +43,7 @@ def encode(key: bytes, answer: Answer) -> tuple[maps.FpKey, maps.FpAnswer] | Non
     k = maps.FpKey()
     ct.memmove(k.name, name, len(name))
     k.qtype = int.from_bytes(key[-2:], "little")  # the bytes as they are on the wire
+    k.view = view
     return k, answer_value(answer)
 
 
@@ -87,7 +89,7 @@ class AnswerMap:
             if bytes(k) not in wanted:
                 self.map.delete(k)
         for k, v in wanted.values():
-            self._put(k, v)
+            self.put(k, v)
         return len(wanted) - self.skipped
 
     def apply(self, table: Mapping[bytes, Answer], changed: Iterable[bytes]) -> None:
@@ -96,15 +98,17 @@ class AnswerMap:
             answer = table.get(key)
             entry = encode(key, answer) if answer is not None else None
             if entry is not None:
-                self._put(*entry)
+                self.put(*entry)
                 continue
             k = _key_only(key)
             if k is not None:
                 self.map.delete(k)
 
-    def _put(self, k: maps.FpKey, v: maps.FpAnswer) -> None:
+    def put(self, k: maps.FpKey, v: maps.FpAnswer) -> bool:
+        """Write one entry; False when the map is full (the resolver answers it)."""
         try:
             self.map.put(k, v)
+            return True
         except InterceptorError as exc:
             # Full (E2BIG/ENOMEM): the resolver answers this name; nothing is lost.
             self.skipped += 1
@@ -114,6 +118,40 @@ class AnswerMap:
                 self.capacity,
                 exc,
             )
+            return False
+
+
+class ViewAnswers:
+    """The FP_ANSWERS entries of mesh hosts that namespaces see differently (ServiceEntry
+    ``exportTo``): one per name, type and view (a namespace's number, in its pods' PODS
+    entries), for the views that see the host with an address.  They never have a view-0
+    entry, so a pod without an entry of its view is answered by the resolver, which decides
+    by the pod's namespace.  :class:`AnswerMap` keeps view 0; its load at start removes
+    every view's entries a previous agent left (its views numbered other namespaces)."""
+
+    def __init__(self, answers: AnswerMap) -> None:
+        self.answers = answers
+        self._held: dict[bytes, bytes] = {}
+        """key bytes -> value bytes, as written"""
+
+    def sync(self, wanted: Mapping[tuple[bytes, int], Answer]) -> int:
+        """Make the views' entries exactly ``wanted``: (table key, view) -> answer.
+        Returns the number of entries held."""
+        entries: dict[bytes, tuple[maps.FpKey, maps.FpAnswer]] = {}
+        for (key, view), answer in wanted.items():
+            if view <= 0:
+                raise ValueError("view entries need a view")
+            entry = encode(key, answer, view)
+            if entry is not None:
+                entries[bytes(entry[0])] = entry
+        for kb in [kb for kb in self._held if kb not in entries]:
+            self.answers.map.delete(maps.FpKey.from_buffer_copy(kb))
+            del self._held[kb]
+        for kb, (k, v) in entries.items():
+            vb = bytes(v)
+            if self._held.get(kb) != vb and self.answers.put(k, v):
+                self._held[kb] = vb
+        return len(self._held)
 
 
 def _wire16(n: int) -> int:

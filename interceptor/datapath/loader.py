@@ -46,6 +46,8 @@ class Attachment:
     ifname: str
     pods: dict[str, int] = field(default_factory=dict)
     """pod IP -> pod id"""
+    views: dict[str, int] = field(default_factory=dict)
+    """pod IP -> the view written into its PODS entry"""
 
 
 class Datapath:
@@ -206,9 +208,15 @@ class Datapath:
 
     # ------------------------------------------------------------ attach
 
-    def reconcile(self, desired: Mapping[int, tuple[str, Iterable[str]]]) -> None:
+    def reconcile(
+        self,
+        desired: Mapping[int, tuple[str, Iterable[str]]],
+        views: Mapping[str, int] | None = None,
+    ) -> None:
         """Make the attachments and pod entries exactly ``desired``: ifindex -> (ifname, pod
-        IPs on that veth)."""
+        IPs on that veth); ``views``: pod IP -> its namespace's FP_ANSWERS view (absent: 0,
+        the answers every pod gets)."""
+        views = views or {}
         assert self._ipr is not None
         s = self.settings
         gone: set[str] = set()
@@ -228,6 +236,9 @@ class Datapath:
                     self._release_id(ip)
                     del att.pods[ip]
                     gone.add(ip)
+                elif att.views.get(ip, 0) != views.get(ip, 0):
+                    self._set_view(ifindex, ip, views.get(ip, 0))
+                    att.views[ip] = views.get(ip, 0)
             for ip in want - set(att.pods):
                 pod_id = self._id_for(ip)
                 info = maps.PodInfo()
@@ -236,10 +247,21 @@ class Datapath:
                 info.tokens, info.tokens_ts = s.flow_burst * 1_000_000_000, now
                 info.queries.tokens, info.queries.ts = s.query_burst * 1_000_000_000, now
                 info.answers.tokens, info.answers.ts = s.answer_burst * 1_000_000_000, now
+                info.view = views.get(ip, 0)
                 self.maps["PODS"].put(_pod_key(ifindex, ip), info)
                 att.pods[ip] = pod_id
+                att.views[ip] = info.view
         self._sweep_stale_pods(desired)
         self._forget_flows(gone - {ip for att in self.attached.values() for ip in att.pods})
+
+    def _set_view(self, ifindex: int, ip: str, view: int) -> None:
+        """A pod's view changed in place (its address now a pod's of another namespace):
+        its buckets are kept, and a packet sees the old entry or the new one."""
+        key = _pod_key(ifindex, ip)
+        info = self.maps["PODS"].get(key)
+        if info is not None:
+            info.view = view
+            self.maps["PODS"].put(key, info)
 
     def _forget_flows(self, ips: set[str]) -> None:
         """A deleted pod's flows go with it: its address may be given to the next pod, which

@@ -109,7 +109,7 @@ class PodInfo(ct.Structure):
 
     _fields_ = [
         ("pod_id", ct.c_uint32),
-        ("flags", ct.c_uint32),
+        ("view", ct.c_uint32),
         ("tokens_ts", ct.c_uint64),
         ("tokens", ct.c_uint64),
         ("queries", Bucket),
@@ -179,7 +179,7 @@ class FpKey(ct.Structure):
     _fields_ = [
         ("name", ct.c_uint8 * FP_NAME_MAX),
         ("qtype", ct.c_uint16),
-        ("_pad", ct.c_uint16),
+        ("view", ct.c_uint16),
     ]
 
 

@@ -517,6 +517,23 @@ class ServiceMap:
             if (v := self._mesh_wild.get(".".join(labels[i:]))) is not None
         )
 
+    def scoped_hosts(self) -> dict[str, HostView]:
+        """The exact mesh hosts some namespaces see otherwise than everyone (not in
+        :attr:`answers`): a copy that tells namespaces apart (the kernel's views) keeps
+        them per namespace."""
+        return {h: v for h, v in self._mesh.items() if not v.uniform}
+
+    def mesh_reply(self, host: MeshHost, qtype: int) -> Answer:
+        """The answer a mesh host gives to an A or AAAA question (NODATA, not authoritative
+        of anything, for a family it has no address of)."""
+        ips = host.v4 if qtype == wire.A else host.v6
+        if not ips:
+            return self.mesh_nodata
+        body = b"".join(
+            wire.rr(wire.QNAME_POINTER, qtype, self.ttl, wire.rdata_address(ip)[1]) for ip in ips
+        )
+        return Answer(wire.NOERROR, True, len(ips), 0, 0, body)
+
     def mesh_entries(self) -> list[ServiceEntry]:
         return [o for o in self.objects.values() if isinstance(o, ServiceEntry)]
 

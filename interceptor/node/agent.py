@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from interceptor import __version__
 from interceptor.datapath.addresses import AddressBook
-from interceptor.datapath.answers import AnswerMap, CachedAnswers, JunkAnswers
+from interceptor.datapath.answers import AnswerMap, CachedAnswers, JunkAnswers, ViewAnswers
 from interceptor.datapath.discovery import LinkFinder, NetlinkEvents
 from interceptor.datapath.loader import Datapath
 from interceptor.model.nodepods import NodePod, node_pod_ips, node_pods
@@ -28,6 +28,7 @@ from interceptor.model.servicemap import ServiceMap
 from interceptor.node.health import HealthServer, self_query
 from interceptor.node.kernelcache import KernelCacheMirror
 from interceptor.node.lifecycle import OwnerWatch, StopMode
+from interceptor.node.meshviews import MeshViews
 from interceptor.node.runtime import Feed, make_resolver, start_metrics
 from interceptor.ops.agentops import AgentOps
 from interceptor.resolve.listener import DnsServer
@@ -111,6 +112,9 @@ class Agent:
         self._mode: StopMode | None = None
         self._kick = asyncio.Event()
         self._last_desired: dict[int, tuple[str, tuple[str, ...]]] = {}
+        self._last_views: dict[str, int] = {}
+        self.views = MeshViews(self.smap, None)
+        """Namespaces' views of the mesh in the kernel (given FP_ANSWERS at fast-path start)."""
         self._last_names: set[tuple[str, str, tuple[str, ...]]] = set()
         self._nl_thread = ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self._programs_ready = False
@@ -178,14 +182,17 @@ class Agent:
                 out.setdefault(link.ifindex, (link.name, []))[1].append(ip)
         return {k: (name, tuple(sorted(ips))) for k, (name, ips) in sorted(out.items())}
 
-    def _apply(self, pods: list[NodePod], finder: LinkFinder, known: set[str]) -> None:
+    def _apply(
+        self, pods: list[NodePod], finder: LinkFinder, known: set[str], views: dict[str, int]
+    ) -> None:
         """On the netlink thread: find the veths and bring the datapath in step."""
         desired = self.desired(pods, finder, known)
         names = {(p.namespace, p.name, p.ips) for p in pods}
-        if desired != self._last_desired:
+        if desired != self._last_desired or views != self._last_views:
             with self.ops.programming(pods, self.datapath.attached):
-                self.datapath.reconcile(desired)
+                self.datapath.reconcile(desired, views)
             self._last_desired = desired
+            self._last_views = views
             log.info(
                 "capturing DNS of %d pod address(es) on %d veth(s)",
                 sum(len(ips) for _, ips in desired.values()),
@@ -206,7 +213,10 @@ class Agent:
         # The service map is only touched on the loop thread; the netlink thread gets a copy.
         pods, _ = node_pods(self.smap, self.agent.node_name)
         known = node_pod_ips(self.smap, self.agent.node_name)
-        await self._netlink(self._apply, pods, finder, known)
+        views = self.views.views_for(pods)
+        await self._netlink(self._apply, pods, finder, known, views)
+        # After the PODS entries: a pod whose view has no entries yet is the resolver's.
+        self.views.sync()
         live: Counter[str] = Counter()
         for server in self._servers:
             if server.tcp is not None:
@@ -376,6 +386,7 @@ class Agent:
         # to what exists), so junk is the resolver's; without, it is the same for everyone.
         names = junk.load(smap.existing_names(), not self.settings.autopath.enabled)
         n = answers.load(smap.answers)
+        self.views = MeshViews(smap, ViewAnswers(answers))
         log.info(
             "fast path: %d answers and %d names loaded into the kernel in %.2fs (search-path "
             "junk answered %s)",

@@ -32,7 +32,6 @@ from interceptor.dns.records import sections
 from interceptor.logutil import RateLimitedLog
 from interceptor.model.gate import SyncGate
 from interceptor.model.servicemap import ServiceMap
-from interceptor.model.visibility import MeshHost
 from interceptor.resolve.autopath import Autopath
 from interceptor.resolve.cache import Cache, Entry
 from interceptor.resolve.caching import CachingForwarder, servers_key
@@ -477,11 +476,11 @@ class Resolver:
         namespace = self.client_namespace(client) if scoped else None
         exact = smap.mesh_host(name, namespace) if scoped else None
         if exact is not None:
-            return _mesh_answer(exact, query.qtype, smap.ttl, smap.mesh_nodata), Rule.MESH_SCOPED
+            return smap.mesh_reply(exact, query.qtype), Rule.MESH_SCOPED
         wild = smap.mesh_wildcard(name, namespace)
         if wild is not None:
             rule = Rule.MESH_SCOPED if scoped else Rule.MESH_WILDCARD
-            return _mesh_answer(wild, query.qtype, smap.ttl, smap.mesh_nodata), rule
+            return smap.mesh_reply(wild, query.qtype), rule
         return None
 
     def pod_record_ip(self, name: str) -> str | None:
@@ -571,13 +570,3 @@ class Resolver:
         answer = Answer(rcode, True, len(chain) + len(tail), len(authority), 0, body)
         reply = assemble(query, answer, self.max_udp, limit)
         return Decision(reply, source, Rule.EXTERNALNAME, target=owner, upstreams=asked)
-
-
-def _mesh_answer(host: MeshHost, qtype: int, ttl: int, nodata: Answer) -> Answer:
-    ips = host.v4 if qtype == wire.A else host.v6
-    if not ips:
-        return nodata
-    body = b"".join(
-        wire.rr(wire.QNAME_POINTER, qtype, ttl, wire.rdata_address(ip)[1]) for ip in ips
-    )
-    return Answer(wire.NOERROR, True, len(ips), 0, 0, body)

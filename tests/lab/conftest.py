@@ -28,6 +28,9 @@ UPSTREAM_RECORDS = (
     "--host-record=brief.upstream.test,192.0.2.61,8",
     "--host-record=other.upstream.test,192.0.2.62,300",
     "--host-record=short.upstream.test,192.0.2.63,2001:db8::63,5",
+    # What the upstream says of a mesh host exported to some namespaces only: the answer
+    # every other namespace must get (issue 15).
+    "--host-record=private.mesh.test,192.0.2.99,300",
 )
 PODS = [
     PodSpec("client1", "10.244.1.10", "ns1", ip6="fd00:10:244::10"),

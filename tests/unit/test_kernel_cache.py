@@ -157,3 +157,25 @@ def test_a_route_change_takes_everything_back_on_the_next_turn() -> None:
     r.reconfigure(None)
     mir.turn(clock.now)
     assert answers.down == {} and modes == [False, False]
+
+
+def test_a_name_some_namespaces_see_as_a_mesh_host_stays_up() -> None:
+    """Made hot while forwarded for one client (its namespace does not see the entry), it
+    must not go down: the kernel would give it to a pod whose namespace sees the VIP."""
+    r, _, clock, m = resolver()
+    answers = FakeAnswers()
+    mir, _ = mirror(r, m, answers, hits=1)
+    data = query("www.example.org", "A", 1)
+    hot(r, data, 3)  # cached and offered while nobody saw a mesh host there
+    private = se("p", ["www.example.org"], "2024-01-01T00:00:00Z", exportTo=["."])
+    m.upsert(private)  # now ns1 sees it: the mesh change takes back, the offer stays up
+    careful(r, data)  # forwarded again for this client, and so checked at this generation
+    careful(r, data)
+    # Offered anyway (the cache offers on hits, and a refresh offers again): the mirror is
+    # the last guard.
+    for key in r.cache.entries:
+        r.cache.promotions[key] = None
+        r.cache.entries[key].offered = False
+    mir.turn(clock.now)
+    assert answers.down == {}
+    assert m.mesh_scoped("www.example.org")
