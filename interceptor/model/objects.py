@@ -18,6 +18,7 @@ from typing import Any, TypeAlias
 from interceptor.errors import ObjectError
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+AUTOALLOCATE_LABEL = "networking.istio.io/enable-autoallocate-ip"
 
 Key: TypeAlias = tuple[str, str, str]
 """(kind, namespace, name): the identity of an object in the map."""
@@ -129,6 +130,13 @@ class ServiceEntry:
     export_to: tuple[str, ...] = ()
     """``spec.exportTo``: ``*``, ``.``, ``~`` or namespace names; empty: the mesh default
     (:mod:`interceptor.model.visibility`)."""
+    endpoints: tuple[str, ...] = ()
+    """IP addresses of ``spec.endpoints`` (Istio's DNS proxy answers them for resolution
+    NONE with ports); endpoints named by host name or Unix socket are left out."""
+    has_ports: bool = False
+    autoallocate: bool = True
+    """False with the label ``networking.istio.io/enable-autoallocate-ip: "false"``: istiod
+    gives the entry no VIP."""
 
     @property
     def key(self) -> Key:
@@ -444,6 +452,14 @@ def _service_entry(r: _Reader, obj: Mapping[str, Any], namespace: str, name: str
         if value not in ("*", ".", "~"):
             value = r.dns_label(value, f"spec.exportTo[{i}]")
         export_to.append(value)
+    endpoints = []
+    for p, item in r.items(obj, "spec.endpoints"):
+        address = r.get(item, "address", str, default="", at=p)
+        try:
+            endpoints.append(ipaddress.ip_address(address).compressed)
+        except ValueError:
+            continue  # a host name or unix:// socket: nothing DNS can answer with
+    labels = r.get(obj, "metadata.labels", Mapping, default={})
     return ServiceEntry(
         namespace,
         name,
@@ -453,4 +469,7 @@ def _service_entry(r: _Reader, obj: Mapping[str, Any], namespace: str, name: str
         tuple(status),
         created,
         tuple(sorted(set(export_to))),
+        tuple(dict.fromkeys(endpoints)),
+        bool(r.get(obj, "spec.ports", list, default=[])),
+        str(labels.get(AUTOALLOCATE_LABEL, "")).lower() != "false",
     )

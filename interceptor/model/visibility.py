@@ -142,16 +142,22 @@ def host_views(
 
 
 def _vips(ordered: list[ServiceEntry], ipv6: bool) -> tuple[dict[str, str], dict[str, str]]:
-    """The auto-allocated VIPs: hosts of DNS-resolution entries without addresses of their
-    own or from istiod, wildcards excepted (as istiod), whoever sees them."""
+    """The auto-allocated VIPs, as istiod's allocator assigns them (pilot/pkg/networking/
+    serviceentry/ip_autoallocation.go): hosts of entries with a resolution other than NONE,
+    without addresses of their own or from istiod, not opted out by label, wildcards
+    excepted; whoever sees them."""
     claims = [
         Claim(se.created, se.namespace, se.name, host)
         for se in ordered
-        if not se.addresses and se.resolution in ("DNS", "DNS_ROUND_ROBIN")
+        if _allocates(se)
         for host in se.hosts
         if not host.startswith("*") and not _status(se, host)
     ]
     return allocate(claims, V4_NET), allocate(claims, V6_NET) if ipv6 else {}
+
+
+def _allocates(se: ServiceEntry) -> bool:
+    return not se.addresses and se.resolution != "NONE" and se.autoallocate
 
 
 def _status(se: ServiceEntry, host: str) -> set[str]:
@@ -161,18 +167,22 @@ def _status(se: ServiceEntry, host: str) -> set[str]:
 def _addresses(
     se: ServiceEntry, host: str, vips4: dict[str, str], vips6: dict[str, str]
 ) -> MeshHost | None:
-    """What one entry answers for one of its hosts (Istio semantics):
+    """What one entry answers for one of its hosts, as Istio's DNS proxy does
+    (pkg/dns/server/name_table.go):
 
     * ``spec.addresses`` as given, whatever the resolution;
-    * else, with resolution DNS or DNS_ROUND_ROBIN, ``status.addresses`` when istiod filled
-      them, or the host's auto-allocated VIP (none for wildcards, as istiod);
-    * resolution NONE or STATIC without addresses: nothing (the name is forwarded).
+    * resolution NONE: the IP addresses of ``spec.endpoints`` when the entry has ports
+      (Istio's name table answers a passthrough service's endpoints), else nothing;
+    * else ``status.addresses`` when istiod filled them, or the host's VIP as istiod's
+      allocator would assign it (:func:`_vips`);
+    * nothing (the name is forwarded) when none of these applies.
     """
     given = set(se.addresses)
     if not given:
-        if se.resolution not in ("DNS", "DNS_ROUND_ROBIN"):
-            return None
-        given = _status(se, host)
+        if se.resolution == "NONE":
+            given = set(se.endpoints) if se.has_ports else set()
+        else:
+            given = _status(se, host)
     if given:
         addrs = [ipaddress.ip_address(ip) for ip in given]
         return MeshHost(
@@ -180,7 +190,7 @@ def _addresses(
             tuple(sorted(a.compressed for a in addrs if a.version == 4)),
             tuple(sorted(a.compressed for a in addrs if a.version == 6)),
         )
-    if host not in vips4:
+    if host not in vips4 or not _allocates(se):
         return None
     return MeshHost(host, (vips4[host],), (vips6[host],) if host in vips6 else ())
 

@@ -55,6 +55,12 @@ class MeshViews:
         namespaces have pods here (:meth:`sync` writes entries for those)."""
         out: dict[str, int] = {}
         live: set[str] = set()
+        if not self.smap.mesh_scoped_any:
+            # Every pod sees every host alike: view 0 for all, and no second lookup in the
+            # kernel for the names it does not hold (pods get their views, on the agent's
+            # next pass, once a host is seen per namespace; the resolver answers until then).
+            self._live = live
+            return out
         for pod in pods:
             live.add(pod.namespace)
             view = self.view_of(pod.namespace)

@@ -15,6 +15,7 @@ import pytest
 from interceptor.dns import wire
 from tests.lab.conftest import Node, make_node
 from tests.lab.test_fastpath import SERVER, fp_stats, probe, query, variants
+from tests.lab.test_inspect import cli, cli_json
 
 ENTRIES = """
 - {apiVersion: v1, kind: Namespace, metadata: {name: ns2}}
@@ -153,3 +154,16 @@ def test_a_name_forwarded_for_one_namespace_never_enters_the_kernels_cache(vnode
     assert wire.encode_name("private.mesh.test").rstrip(b"\0") not in names
     for r in probe(vnode, "client1", SERVER, q[:3]):
         assert addresses(r["reply"])[1] == ["192.0.2.201"]
+
+
+def test_query_from_a_pod_says_why_it_sees_what_it_sees(vnode: Node) -> None:
+    q = cli_json(vnode, "query", "private.mesh.test", "--from", "10.244.1.11")
+    why = q["explanation"]["visibility"]
+    assert why[0] == "10.244.1.11 is a pod in namespace ns2"
+    assert "ServiceEntry ns1/private" in why[1] and "does not see it" in why[1]
+    assert "forwarded" in why[-1]
+    q = cli_json(vnode, "query", "private.mesh.test", "--from", "10.244.1.10")
+    assert q["explanation"]["rule"] == "mesh-scoped"
+    assert q["explanation"]["visibility"][-1].startswith("so it is answered 192.0.2.201")
+    text = cli(vnode, "query", "private.mesh.test", "--from", "10.244.1.11").stdout
+    assert "visible: 10.244.1.11 is a pod in namespace ns2" in text

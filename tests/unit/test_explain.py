@@ -30,7 +30,14 @@ A, AAAA, SRV, PTR, CNAME = 1, 28, 33, 12, 5
 def explain(resolver: Resolver, name: str, qtype: int, client: Client | None) -> Explanation:
     """What ``interceptor query`` does: the resolver decides, the decision is described."""
     decision = asyncio.run(resolver.decide(build_query(name, qtype), False, client))
-    return describe(resolver.smap, decision, name, qtype)
+    return describe(
+        resolver.smap,
+        decision,
+        name,
+        qtype,
+        client[0] if client else None,
+        resolver.client_namespace(client),
+    )
 
 
 @pytest.mark.parametrize(
@@ -184,3 +191,25 @@ def test_an_upstream_servfail_or_refused_gets_the_stale_answer(rcode: int) -> No
     assert explain(r, "www.example.org", A, None).rule == "stale"
     fwd.rcodes["new.example.org"] = rcode  # nothing stale to give: the upstream's answer
     assert explain(r, "new.example.org", A, None).rule == "forwarded"
+
+
+def test_query_from_a_pod_says_who_sees_the_mesh_host() -> None:
+    from tests.unit.test_visibility import POD, T1, entry, smap_with
+
+    m = smap_with(
+        entry("public", "ns3", T1, addresses=["10.3.0.1"]),
+        entry("private", "ns1", T1, export_to=["."], addresses=["10.1.0.1"]),
+    )
+    r = Resolver(m, FakeForwarder({}), Settings(), [Endpoint("127.0.0.1", 9)])
+    mine = explain(r, "svc.mesh.test", A, (POD["ns1"], 0))
+    assert mine.rule == "mesh-scoped"
+    assert mine.visibility[0] == f"{POD['ns1']} is a pod in namespace ns1"
+    assert "ns1/private" in mine.visibility[1] and "ns1 sees it" in mine.visibility[1]
+    assert mine.visibility[-1].startswith("so it is answered 10.1.0.1")
+    other = explain(r, "svc.mesh.test", A, (POD["ns2"], 0))
+    assert "namespace ns2 does not see it" in other.visibility[1]
+    assert "ns3/public" in other.visibility[2] and "sees it" in other.visibility[2]
+    assert other.visibility[-1].startswith("so it is answered 10.3.0.1")
+    stranger = explain(r, "svc.mesh.test", A, ("10.9.9.9", 0))
+    assert "no known pod" in stranger.visibility[0]
+    assert explain(r, "svc1.ns1.svc.cluster.local", A, (POD["ns1"], 0)).visibility == []

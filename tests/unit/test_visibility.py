@@ -306,3 +306,85 @@ def test_a_host_in_the_cluster_domain_must_be_seen_alike_by_everyone() -> None:
     assert m.mesh_host(inside, "ns1") is None and not m.exists(inside)
     assert m.mesh_host("x.ns2.svc.cluster.local") is not None
     assert m.exists("x.ns2.svc.cluster.local")
+
+
+# ------------------------------------------------------------------ Istio's addresses
+
+
+def labelled(se: ServiceEntry, labels: dict[str, str]) -> ServiceEntry:
+    obj = parse(
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "ServiceEntry",
+            "metadata": {
+                "name": se.name,
+                "namespace": se.namespace,
+                "creationTimestamp": se.created,
+                "labels": labels,
+            },
+            "spec": {"hosts": list(se.hosts), "resolution": se.resolution},
+        }
+    )
+    assert isinstance(obj, ServiceEntry)
+    return obj
+
+
+def test_addresses_as_istios_name_table_gives_them() -> None:
+    ports = [{"number": 443, "name": "https", "protocol": "TLS"}]
+    cases: list[tuple[ServiceEntry, str | None]] = [
+        # istiod's allocator: any resolution but NONE, without addresses of its own.
+        (entry("s", "ns1", T1, hosts=["static.test"], resolution="STATIC"), "240.240."),
+        (entry("d", "ns1", T1, hosts=["dns.test"]), "240.240."),
+        (
+            labelled(
+                entry("o", "ns1", T1, hosts=["optout.test"]),
+                {"networking.istio.io/enable-autoallocate-ip": "false"},
+            ),
+            None,
+        ),
+        # istiod's own status.addresses win over ours, for STATIC too.
+        (entry("t", "ns1", T1, hosts=["status.test"], resolution="STATIC"), None),
+        # NONE: a passthrough service's endpoints, when it has ports.
+        (
+            entry(
+                "n",
+                "ns1",
+                T1,
+                hosts=["none.test"],
+                resolution="NONE",
+                ports=ports,
+                endpoints=[{"address": "10.7.0.1"}, {"address": "db.example"}],
+            ),
+            "10.7.0.1",
+        ),
+        (
+            entry(
+                "m",
+                "ns1",
+                T1,
+                hosts=["noports.test"],
+                resolution="NONE",
+                endpoints=[{"address": "10.7.0.2"}],
+            ),
+            None,
+        ),
+        (entry("w", "ns1", T1, hosts=["*.wild.test"], resolution="DNS"), None),  # no VIP
+    ]
+    status = parse(
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "ServiceEntry",
+            "metadata": {"name": "t", "namespace": "ns1", "creationTimestamp": T1},
+            "spec": {"hosts": ["status.test"], "resolution": "STATIC"},
+            "status": {"addresses": [{"value": "240.240.9.9", "host": "status.test"}]},
+        }
+    )
+    assert isinstance(status, ServiceEntry)
+    cases[3] = (status, "240.240.9.9")
+    views = host_views([se for se, _ in cases], False, ("*",))
+    for se, want in cases:
+        got = seen(views, None, se.hosts[0])
+        if want is None:
+            assert got is None, se
+        else:
+            assert got is not None and len(got) == 1 and got[0].startswith(want), (se, got)
