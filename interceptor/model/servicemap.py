@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from interceptor.dns import wire
 from interceptor.dns.message import Answer
@@ -251,15 +252,8 @@ class ServiceMap:
         for svc_name, present in ((old_svc, False), (new_svc, True)):
             if svc_name is None:
                 continue
-            key = (obj.namespace, svc_name)
             # A tuple, not a set: a service has one slice or a few (and 10,000 of them).
-            members = tuple(n for n in self._slices_by_service.get(key, ()) if n != obj.name)
-            if present:
-                members += (obj.name,)
-            if members:
-                self._slices_by_service[key] = members
-            else:
-                self._slices_by_service.pop(key, None)
+            _member(self._slices_by_service, (obj.namespace, svc_name), obj.name, present)
 
     def _ns_ref(self, namespace: str, add: int, remove: int) -> None:
         self._ns_refs[namespace] += add + remove
@@ -300,13 +294,7 @@ class ServiceMap:
             if not isinstance(pod, Pod) or pod.host_network:
                 continue
             for ip in pod.ips:
-                held = tuple(k for k in self._pods_by_ip.get(ip, ()) if k != pod.key)
-                if present:
-                    held += (pod.key,)
-                if held:
-                    self._pods_by_ip[ip] = held
-                else:
-                    self._pods_by_ip.pop(ip, None)
+                _member(self._pods_by_ip, ip, pod.key, present)
 
     # ------------------------------------------------------ record bookkeeping
 
@@ -559,6 +547,18 @@ class ServiceMap:
             "answers": len(self.answers),
             "mesh_hosts": len(self._mesh) + len(self._mesh_wild),
         }
+
+
+def _member(index: dict[Any, tuple[Any, ...]], key: Any, item: Any, present: bool) -> None:
+    """Add ``item`` to (``present``) or remove it from the tuple ``index[key]``; an empty
+    tuple is not kept."""
+    members = tuple(m for m in index.get(key, ()) if m != item)
+    if present:
+        members += (item,)
+    if members:
+        index[key] = members
+    else:
+        index.pop(key, None)
 
 
 def _sorted(have: RData) -> list[bytes]:

@@ -32,7 +32,7 @@ from interceptor.dns import wire
 from interceptor.dns.codes import type_code, type_text
 from interceptor.dns.message import build_query
 from interceptor.errors import InterceptorError
-from interceptor.ops.explain import describe, reply_to_json, services
+from interceptor.ops.explain import for_client, reply_to_json, services
 from interceptor.resolve.resolver import Resolver
 
 log = logging.getLogger(__name__)
@@ -176,14 +176,7 @@ class AdminServer:
         if decision.reply is None:
             raise AdminError("the resolver dropped the query")
         answer = reply_to_json(decision.reply)
-        why = describe(
-            resolver.smap,
-            decision,
-            name,
-            qtype,
-            client[0] if client else None,
-            resolver.client_namespace(client),
-        )
+        why = for_client(resolver, decision, name, qtype, client)
         return {
             "question": {
                 "name": name,

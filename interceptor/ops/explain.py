@@ -21,7 +21,8 @@ from interceptor.dns.codes import rcode_text, type_text
 from interceptor.model.objects import EndpointSlice, Namespace, Pod, Service, ServiceEntry
 from interceptor.model.servicemap import ServiceMap
 from interceptor.model.visibility import explain as explain_visibility
-from interceptor.resolve.decision import Decision, Rule
+from interceptor.resolve.decision import Client, Decision, Rule
+from interceptor.resolve.resolver import Resolver
 
 
 @dataclass
@@ -75,6 +76,21 @@ def describe(
     if not smap.in_zone(name):
         why.visibility = _visibility(smap, name, client, namespace)
     return why
+
+
+def for_client(
+    resolver: Resolver, decision: Decision, name: str, qtype: int, client: Client | None
+) -> Explanation:
+    """:func:`describe`, for the client that asked: its address, and its namespace when it
+    is a known pod's (what a mesh host's answer depends on)."""
+    return describe(
+        resolver.smap,
+        decision,
+        name,
+        qtype,
+        client[0] if client else None,
+        resolver.client_namespace(client),
+    )
 
 
 def _visibility(

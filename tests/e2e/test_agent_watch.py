@@ -20,17 +20,19 @@ from tests.e2e.relay import start_relays
 UPSTREAM = ("--host-record=web.e2e2.svc.cluster.local,10.96.99.99",)  # kube-dns's own answer
 
 
-def pod(name: str, ip: str, **meta: Any) -> dict[str, Any]:
+def pod(name: str, ip: str, namespace: str = "e2e2", **meta: Any) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": "e2e2", **meta},
+        "metadata": {"name": name, "namespace": namespace, **meta},
         "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "x"}]},
     }
 
 
-def run_pod(cluster: Cluster, name: str, ip: str, **meta: Any) -> dict[str, Any]:
-    obj = pod(name, ip, **meta)
+def run_pod(
+    cluster: Cluster, name: str, ip: str, namespace: str = "e2e2", **meta: Any
+) -> dict[str, Any]:
+    obj = pod(name, ip, namespace, **meta)
     cluster.apply(obj)
     cluster.patch_status(obj, {"podIP": ip, "podIPs": [{"ip": ip}], "phase": "Running"})
     return obj
@@ -46,6 +48,18 @@ def wait(cond: Any, timeout: float = 15, what: str = "") -> None:
     while not cond():
         assert time.monotonic() < deadline, f"timed out: {what}"
         time.sleep(0.1)
+
+
+def start_kube_agent(
+    cluster: Cluster, lab: Lab, tmp_path: Path, pin: Path, *upstream: str
+) -> Agent:
+    """The agent on the lab's node with its Kubernetes source, as the DaemonSet's identity,
+    and kube-dns's dnsmasq answering ``upstream`` records."""
+    lab.start_upstream(*upstream)
+    # The node namespace reaches the API server through two relays over a Unix socket.
+    lab.procs.extend(start_relays(lab.node, cluster.api_port, tmp_path / "api.sock"))
+    kc = cluster.kubeconfig(cluster.token_for("kube-system", "dns-interceptor"), tmp_path / "kc")
+    return lab.start_agent(None, "--kubeconfig", str(kc), pin_dir=pin, ready_timeout=90)
 
 
 @pytest.fixture
@@ -73,15 +87,9 @@ def node(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[Lab, Agent, str]]:
     ).up()
     pin = Path(f"/sys/fs/bpf/{lab.prefix}")
     try:
-        lab.start_upstream(*UPSTREAM)
-        # The node namespace reaches the API server through two relays over a Unix socket.
-        lab.procs.extend(start_relays(lab.node, cluster.api_port, tmp_path / "api.sock"))
-        kc = cluster.kubeconfig(
-            cluster.token_for("kube-system", "dns-interceptor"), tmp_path / "kc"
-        )
         run_pod(cluster, "app", "10.244.1.10")
         run_pod(cluster, "coredns-x", "10.244.1.11", labels={"k8s-app": "kube-dns"})
-        agent = lab.start_agent(None, "--kubeconfig", str(kc), pin_dir=pin, ready_timeout=90)
+        agent = start_kube_agent(cluster, lab, tmp_path, pin, *UPSTREAM)
         yield lab, agent, svc["spec"]["clusterIP"]
     finally:
         for name in ("app", "coredns-x", "late"):

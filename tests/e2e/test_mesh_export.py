@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 
-from devlab.netns import Agent, Lab, PodSpec
+from devlab.netns import Lab, PodSpec, stop
 from tests.e2e.apiserver import Cluster
-from tests.e2e.relay import start_relays
-from tests.e2e.test_agent_watch import answer, wait
+from tests.e2e.test_agent_watch import answer, pod, run_pod, start_kube_agent, wait
 from tests.e2e.test_kube_source import served_path
 from tests.helpers import DATA
 
@@ -42,14 +41,6 @@ def entry(export_to: list[str]) -> dict[str, Any]:
             "ports": [{"number": 443, "name": "https", "protocol": "TLS"}],
             "exportTo": export_to,
         },
-    }
-
-
-def pod_obj(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": PODS[name][1]},
     }
 
 
@@ -78,30 +69,19 @@ def node(cluster: Cluster, tmp_path: Path) -> Iterator[Lab]:
     ).up()
     pin = Path(f"/sys/fs/bpf/{lab.prefix}")
     try:
-        lab.start_upstream(*UPSTREAM)
-        lab.procs.extend(start_relays(lab.node, cluster.api_port, tmp_path / "api.sock"))
-        kc = cluster.kubeconfig(
-            cluster.token_for("kube-system", "dns-interceptor"), tmp_path / "kc"
-        )
-        for name, (ip, _) in PODS.items():
-            spec = {"nodeName": "node-1", "containers": [{"name": "c", "image": "x"}]}
-            _run(cluster, {**pod_obj(name), "spec": spec}, ip)
-        agent: Agent = lab.start_agent(None, "--kubeconfig", str(kc), pin_dir=pin, ready_timeout=90)
+        for name, (ip, ns) in PODS.items():
+            run_pod(cluster, name, ip, ns)
+        agent = start_kube_agent(cluster, lab, tmp_path, pin, *UPSTREAM)
         try:
             yield lab
         finally:
-            agent.proc.terminate()
+            stop(agent.proc)
     finally:
-        for name in PODS:
-            cluster.delete(pod_obj(name))
+        for name, (ip, ns) in PODS.items():
+            cluster.delete(pod(name, ip, ns))
         cluster.delete(entry([]))
         lab.down()
         shutil.rmtree(pin, ignore_errors=True)
-
-
-def _run(cluster: Cluster, obj: dict[str, Any], ip: str) -> None:
-    cluster.apply(obj)
-    cluster.patch_status(obj, {"podIP": ip, "podIPs": [{"ip": ip}], "phase": "Running"})
 
 
 class Asker:

@@ -11,7 +11,7 @@ import pytest
 from interceptor.dns.codes import type_code
 from interceptor.dns.message import build_query
 from interceptor.model.servicemap import ServiceMap
-from interceptor.ops.explain import Explanation, describe, services
+from interceptor.ops.explain import Explanation, for_client, services
 from interceptor.resolve.cache import Cache
 from interceptor.resolve.decision import Client
 from interceptor.resolve.resolver import Resolver
@@ -30,14 +30,7 @@ A, AAAA, SRV, PTR, CNAME = 1, 28, 33, 12, 5
 def explain(resolver: Resolver, name: str, qtype: int, client: Client | None) -> Explanation:
     """What ``interceptor query`` does: the resolver decides, the decision is described."""
     decision = asyncio.run(resolver.decide(build_query(name, qtype), False, client))
-    return describe(
-        resolver.smap,
-        decision,
-        name,
-        qtype,
-        client[0] if client else None,
-        resolver.client_namespace(client),
-    )
+    return for_client(resolver, decision, name, qtype, client)
 
 
 @pytest.mark.parametrize(
