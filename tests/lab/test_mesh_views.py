@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -167,3 +168,44 @@ def test_query_from_a_pod_says_why_it_sees_what_it_sees(vnode: Node) -> None:
     assert q["explanation"]["visibility"][-1].startswith("so it is answered 192.0.2.201")
     text = cli(vnode, "query", "private.mesh.test", "--from", "10.244.1.11").stdout
     assert "visible: 10.244.1.11 is a pod in namespace ns2" in text
+
+
+def test_a_restarted_agent_numbers_namespaces_anew_without_old_views(tmp_path: Path) -> None:
+    """Views are the agent's own numbering.  The pins outlive an agent, so the next one must
+    clear the old views before its pods carry the new numbers: here client1 moves from ns1
+    to ns0 between the two runs, so ns0 gets the number ns1 had, and ns1's private entry must
+    not reach client1 through the old entries."""
+    for node in make_node("ptp", tmp_path):
+        text = node.source.read_text().replace(
+            "metadata: {name: client2, namespace: ns1}", "metadata: {name: client2, namespace: ns2}"
+        )
+        node.source.write_text(text + ENTRIES)
+        node.start_agent()
+        wait_for_kernel(node, "client1", ["private.mesh.test"])  # ns1 sees it, as view 1
+        with node.pinned_maps() as maps:
+            assert any(k.view == 1 for k in maps["FP_ANSWERS"].keys())
+        node.stop_agent()  # the pins stay (no DaemonSet: detach)
+        # client1 moves to namespace ns0, numbered first: view 1, ns1's number before.
+        node.source.write_text(
+            node.source.read_text().replace(
+                "metadata: {name: client1, namespace: ns1}",
+                "metadata: {name: client1, namespace: ns0}",
+            )
+        )
+        node.start_agent()
+        wait_for_kernel(node, "client2", ["shared.mesh.test"])
+        for pod in ("client1", "client2"):
+            for r in probe(node, pod, SERVER, [query("private.mesh.test", wire.A, qid=5)]):
+                assert addresses(r["reply"])[1] == ["192.0.2.99"], pod
+
+
+def wait_for_kernel(node: Node, pod: str, names: list[str]) -> None:
+    queries = [query(n, wire.A, qid=i) for i, n in enumerate(names)]
+    deadline = time.monotonic() + 10
+    while True:
+        before = fp_stats(node)["hit"]
+        probe(node, pod, SERVER, queries)
+        if fp_stats(node)["hit"] - before == len(queries):
+            return
+        assert time.monotonic() < deadline, f"{pod}: {names} not answered in the kernel"
+        time.sleep(0.3)
