@@ -17,7 +17,7 @@ from pathlib import Path
 from interceptor import __version__
 from interceptor.console import verbs
 from interceptor.errors import ConfigError, InterceptorError
-from interceptor.model.objects import DNS_LABEL
+from interceptor.model.objects import DNS_LABEL, EXPORT_KEYWORDS
 from interceptor.settings import (
     ADMIN_SOCKET,
     AGENT_HEALTH,
@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _export_to(value: str) -> tuple[str, ...]:
     items = tuple(sorted({v.strip().lower() for v in value.split(",") if v.strip()}))
     for v in items:
-        if v not in ("*", ".", "~") and not DNS_LABEL.fullmatch(v):
+        if v not in EXPORT_KEYWORDS and not DNS_LABEL.fullmatch(v):
             raise ConfigError(
                 f"--default-service-export-to: {v!r} is not '*', '.', '~' or a namespace name"
             )

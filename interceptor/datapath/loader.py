@@ -236,9 +236,9 @@ class Datapath:
                     self._release_id(ip)
                     del att.pods[ip]
                     gone.add(ip)
-                elif att.views.get(ip, 0) != views.get(ip, 0):
-                    self._set_view(ifindex, ip, views.get(ip, 0))
-                    att.views[ip] = views.get(ip, 0)
+                elif att.views.get(ip, 0) != (view := views.get(ip, 0)):
+                    self._set_view(ifindex, ip, view)
+                    att.views[ip] = view
             for ip in want - set(att.pods):
                 pod_id = self._id_for(ip)
                 info = maps.PodInfo()

@@ -20,6 +20,7 @@ from interceptor.dns.wire import (
     OPT,
     decode_name_plain,
     encode_name,
+    table_key,
 )
 from interceptor.settings import DEFAULT_MAX_UDP
 
@@ -129,7 +130,7 @@ class Query:
 
     @property
     def key(self) -> bytes:
-        return self.qname_wire + struct.pack("!H", self.qtype)
+        return table_key(self.qname_wire, self.qtype)
 
 
 class Malformed(Exception):

@@ -81,6 +81,12 @@ def decode_name_plain(buf: bytes, offset: int) -> tuple[str, int]:
         i += length + 1
 
 
+def table_key(name: bytes, qtype: int) -> bytes:
+    """The key of a name's answers of one type: its lowercased wire form, then the type in
+    network order (the resolver's table, the kernel's copy, the map's record sets)."""
+    return name + struct.pack("!H", qtype)
+
+
 def rr(owner: bytes, rtype: int, ttl: int, rdata: bytes) -> bytes:
     """One resource record in wire form."""
     return owner + struct.pack("!HHIH", rtype, CLASS_IN, ttl, len(rdata)) + rdata

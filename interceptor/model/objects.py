@@ -19,6 +19,9 @@ from interceptor.errors import ObjectError
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 AUTOALLOCATE_LABEL = "networking.istio.io/enable-autoallocate-ip"
+EVERYONE, OWN_NAMESPACE, NO_ONE = "*", ".", "~"
+"""Istio's ``exportTo`` keywords; any other value names a namespace."""
+EXPORT_KEYWORDS = (EVERYONE, OWN_NAMESPACE, NO_ONE)
 
 Key: TypeAlias = tuple[str, str, str]
 """(kind, namespace, name): the identity of an object in the map."""
@@ -447,9 +450,7 @@ def _service_entry(r: _Reader, obj: Mapping[str, Any], namespace: str, name: str
     created = _timestamp(r.get(obj, "metadata.creationTimestamp", object, default=""))
     export_to = []
     for i, value in enumerate(r.strings(obj, "spec.exportTo")):
-        # Istio's values: "*" everyone, "." the entry's namespace, "~" no one, else a
-        # namespace's name.
-        if value not in ("*", ".", "~"):
+        if value not in EXPORT_KEYWORDS:
             value = r.dns_label(value, f"spec.exportTo[{i}]")
         export_to.append(value)
     endpoints = []

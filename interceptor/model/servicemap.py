@@ -10,9 +10,8 @@ rebuilt.  Record sets are reference-counted, so two owners may contribute the sa
 
 from __future__ import annotations
 
-import struct
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from interceptor.dns import wire
@@ -38,8 +37,7 @@ common case, and a Counter costs more than the record); else how many owners hol
 APEX: Owner = ("apex",)
 RECORD_TYPES = (wire.A, wire.AAAA, wire.CNAME, wire.SRV, wire.PTR, wire.NS, wire.SOA, wire.TXT)
 """Every type the map holds records of (:mod:`interceptor.model.records` makes no other)."""
-TABLE_TYPES = tuple(struct.pack("!H", t) for t in RECORD_TYPES)
-ADDRESS_TYPES = (struct.pack("!H", wire.A), struct.pack("!H", wire.AAAA))
+ADDRESS_TYPES = (wire.A, wire.AAAA)
 """The types kept precomputed in :attr:`ServiceMap.answers` (see :meth:`ServiceMap.answer`)."""
 MESH: Owner = ("mesh",)
 
@@ -342,7 +340,7 @@ class ServiceMap:
 
     def _ref_record(self, rec: Record) -> None:
         assert rec.rtype in RECORD_TYPES, rec
-        key = wire.encode_name(rec.name) + struct.pack("!H", rec.rtype)
+        key = wire.table_key(wire.encode_name(rec.name), rec.rtype)
         have = self._rrs.get(key)
         if have is None:
             self._rrs[key] = rec.rdata  # the common case: one rdata, one owner
@@ -355,7 +353,7 @@ class ServiceMap:
         have[rec.rdata] += 1
 
     def _unref_record(self, rec: Record) -> None:
-        key = wire.encode_name(rec.name) + struct.pack("!H", rec.rtype)
+        key = wire.table_key(wire.encode_name(rec.name), rec.rtype)
         have = self._rrs[key]
         if isinstance(have, bytes):
             del self._rrs[key]
@@ -376,8 +374,8 @@ class ServiceMap:
         rrs = self._rrs
         return {
             rtype: have
-            for rtype, suffix in zip(RECORD_TYPES, TABLE_TYPES, strict=True)
-            if (have := rrs.get(owner + suffix)) is not None
+            for rtype in RECORD_TYPES
+            if (have := rrs.get(wire.table_key(owner, rtype))) is not None
         }
 
     # ------------------------------------------------------------ compilation
@@ -386,17 +384,18 @@ class ServiceMap:
         """Rebuild the precomputed A and AAAA answers of one name."""
         dirty = self._dirty
         owner = wire.encode_name(name)
-        for suffix in ADDRESS_TYPES:
-            if self.answers.pop(owner + suffix, None) is not None and dirty is not None:
-                dirty.add(owner + suffix)
+        for rtype in ADDRESS_TYPES:
+            key = wire.table_key(owner, rtype)
+            if self.answers.pop(key, None) is not None and dirty is not None:
+                dirty.add(key)
         types = self._types(name)
         # An alias answers only its CNAME; other types chase the target (the resolver does
         # that, as the target may live upstream).
         if wire.CNAME in types or not (wire.A in types or wire.AAAA in types):
             return
         negative = self.nodata if self._in_zone(name) else self.mesh_nodata
-        for rtype, suffix in zip((wire.A, wire.AAAA), ADDRESS_TYPES, strict=True):
-            key = owner + suffix
+        for rtype in ADDRESS_TYPES:
+            key = wire.table_key(owner, rtype)
             self.answers[key] = self._positive(name, types, [rtype]) if rtype in types else negative
             if dirty is not None:
                 dirty.add(key)
@@ -457,7 +456,7 @@ class ServiceMap:
 
     def cname(self, name: str) -> str | None:
         """The target of an ExternalName service at ``name``."""
-        have = self._rrs.get(wire.encode_name(name) + TABLE_TYPES[RECORD_TYPES.index(wire.CNAME)])
+        have = self._rrs.get(wire.table_key(wire.encode_name(name), wire.CNAME))
         if have is None:
             return None
         rdata = _sorted(have)[0]
@@ -470,12 +469,18 @@ class ServiceMap:
     def mesh_wildcard(self, name: str, namespace: str | None = None) -> MeshHost | None:
         """The most specific wildcard ServiceEntry host matching ``name`` that gives a client
         in ``namespace`` (None: an unknown client) an address, if any."""
+        for view in self._wild_views(name):
+            if (hit := view.answer(namespace)) is not None:
+                return hit
+        return None
+
+    def _wild_views(self, name: str) -> Iterator[HostView]:
+        """The wildcard hosts matching ``name``, the most specific first."""
         labels = name.split(".")
         for i in range(1, len(labels)):
             view = self._mesh_wild.get(".".join(labels[i:]))
-            if view is not None and (hit := view.answer(namespace)) is not None:
-                return hit
-        return None
+            if view is not None:
+                yield view
 
     def mesh_host(self, name: str, namespace: str | None = None) -> MeshHost | None:
         """The exact ServiceEntry host ``name`` as a client in ``namespace`` sees it (None:
@@ -498,12 +503,18 @@ class ServiceMap:
         view = self._mesh.get(name)
         if view is not None:
             return not view.uniform
-        labels = name.split(".")
-        return any(
-            not v.uniform
-            for i in range(1, len(labels))
-            if (v := self._mesh_wild.get(".".join(labels[i:]))) is not None
-        )
+        return any(not v.uniform for v in self._wild_views(name))
+
+    def mesh_scoped_wire(self, buf: bytes, offset: int = 0) -> bool:
+        """:meth:`mesh_scoped` for the wire name at ``offset`` of ``buf`` (a query, a cache
+        key); a name that does not decode is treated as scoped (not shared)."""
+        if not self.mesh_scoped_any:
+            return False
+        try:
+            name = wire.decode_name_plain(buf, offset)[0].lower()
+        except (ValueError, IndexError):
+            return True
+        return self.mesh_scoped(name)
 
     def scoped_hosts(self) -> dict[str, HostView]:
         """The exact mesh hosts some namespaces see otherwise than everyone (not in

@@ -26,10 +26,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from interceptor.model.objects import Key, ServiceEntry
+from interceptor.model.objects import EVERYONE, NO_ONE, OWN_NAMESPACE, Key, ServiceEntry
 from interceptor.model.vip import V4_NET, V6_NET, Claim, allocate
-
-EVERYONE, OWN_NAMESPACE, NO_ONE = "*", ".", "~"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +101,11 @@ class HostView:
 class _Building:
     everyone: Decider | None = None
     namespaces: dict[str, Decider] = field(default_factory=dict)
+
+
+def wildcard_covers(host: str, name: str) -> bool:
+    """``host`` is a wildcard (``*.suffix``) and ``name`` is below its suffix."""
+    return host.startswith("*.") and name.endswith(host[1:])
 
 
 def creation_order(entries: Iterable[ServiceEntry]) -> list[ServiceEntry]:
@@ -202,14 +205,12 @@ def explain(
     in ``namespace`` (None: not a known pod), in the order istiod considers them."""
     lines: list[str] = []
     who = f"namespace {namespace}" if namespace is not None else "an unknown client"
-    ordered = creation_order(entries)
-    own = [se for se in ordered if not scope(se, default).everyone]
-    public = [se for se in ordered if scope(se, default).everyone]
-    for se in own + public:
-        hosts = [h for h in se.hosts if h == name or (h.startswith("*.") and name.endswith(h[1:]))]
+    scoped = [(se, scope(se, default)) for se in creation_order(entries)]
+    # istiod's order: entries exported to the namespace first, then the public ones.
+    for se, sc in sorted(scoped, key=lambda pair: pair[1].everyone):
+        hosts = [h for h in se.hosts if h == name or wildcard_covers(h, name)]
         if not hosts:
             continue
-        sc = scope(se, default)
         export = ",".join(se.export_to) if se.export_to else ",".join(default) + " (the default)"
         if sc.everyone:
             why = f"exported to everyone ({export}): {who} sees it"

@@ -117,7 +117,7 @@ class KernelCacheMirror:
             return None
         if parts.flags & KEY_DO:
             return None
-        if self.smap.mesh_scoped_any and self.smap.mesh_scoped(_text(parts.name)):
+        if self.smap.mesh_scoped_wire(parts.name):
             return None  # forwarded for this client, a mesh host for another namespace's
         server = self.resolver.kernel_route(parts.name, parts.servers)
         if server is None:
@@ -143,7 +143,3 @@ class KernelCacheMirror:
                 self.turn()
             except Exception as exc:  # keep serving: the resolver answers these names
                 log.warning("handing cached names to the kernel failed: %s", exc)
-
-
-def _text(name: bytes) -> str:
-    return wire.decode_name_plain(name, 0)[0].lower()

@@ -12,7 +12,6 @@ load removes a previous agent's), writing its pods' PODS entries anew.
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Iterable
 
 from interceptor.datapath.answers import ViewAnswers
@@ -86,9 +85,7 @@ class MeshViews:
                 if number == 0 or seen is None:
                     continue
                 for qtype in (wire.A, wire.AAAA):
-                    wanted[(owner + struct.pack("!H", qtype), number)] = smap.mesh_reply(
-                        seen, qtype
-                    )
+                    wanted[(wire.table_key(owner, qtype), number)] = smap.mesh_reply(seen, qtype)
         try:
             held = self.answers.sync(wanted)
         except (OSError, InterceptorError) as exc:  # the kernel's copy only

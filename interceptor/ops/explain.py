@@ -21,6 +21,7 @@ from interceptor.dns.codes import rcode_text, type_text
 from interceptor.model.objects import EndpointSlice, Namespace, Pod, Service, ServiceEntry
 from interceptor.model.servicemap import ServiceMap
 from interceptor.model.visibility import explain as explain_visibility
+from interceptor.model.visibility import wildcard_covers
 from interceptor.resolve.decision import Client, Decision, Rule
 from interceptor.resolve.resolver import Resolver
 
@@ -339,7 +340,7 @@ def _service_entries(smap: ServiceMap, name: str, wildcard: bool) -> list[str]:
         if not isinstance(obj, ServiceEntry):
             continue
         for host in obj.hosts:
-            if host == name or (wildcard and host.startswith("*.") and name.endswith(host[1:])):
+            if host == name or (wildcard and wildcard_covers(host, name)):
                 out.append(f"ServiceEntry {obj.namespace}/{obj.name}")
                 break
     return out

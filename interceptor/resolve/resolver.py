@@ -289,13 +289,8 @@ class Resolver:
             name = data[12 : z + 1].lower()
             if any(name.endswith(zone) for zone in self._zone_wires):
                 return None  # may be a stub domain's (the careful path matches labels)
-        if self.smap.mesh_scoped_any:
-            try:
-                qname = wire.decode_name_plain(data, 12)[0].lower()
-            except (ValueError, IndexError):
-                return None
-            if self.smap.mesh_scoped(qname):
-                return None  # forwarded for some namespaces, a mesh host for others
+        if self.smap.mesh_scoped_wire(data, 12):
+            return None  # forwarded for some namespaces, a mesh host for others
         servers = self._route_key(client)
         if servers is None:
             return None
@@ -395,8 +390,8 @@ class Resolver:
         smap = self.smap
         if not self.synced.is_open and smap.in_zone(query.qname):
             return self._error(query, wire.SERVFAIL, Rule.NOT_SYNCED)
-        local = self.lookup(query, client)
         per_client = smap.mesh_scoped(query.qname)
+        local = self.lookup(query, client, per_client)
         if local is not None:
             answer, rule = local
             if rule == Rule.NXDOMAIN and autopath and client is not None and self.autopath:
@@ -443,9 +438,12 @@ class Resolver:
             ip = ip[7:]  # a v4 client on a dual-stack socket
         return self.smap.client_namespace(ip)
 
-    def lookup(self, query: Query, client: Client | None = None) -> tuple[Answer, str] | None:
+    def lookup(
+        self, query: Query, client: Client | None = None, scoped: bool | None = None
+    ) -> tuple[Answer, str] | None:
         """The local answer for a query from ``client`` and its rule, or None if it is not
-        ours (or needs a CNAME chase)."""
+        ours (or needs a CNAME chase); ``scoped``: :meth:`ServiceMap.mesh_scoped` of the
+        name, when the caller knows it already."""
         smap = self.smap
         hit = smap.answers.get(query.key)
         if hit is not None:
@@ -472,7 +470,8 @@ class Resolver:
             return smap.nxdomain, Rule.NXDOMAIN
         if query.qtype not in (wire.A, wire.AAAA):
             return None
-        scoped = smap.mesh_scoped(name)
+        if scoped is None:
+            scoped = smap.mesh_scoped(name)
         namespace = self.client_namespace(client) if scoped else None
         exact = smap.mesh_host(name, namespace) if scoped else None
         if exact is not None:
