@@ -35,15 +35,11 @@ FASTPATH_QTYPES = frozenset({wire.A, wire.AAAA})
 def encode(key: bytes, answer: Answer, view: int = 0) -> tuple[maps.FpKey, maps.FpAnswer] | None:
     """The map entry for one table entry (for the pods of ``view``; 0: every pod), or None
     when it is not for the fast path."""
-    name, qtype = key[:-2], struct.unpack("!H", key[-2:])[0]
-    if qtype not in FASTPATH_QTYPES:
+    if struct.unpack("!H", key[-2:])[0] not in FASTPATH_QTYPES:
         return None
-    if len(name) > maps.FP_NAME_MAX - 1 or len(answer.body) > maps.FP_BODY_MAX:
-        return None  # the kernel key needs the root label's zero inside FP_NAME_MAX
-    k = maps.FpKey()
-    ct.memmove(k.name, name, len(name))
-    k.qtype = int.from_bytes(key[-2:], "little")  # the bytes as they are on the wire
-    k.view = view
+    k = _key_only(key, view)
+    if k is None or len(answer.body) > maps.FP_BODY_MAX:
+        return None
     return k, answer_value(answer)
 
 
@@ -159,13 +155,15 @@ def _wire16(n: int) -> int:
     return int.from_bytes(struct.pack("!H", n), "little")
 
 
-def _key_only(key: bytes) -> maps.FpKey | None:
+def _key_only(key: bytes, view: int = 0) -> maps.FpKey | None:
+    """The kernel key of a table key (:func:`wire.table_key`), or None for a name too long."""
     name = key[:-2]
     if len(name) > maps.FP_NAME_MAX - 1:
-        return None
+        return None  # the kernel key needs the root label's zero inside FP_NAME_MAX
     k = maps.FpKey()
     ct.memmove(k.name, name, len(name))
-    k.qtype = int.from_bytes(key[-2:], "little")
+    k.qtype = int.from_bytes(key[-2:], "little")  # the bytes as they are on the wire
+    k.view = view
     return k
 
 
